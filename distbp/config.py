@@ -1,0 +1,142 @@
+"""Every option of ``distbp train``, with its default, in one place.
+
+The command line and the TOML loader are both derived from ``Config``'s fields, so they
+cannot drift apart: a field's ``help`` metadata is its documentation.  Precedence:
+defaults < ``--config FILE.toml`` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from .errors import UsageError
+from .network import ACTIVATIONS, DTYPES, LOSSES
+from .optim import OPTIMIZERS
+
+
+def opt(default, help: str, choices=None, metavar=None):
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+
+
+@dataclass
+class Config:
+    dataset: str = opt("spirals", "spirals | fashion-mnist | random:N,D,C | npz:PATH", metavar="NAME")
+    data_dir: str | None = opt(None, "where the Fashion-MNIST IDX files are "
+                                     "(default /usr/share/datasets/fashion-mnist)", metavar="DIR")
+    val_fraction: float = opt(0.0, "hold out this fraction of the training set for validation", metavar="F")
+    layers: str | None = opt(None, "layer sizes d^0,...,d^L (default: the data's input size,64,64,its classes)",
+                             metavar="D0,...,DL")
+    activation: str = opt("tanh", "hidden-layer activation theta", choices=tuple(ACTIVATIONS))
+    loss: str = opt("cross-entropy", "error measure e", choices=LOSSES)
+    workers: int = opt(2, "number of worker actors K", metavar="K")
+    batch_size: int = opt(128, "global mini-batch size B (split over the workers)", metavar="B")
+    micro_batch: int = opt(64, "fixed micro-batch size M: the unit of work, whatever K is", metavar="M")
+    steps: int | None = opt(None, "number of optimizer steps (overrides --epochs)", metavar="N")
+    epochs: float = opt(30, "passes over the training set (used when --steps is not given)", metavar="E")
+    optimizer: str = opt("adam", "update rule", choices=OPTIMIZERS)
+    lr: float = opt(0.01, "learning rate", metavar="ETA")
+    momentum: float = opt(0.9, "momentum coefficient (optimizer momentum)", metavar="MU")
+    weight_decay: float = opt(0.0, "L2 weight decay on weights (not biases)", metavar="LAMBDA")
+    reduction: str = opt("mean", "mean: divide the summed gradient once by the global B; sum: use it as is",
+                         choices=("mean", "sum"))
+    dtype: str = opt("float64", "floating-point type, kept end to end", choices=DTYPES)
+    seed: int = opt(0, "seed for weights, data and sampling", metavar="S")
+    address: str | None = opt(None, "Ray address: 'auto' joins a running cluster "
+                                    "(default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1)", metavar="ADDR")
+    out: str | None = opt(None, "directory for results (default runs/<timestamp>)", metavar="DIR")
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first bad option; checks that need the data come later."""
+        for name in ("workers", "batch_size", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise UsageError(f"--epochs must be a positive number, got {self.epochs}")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UsageError(f"--{flag(name)} must be a finite number >= 0, got {value}")
+        if not 0 <= self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UsageError(f"--{flag(f.name)}: unknown value {getattr(self, f.name)!r}; "
+                                 f"choose one of {', '.join(choices)}")
+        self.layer_sizes()
+
+    def layer_sizes(self) -> tuple[int, ...] | None:
+        if self.layers is None:
+            return None
+        try:
+            sizes = tuple(int(v) for v in str(self.layers).split(","))
+        except ValueError:
+            raise UsageError(f"--layers must be comma-separated integers, got {self.layers!r}") from None
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise UsageError(f"--layers needs at least an input and an output size, all >= 1, got {self.layers!r}")
+        return sizes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _type_of(f) -> type:
+    default = f.default if f.default is not MISSING else None
+    if f.name == "steps":
+        return int
+    return type(default) if default is not None else str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field; defaults are left to Config so the file can fill them."""
+    parser.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file; flags override it")
+    for f in fields(Config):
+        kind = _type_of(f)
+        parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def load_toml(path: str) -> dict:
+    """Options from a TOML file: keys are option names (dashes or underscores); unknown keys are errors."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+    known = {f.name: f for f in fields(Config)}
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UsageError(f"--config {path}: unknown key {key!r}")
+        kind = _type_of(known[name])
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is str and name == "layers" and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
+        values[name] = value
+    return values
+
+
+def from_args(ns: argparse.Namespace) -> Config:
+    """Defaults, then the config file, then the flags given on the command line."""
+    values = load_toml(ns.config) if getattr(ns, "config", None) else {}
+    names = {f.name for f in fields(Config)}
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    config = Config(**values)
+    config.validate()
+    return config
