@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from .errors import UsageError
 from .network import ACTIVATIONS, DTYPES, LOSSES
 from .optim import OPTIMIZERS
+from .schedule import SCHEDULES, parse_milestones
 
 
 def opt(default, help: str, choices=None, metavar=None):
@@ -37,7 +38,17 @@ class Config:
     steps: int | None = opt(None, "number of optimizer steps (overrides --epochs)", metavar="N")
     epochs: float = opt(30, "passes over the training set (used when --steps is not given)", metavar="E")
     optimizer: str = opt("adam", "update rule", choices=OPTIMIZERS)
-    lr: float = opt(0.01, "learning rate", metavar="ETA")
+    lr: float = opt(0.01, "learning rate (the peak rate of a schedule; for --base-batch samples if given)",
+                    metavar="ETA")
+    lr_schedule: str = opt("constant", "learning rate after warmup: constant, step (see --lr-step-epochs) "
+                           "or cosine (down to 0 at the last step)", choices=SCHEDULES)
+    lr_step_epochs: str | None = opt(None, "with --lr-schedule step: epochs at which the rate is multiplied "
+                                     "by --lr-decay", metavar="E1,E2,...")
+    lr_decay: float = opt(0.1, "factor of each --lr-schedule step decay", metavar="GAMMA")
+    warmup_steps: int = opt(0, "ramp the rate linearly up to --lr over the first N steps (Goyal et al. 2017)",
+                            metavar="N")
+    base_batch: int | None = opt(None, "linear scaling rule: --lr is tuned for this batch size, the run uses "
+                                       "lr * B / base_batch (Goyal et al. 2017)", metavar="B0")
     momentum: float = opt(0.9, "momentum coefficient (optimizer momentum)", metavar="MU")
     weight_decay: float = opt(0.0, "L2 weight decay on weights (not biases)", metavar="LAMBDA")
     reduction: str = opt("mean", "mean: divide the summed gradient once by the global B; sum: use it as is",
@@ -63,6 +74,19 @@ class Config:
                 raise UsageError(f"--{flag(name)} must be a finite number >= 0, got {value}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.base_batch is not None and self.base_batch < 1:
+            raise UsageError(f"--base-batch must be at least 1, got {self.base_batch}")
+        if not 0 < self.lr_decay <= 1:
+            raise UsageError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        try:
+            milestones = parse_milestones(self.lr_step_epochs)
+        except ValueError:
+            raise UsageError(f"--lr-step-epochs must be increasing positive epochs like 30,60,80, "
+                             f"got {self.lr_step_epochs!r}") from None
+        if (self.lr_schedule == "step") != bool(milestones):
+            raise UsageError("--lr-schedule step and --lr-step-epochs go together: give both or neither")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -91,7 +115,7 @@ def flag(name: str) -> str:
 
 def _type_of(f) -> type:
     default = f.default if f.default is not MISSING else None
-    if f.name == "steps":
+    if f.name in ("steps", "base_batch"):
         return int
     return type(default) if default is not None else str
 
@@ -124,7 +148,7 @@ def load_toml(path: str) -> dict:
         kind = _type_of(known[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if kind is str and name == "layers" and isinstance(value, list):
+        if kind is str and name in ("layers", "lr_step_epochs") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")

@@ -41,12 +41,21 @@ class BufferPool:
 
     def __init__(self, size: int, dtype):
         self.size, self.dtype, self.free = size, dtype, []
+        self._made: set[int] = set()
 
     def take(self) -> np.ndarray:
-        return self.free.pop() if self.free else np.empty(self.size, dtype=self.dtype)
+        if self.free:
+            return self.free.pop()
+        buf = np.empty(self.size, dtype=self.dtype)
+        self._made.add(id(buf))
+        return buf
 
     def give(self, buf: np.ndarray) -> None:
         self.free.append(buf)
+
+    def owns(self, buf: np.ndarray) -> bool:
+        """True for buffers this pool made (ids are safe: the pool keeps them alive)."""
+        return id(buf) in self._made
 
 
 class WorkerState:
@@ -122,11 +131,11 @@ class ServerState:
         self._hash_buf = np.empty_like(self.weights)
 
     def _add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        # Inputs from workers are read-only; write into whichever operand we own (a + b == b + a).
+        # Inputs from workers are not ours to write; add into whichever operand we own (a + b == b + a).
         for mine, other in ((a, b), (b, a)):
-            if mine.flags.writeable:
+            if self.pool.owns(mine):
                 np.add(mine, other, out=mine)
-                if other.flags.writeable:
+                if self.pool.owns(other):
                     self.pool.give(other)
                 return mine
         return np.add(a, b, out=self.pool.take())
@@ -138,7 +147,7 @@ class ServerState:
             for node, row in zip(node_list, value):
                 table[node] = row
         g = tree.combine(table, n, self._add)
-        if not g.flags.writeable:  # a single node: the optimizer needs a buffer it may overwrite
+        if not self.pool.owns(g):  # a single node: the optimizer needs a buffer it may overwrite
             g = _copy(g, self.pool.take())
         return g
 

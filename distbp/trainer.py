@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, tree
+from . import checkpoint, schedule, tree
 from . import data as datasets
 from .config import Config
 from .errors import DataError, UsageError
@@ -134,6 +134,7 @@ def train(config: Config) -> dict:
     net = Network(problem.layers, config.activation, config.loss, dtype, config.seed)
     hyper = Hyper(config.optimizer, config.momentum, config.weight_decay)
     K, M, sampler = config.workers, config.micro_batch, problem.sampler
+    lr_at = schedule.from_config(config, problem.total_steps, sampler.steps_per_epoch)  # step t (from 1) -> lr
 
     started_ray = connect(config.address, cpus_wanted=K + 1)
     pg = place(K + 1)
@@ -151,19 +152,26 @@ def train(config: Config) -> dict:
         weights = server.weights.remote()
         pending: deque = deque()
         last = {"loss": float("nan")}
+        seen = 0  # samples trained on by this process, for samples/s
         t0 = time.perf_counter()
 
         def record(entry) -> None:
+            nonlocal seen
             t, batch_size, info_refs, report_ref = entry
             infos = ray.get(info_refs)
             report = ray.get(report_ref)[t + 1]
             loss = math.fsum(v for losses, _ in infos for v in losses) / batch_size
-            last.update(step=t + 1, epoch=sampler.epoch_of(t) + 1, loss=loss,
+            seen += batch_size
+            last.update(step=t + 1, epoch=sampler.epoch_of(t) + 1, loss=loss, lr=lr_at(t + 1),
                         time=round(time.perf_counter() - t0, 6), grad_sha256=report["grad_sha256"],
                         worker_compute=max(s for _, s in infos), server_sum=report["server_sum"],
                         update=report["update"])
             metrics.write(json.dumps(last) + "\n")
-            progress.step(loss=f"{loss:.4f}")
+            shown = {"loss": f"{loss:.4f}"}
+            if "test_accuracy" in last:  # the last evaluation's
+                shown[f"{problem.data.test_name}_acc"] = f"{last['test_accuracy']:.4f}"
+            shown["samples/s"] = f"{seen / (time.perf_counter() - t0):.0f}"
+            progress.step(**shown)
 
         def end_of_epoch(t: int) -> None:
             while pending:
@@ -178,7 +186,7 @@ def train(config: Config) -> dict:
                                           f"{problem.data.test_name}_loss": test_loss,
                                           f"{problem.data.test_name}_accuracy": test_acc}) + "\n")
                 line += f" {problem.data.test_name}_acc {test_acc:.4f}"
-            progress.log(line)
+            progress.log(line + f" lr {last['lr']:.3g} samples/s {seen / (time.perf_counter() - t0):.0f}")
             snap = ray.get(server.snapshot.remote())
             checkpoint.save(os.path.join(out, "checkpoint.npz"), snap.pop("weights"), snap, t + 1,
                             config.to_dict())
@@ -191,7 +199,7 @@ def train(config: Config) -> dict:
             calls = [w.compute.remote(batch, ids, weights) for w, ids in busy]
             nodes = [tree.blocks(ids, n) for _, ids in busy]
             scale = len(batch) if config.reduction == "mean" else None
-            weights = server.step.remote(n, nodes, config.lr, t + 1, scale, *[c[0] for c in calls])
+            weights = server.step.remote(n, nodes, lr_at(t + 1), t + 1, scale, *[c[0] for c in calls])
             pending.append((t, len(batch), [c[1] for c in calls], server.report.remote()))
             while len(pending) > 1:
                 record(pending.popleft())
