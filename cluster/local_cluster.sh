@@ -24,6 +24,7 @@
 #   DISTBP_OBJECT_STORE_BYTES  object store per node           (default 1000000000)
 #   DISTBP_RAY                 the `ray` executable            (default: `ray` on PATH)
 #   DISTBP_START_TIMEOUT / DISTBP_STOP_TIMEOUT   seconds       (default 120 / 30)
+#   DISTBP_DRAIN_SECONDS       how long a node drains on SIGTERM (default 5; Ray's is 30)
 set -euo pipefail
 
 PROG=$(basename "$0")
@@ -47,8 +48,8 @@ die() { echo "$PROG: $*" >&2; exit "${2:-1}"; }
 die2() { echo "$PROG: $1" >&2; exit 2; }
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
-    exit 2
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit "${1:-2}"
 }
 
 # ---------------------------------------------------------------- ray and python
@@ -66,9 +67,9 @@ find_ray() {
 }
 
 # ---------------------------------------------------------------- processes
-# Start time (clock ticks since boot) of a pid, empty if it is gone.  The comm field
-# can hold spaces, so cut everything up to the last ')' first.
-proc_start() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}' || true; }
+# Start time (clock ticks since boot) of a pid, empty if it is gone or a zombie.  The
+# comm field can hold spaces, so cut everything up to the last ')' first.
+proc_start() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '$1 != "Z" && $1 != "X" {print $20}' || true; }
 proc_sid() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $4}' || true; }
 
 # True if pid is still the very process recorded with that start time.
@@ -177,6 +178,8 @@ ray_env() {
     export RAY_AUTH_TOKEN="$TOKEN"
     unset RAY_AUTH_TOKEN_PATH RAY_ADDRESS RAY_API_SERVER_ADDRESS
     export RAY_USAGE_STATS_ENABLED=0
+    # On SIGTERM a node first drains (Ray's default: up to 30 s while work is running).
+    export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${DISTBP_DRAIN_SECONDS:-5}"
     export PATH="$(dirname "$PY"):$PATH"
 }
 
@@ -239,7 +242,12 @@ start_node() {  # start_node NAME ray-start-args... ; appends to NODES_FILE
     for _ in 1 2 3 4 5 6 7 8 9 10; do st=$(proc_start "$pid"); [ -n "$st" ] && break; sleep 0.05; done
     [ -n "$st" ] || { echo "$PROG: $name exited at once; see $log" >&2; return 1; }
     echo "$name $pid $st" >> "$NODES_FILE"
-    if [ "$(proc_sid "$pid")" != "$pid" ]; then
+    # The forked child calls setsid() a moment after the fork: wait for it.
+    for _ in $(seq 1 40); do [ "$(proc_sid "$pid")" = "$pid" ] && break; sleep 0.05; done
+    if [ -z "$(proc_start "$pid")" ]; then
+        echo "$PROG: $name exited at once; last lines of $log:" >&2; tail -n 15 "$log" >&2
+        return 1
+    elif [ "$(proc_sid "$pid")" != "$pid" ]; then
         echo "$PROG: $name (pid $pid) did not get its own session" >&2
         return 1
     fi
@@ -264,6 +272,11 @@ cmd_up() {
 
     local p
     for p in "$GCS_PORT" "$DASH_PORT" "$CLIENT_PORT"; do
+        [[ "$p" =~ ^[0-9]+$ ]] || die2 "port '$p' is not a number"
+        # Ray gives worker processes ports 10002-19999 by default.
+        if [ "$p" -ge 10002 ] && [ "$p" -le 19999 ]; then
+            die2 "port $p is inside Ray's worker port range 10002-19999; pick another"
+        fi
         port_free "$p" || die2 "port $p is in use; pick others with DISTBP_RAY_PORT / DISTBP_DASHBOARD_PORT / DISTBP_CLIENT_PORT"
     done
     # Each node runs a dashboard agent whose HTTP port defaults to 52365: on one
@@ -295,14 +308,14 @@ cmd_up() {
     local deadline=$(( $(date +%s) + START_TIMEOUT ))
     wait_ready head "${STARTED_PIDS[0]#*:}" "$LOG_DIR/head.log" "$deadline" || { cmd_down_locked quiet; exit 1; }
 
+    # One worker at a time: starting several nodes at once on a small, busy machine
+    # can starve a node's agents past Ray's own start-up timeouts.
     local i
     for ((i = 1; i <= n; i++)); do
         start_node "worker-$i" "${common[@]}" --address "$HOST:$GCS_PORT" \
             --dashboard-agent-listen-port "${agent_ports[$i]}" \
             --num-cpus "$WORKER_CPUS" --resources "{\"worker_node_$i\": 1}" \
             --temp-dir "$TEMP_ROOT/w$i" || { cmd_down_locked quiet; exit 1; }
-    done
-    for ((i = 1; i <= n; i++)); do
         wait_ready "worker-$i" "${STARTED_PIDS[$i]#*:}" "$LOG_DIR/worker-$i.log" "$deadline" ||
             { cmd_down_locked quiet; exit 1; }
     done
@@ -366,8 +379,11 @@ cmd_down_locked() {  # assumes the lock is held
         signal_list TERM <<< "$left"; sleep 3
         left=$( { still_alive <<< "$left"; our_procs $sids; } | sort -u)
         if [ -n "$left" ]; then signal_list KILL <<< "$left"; fi
-        sleep 0.5
-        left=$( { still_alive <<< "$left"; our_procs $sids; } | sort -u)
+        for _ in 1 2 3 4 5 6 7 8 9 10; do
+            sleep 0.5
+            left=$( { still_alive <<< "$left"; our_procs $sids; } | sort -u)
+            [ -z "$left" ] && break
+        done
     fi
     rm -f "$NODES_FILE"
     local secs; secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
@@ -414,6 +430,6 @@ case "${1:-}" in
     down) cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
-    -h|--help|help) usage ;;
+    -h|--help|help) usage 0 ;;
     *) usage ;;
 esac
