@@ -13,6 +13,8 @@ import numpy as np
 import ray
 from threadpoolctl import threadpool_limits
 
+from . import shards
+from .faults import strike
 from .step import ServerState, WorkerState
 
 BLAS_THREADS = 1
@@ -29,6 +31,8 @@ class Worker:
     def __init__(self, layers, activation, loss, dtype, X, Y, micro_batch):
         threadpool_limits(BLAS_THREADS)
         self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch)
+        self.fault: tuple[str, float] | None = None  # armed by --fault-injection for the next compute
+        self.flat: np.ndarray | None = None  # the joined weight ranges with --servers S > 1
 
     def node_id(self) -> str:
         return _node_id()
@@ -37,12 +41,35 @@ class Worker:
         import os
         return os.getpid()
 
+    def arm(self, action: str, seconds: float = 0.0) -> None:
+        """The next ``compute`` call dies or stalls (``faults.strike``): --fault-injection."""
+        self.fault = (action, seconds)
+
     @ray.method(num_returns=2)
     def compute(self, batch, ids, *weight_ranges):
-        """Node values of micro-batches ``ids``, and (per-micro-batch errors, seconds) for the driver."""
-        weights = weight_ranges[0] if len(weight_ranges) == 1 else np.concatenate(weight_ranges)
+        """Node values of micro-batches ``ids``, and (per-micro-batch errors, seconds) for the driver.
+
+        With S > 1 weight ranges (--servers S) the caller asks for ``num_returns=S + 1``: the
+        values come back as S objects, server s's columns in the s-th (shards.py).
+        """
+        if self.fault is not None:
+            action, seconds, self.fault = *self.fault, None
+            strike(action, seconds)
+        weights = weight_ranges[0] if len(weight_ranges) == 1 else self._joined(weight_ranges)
         values, losses, seconds = self.state.compute(weights, batch, ids)
+        if len(weight_ranges) > 1:
+            return (*shards.columns(values, [len(w) for w in weight_ranges]), (losses, seconds))
         return values, (losses, seconds)
+
+    def _joined(self, weight_ranges) -> np.ndarray:
+        """The S weight ranges in one buffer, reused from call to call."""
+        if self.flat is None:
+            self.flat = np.empty(sum(len(w) for w in weight_ranges), dtype=weight_ranges[0].dtype)
+        return np.concatenate(weight_ranges, out=self.flat)
+
+    def spans(self) -> list[tuple[float, float]]:
+        """Wall-clock (start, end) of the recent compute calls, oldest first (scripts/bench.py)."""
+        return list(self.state.spans)
 
 
 @ray.remote(num_cpus=1)
@@ -52,6 +79,7 @@ class ParameterServer:
     def __init__(self, weights, lo, hi, hyper, decay_mask):
         threadpool_limits(BLAS_THREADS)
         self.state = ServerState(weights, lo, hi, hyper, decay_mask)
+        self.fault: str | None = None  # armed by --fault-injection for the next step
 
     def node_id(self) -> str:
         return _node_id()
@@ -59,9 +87,19 @@ class ParameterServer:
     def weights(self):
         return self.state.weights
 
+    def arm(self, action: str) -> None:
+        """The next ``step`` call dies (``faults.strike``): --fault-injection."""
+        self.fault = action
+
     def step(self, n, nodes, lr, t, scale, *values):
         """Add the workers' nodes into the batch gradient, update, return the new weights."""
+        if self.fault is not None:
+            strike(self.fault)
         return self.state.step(n, nodes, list(values), lr, t, scale)
+
+    def step_count(self) -> int:
+        """Steps applied so far: after a failure the driver resumes from here, never applying one twice."""
+        return self.state.t
 
     def report(self) -> dict[int, dict]:
         return self.state.report()
@@ -70,7 +108,9 @@ class ParameterServer:
         """Weights and optimizer buffers, for a checkpoint."""
         return {"weights": self.state.weights, **self.state.state}
 
-    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+    def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
+        """Weights and optimizer buffers of a checkpoint taken after step ``t``."""
         self.state.weights[:] = arrays["weights"]
         for name, buf in self.state.state.items():
             buf[:] = arrays[name]
+        self.state.t = t

@@ -22,6 +22,12 @@ from .errors import DataError
 FORMAT = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
     """Call ``write(fh)`` on a temporary file beside ``path`` and rename it into place."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -31,6 +37,7 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should read like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from .errors import UsageError
+from . import faults
+from .errors import DataError, UsageError
 from .network import ACTIVATIONS, DTYPES, LOSSES
 from .optim import OPTIMIZERS
 from .schedule import SCHEDULES, parse_milestones
@@ -34,14 +36,14 @@ class Config:
     loss: str = opt("cross-entropy", "error measure e", choices=LOSSES)
     workers: int = opt(2, "number of worker actors K", metavar="K")
     batch_size: int = opt(128, "global mini-batch size B (split over the workers)", metavar="B")
-    micro_batch: int = opt(64, "fixed micro-batch size M: the unit of work, whatever K is", metavar="M")
+    micro_batch: int = opt(128, "fixed micro-batch size M: the unit of work, whatever K is", metavar="M")
     steps: int | None = opt(None, "number of optimizer steps (overrides --epochs)", metavar="N")
-    epochs: float = opt(30, "passes over the training set (used when --steps is not given)", metavar="E")
+    epochs: float = opt(30.0, "passes over the training set (used when --steps is not given)", metavar="E")
     optimizer: str = opt("adam", "update rule", choices=OPTIMIZERS)
     lr: float = opt(0.01, "learning rate (the peak rate of a schedule; for --base-batch samples if given)",
                     metavar="ETA")
     lr_schedule: str = opt("constant", "learning rate after warmup: constant, step (see --lr-step-epochs) "
-                           "or cosine (down to 0 at the last step)", choices=SCHEDULES)
+                           "or cosine (decays towards 0 at the last step)", choices=SCHEDULES)
     lr_step_epochs: str | None = opt(None, "with --lr-schedule step: epochs at which the rate is multiplied "
                                      "by --lr-decay", metavar="E1,E2,...")
     lr_decay: float = opt(0.1, "factor of each --lr-schedule step decay", metavar="GAMMA")
@@ -58,6 +60,18 @@ class Config:
     address: str | None = opt(None, "Ray address: 'auto' joins a running cluster "
                                     "(default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1)", metavar="ADDR")
     out: str | None = opt(None, "directory for results (default runs/<timestamp>)", metavar="DIR")
+    checkpoint_every: int = opt(0, "also write checkpoint.npz every N steps (it is always written at the end "
+                                   "of each epoch); a lost server restarts from the latest one", metavar="N")
+    fault_injection: str | None = opt(None, "faults to inject on purpose, comma-separated: kill-worker:K@S, "
+                                            "delay-worker:K@S:SECONDS, kill-server@S (see docs/reliability.md)",
+                                      metavar="SPEC")
+    servers: int = opt(1, "parameter-server actors S, each owning a contiguous range of the weights "
+                          "(bitwise the same result for any S)", metavar="S")
+    mode: str = opt("sync", "sync: exact, the same bits for any K and S; async (push when done, pull the latest "
+                            "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",
+                    choices=("sync", "async", "ssp"))
+    staleness: int | None = opt(None, "with --mode ssp: how many steps a worker may run ahead of the slowest "
+                                      "(Ho et al. 2013; default 2)", metavar="s")
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad option; checks that need the data come later."""
@@ -76,6 +90,11 @@ class Config:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0:
             raise UsageError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.checkpoint_every < 0:
+            raise UsageError(f"--checkpoint-every must be >= 0 (0: only at the end of each epoch), "
+                             f"got {self.checkpoint_every}")
+        faults.parse(self.fault_injection, self.workers)
+        self._check_modes()
         if self.base_batch is not None and self.base_batch < 1:
             raise UsageError(f"--base-batch must be at least 1, got {self.base_batch}")
         if not 0 < self.lr_decay <= 1:
@@ -93,6 +112,20 @@ class Config:
                 raise UsageError(f"--{flag(f.name)}: unknown value {getattr(self, f.name)!r}; "
                                  f"choose one of {', '.join(choices)}")
         self.layer_sizes()
+
+    def _check_modes(self) -> None:
+        """--servers, --mode, --staleness: what the asynchronous loop (async_train.py) cannot do is refused."""
+        if self.servers < 1:
+            raise UsageError(f"--servers must be at least 1, got {self.servers}")
+        if self.staleness is not None and (self.mode != "ssp" or self.staleness < 0):
+            raise UsageError(f"--staleness goes with --mode ssp and must be >= 0, got {self.staleness} "
+                             f"with --mode {self.mode}")
+        if self.mode == "sync":
+            return
+        for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0)):
+            if getattr(self, name) != default:
+                raise UsageError(f"--{flag(name)} works only with --mode sync (--mode {self.mode} has one "
+                                 "server and no fault handling)")
 
     def layer_sizes(self) -> tuple[int, ...] | None:
         if self.layers is None:
@@ -115,7 +148,7 @@ def flag(name: str) -> str:
 
 def _type_of(f) -> type:
     default = f.default if f.default is not MISSING else None
-    if f.name in ("steps", "base_batch"):
+    if f.name in ("steps", "base_batch", "staleness"):
         return int
     return type(default) if default is not None else str
 
@@ -156,11 +189,53 @@ def load_toml(path: str) -> dict:
     return values
 
 
-def from_args(ns: argparse.Namespace) -> Config:
-    """Defaults, then the config file, then the flags given on the command line."""
+def given(ns: argparse.Namespace) -> dict:
+    """The options the user set: the config file's, then the flags given on the command line."""
     values = load_toml(ns.config) if getattr(ns, "config", None) else {}
     names = {f.name for f in fields(Config)}
     values.update({k: v for k, v in vars(ns).items() if k in names})
+    return values
+
+
+def from_args(ns: argparse.Namespace) -> Config:
+    """Defaults, then the config file, then the flags given on the command line."""
+    config = Config(**given(ns))
+    config.validate()
+    return config
+
+
+# What --resume lets you change: how long, where and on how many workers the run goes on.
+# Everything else would make the continued run differ from the uninterrupted one.
+RESUMABLE = ("steps", "epochs", "workers", "address", "data_dir", "checkpoint_every", "fault_injection")
+
+
+def for_resume(stored: dict, options: dict, directory: str) -> Config:
+    """The config of the run in ``directory`` (``stored`` in its checkpoint), with the ``options``
+    given again on the command line; changing anything outside RESUMABLE is a UsageError."""
+    known = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(stored) - set(known))
+    if unknown:
+        raise DataError(f"{directory}/checkpoint.npz: its config has options this distbp does not know "
+                        f"({', '.join(unknown)}); it was written by another version")
+    for name, value in stored.items():
+        kind = _type_of(known[name])
+        if kind is float and isinstance(value, int):
+            value = stored[name] = float(value)
+        if not (value is None or isinstance(value, kind)) or isinstance(value, bool):
+            raise DataError(f"{directory}/checkpoint.npz: corrupt config ({name} = {value!r})")
+    values = {f.name: f.default for f in fields(Config)} | stored
+    for name, value in options.items():
+        if name == "out":
+            if os.path.abspath(value) != os.path.abspath(directory):
+                raise UsageError(f"--out cannot be combined with --resume: the run continues in {directory}")
+        elif name in RESUMABLE:
+            values[name] = value
+        elif value != values[name]:
+            raise UsageError(f"--{flag(name)} {value} differs from the run being resumed ({values[name]}); "
+                             f"--resume may change only {', '.join('--' + flag(n) for n in RESUMABLE)}")
+    if "epochs" in options and "steps" not in options:
+        values["steps"] = None  # --epochs counts only without --steps
+    values["out"] = directory
     config = Config(**values)
     config.validate()
     return config

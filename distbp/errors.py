@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a one-line message and exit status 2."""
+"""The errors the command line turns into one line on stderr: bad input exits 2, a failed run 1."""
 
 
 class DataError(ValueError):
@@ -7,3 +7,20 @@ class DataError(ValueError):
 
 class UsageError(ValueError):
     """A bad option or combination of options; the CLI prints it on one line and exits 2."""
+
+
+class RunFailed(RuntimeError):
+    """Training began but cannot go on; the CLI prints one line and exits 1.  Whatever the
+    run saved before (checkpoint, metrics) stays on disk."""
+
+
+class Diverged(RunFailed):
+    """A non-finite loss, gradient or weight vector; the message names the step."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run at a step boundary after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -125,11 +125,15 @@ class Workspace:
         self.e = np.empty(rows, dtype=dtype)
 
 
-def forward(W: list[np.ndarray], X: np.ndarray, activation: str, ws: Workspace) -> np.ndarray:
-    """Fill ``ws.s[l]`` and ``ws.x[l]`` for ``l = 1..L`` from inputs ``X`` (rows, d^0); returns ``s^L``."""
+def forward(W: list[np.ndarray], X: np.ndarray | None, activation: str, ws: Workspace) -> np.ndarray:
+    """Fill ``ws.s[l]`` and ``ws.x[l]`` for ``l = 1..L`` from inputs ``X`` (rows, d^0); returns ``s^L``.
+
+    ``X=None`` means the caller already wrote the inputs into ``ws.x[0][:, 1:]``.
+    """
     theta = ACTIVATIONS[activation][0]
     L = len(W)
-    ws.x[0][:, 1:] = X
+    if X is not None:
+        ws.x[0][:, 1:] = X
     for l in range(1, L + 1):
         np.matmul(ws.x[l - 1], W[l - 1], out=ws.s[l])  # s^l = [1, x^{l-1}] W^l
         if l < L:
@@ -154,9 +158,11 @@ def output_delta(sL: np.ndarray, Y: np.ndarray, loss: str, delta: np.ndarray, e:
         delta[rows, Y] -= 1  # softmax(s) - onehot(y)
 
 
-def backprop(W: list[np.ndarray], X: np.ndarray, Y: np.ndarray, activation: str, loss: str,
+def backprop(W: list[np.ndarray], X: np.ndarray | None, Y: np.ndarray, activation: str, loss: str,
              ws: Workspace, G: list[np.ndarray]) -> float:
     """Sum over the rows of ``X`` of ``de_n/dW^l``, written into ``G`` (shaped like ``W``).
+
+    ``X=None``: the inputs are already in ``ws.x[0][:, 1:]`` (see ``forward``).
 
     Returns the summed error ``sum_n e_n`` as a Python float.  All arithmetic stays in the
     dtype of ``W``; the shapes of every GEMM depend only on ``len(X)``, which is what makes

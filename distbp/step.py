@@ -11,13 +11,14 @@ the same bits.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from collections import deque
 
 import numpy as np
 
 from . import tree
-from .checkpoint import sha256_le
 from .network import Layout, Workspace, backprop
 from .optim import Hyper, init_state, update
 
@@ -71,20 +72,37 @@ class WorkerState:
         self.pool = BufferPool(self.layout.size, self.dtype)
         self.workspaces: dict[int, Workspace] = {}
         self.out = np.empty((0, self.layout.size), dtype=self.dtype)
+        self.spans: deque[tuple[float, float]] = deque(maxlen=4096)  # wall-clock (start, end) of each call
 
-    def _add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        np.add(a, b, out=a)
-        self.pool.give(b)
-        return a
-
-    def leaf(self, W: list[np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, float]:
-        """One micro-batch's summed gradient (a pool buffer) and summed error."""
+    def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> float:
+        """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error."""
         ws = self.workspaces.get(len(rows))
         if ws is None:
             ws = self.workspaces[len(rows)] = Workspace(self.layout.layers, len(rows), self.dtype)
-        g = self.pool.take()
-        loss = backprop(W, self.X[rows], self.Y[rows], self.activation, self.loss, ws, self.layout.views(g))
-        return g, loss
+        # Gather the rows straight into the workspace: no per-micro-batch allocation.
+        np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
+        return backprop(W, None, self.Y[rows], self.activation, self.loss, ws, self.layout.views(g))
+
+    def node(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[tuple[int, int]], node: tree.Node,
+             dst: np.ndarray, losses: np.ndarray) -> None:
+        """Tree node ``node``'s value into ``dst``: a leaf's gradient, else ``left + right``.
+
+        The same additions, with the same operands, as ``tree.combine``: an inner node whose
+        right child starts at or past ``n`` is its left child.  Depth-first, so a worker holds
+        at most one scratch buffer per tree level, whatever its share.
+        """
+        level, i = node
+        if level == 0:
+            lo, hi = ranges[i]
+            losses[i] = self.leaf(W, batch[lo:hi], dst)
+            return
+        self.node(W, batch, ranges, (level - 1, 2 * i), dst, losses)
+        right = (level - 1, 2 * i + 1)
+        if tree.span(right, len(ranges))[0] < len(ranges):
+            tmp = self.pool.take()
+            self.node(W, batch, ranges, right, tmp, losses)
+            np.add(dst, tmp, out=dst)
+            self.pool.give(tmp)
 
     def compute(self, weights: np.ndarray, batch: np.ndarray, ids: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
         """Gradients of micro-batches ``ids`` of ``batch``, as the tree nodes they cover.
@@ -93,26 +111,25 @@ class WorkerState:
         ``tree.blocks(ids, n)`` (shape ``(nodes, P)``), ``losses[i]`` the summed error of
         micro-batch ``ids[i]`` (float64), and the compute time.
         """
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         W = self.layout.views(weights)
         ranges = micro_batches(len(batch), self.micro_batch)
-        n = len(ranges)
-        nodes = tree.blocks(ids, n)
+        nodes = tree.blocks(ids, len(ranges))
         if len(self.out) < len(nodes):
             self.out = np.empty((len(nodes), self.layout.size), dtype=self.dtype)
-        losses = np.empty(len(ids), dtype=np.float64)
-        k = 0
+        losses = np.empty(len(ranges), dtype=np.float64)
         for r, node in enumerate(nodes):
-            acc = tree.Accumulator(n, self._add)
-            lo, hi = tree.span(node, n)
-            for i in range(lo, hi):
-                g, losses[k] = self.leaf(W, batch[ranges[i][0]:ranges[i][1]])
-                acc.push(i, g)
-                k += 1
-            value = acc.finish(node)
-            self.out[r] = value
-            self.pool.give(value)
-        return self.out[:len(nodes)], losses, time.perf_counter() - start
+            self.node(W, batch, ranges, node, self.out[r], losses)  # each node straight into its row
+        seconds = time.perf_counter() - start
+        self.spans.append((wall, wall + seconds))
+        return self.out[:len(nodes)], losses[ids], seconds
+
+
+CHUNK_BYTES = 1 << 20  # the server sums and updates this many bytes of the vector at a time (see _sum)
+
+
+class NonFiniteGradient(ArithmeticError):
+    """A step's summed gradient holds NaN or inf: training diverged; the server did not update."""
 
 
 class ServerState:
@@ -124,55 +141,92 @@ class ServerState:
         self.hyper = hyper
         self.state = init_state(hyper.optimizer, len(self.weights), self.weights.dtype)
         self.decay_mask = decay_mask
-        self.pool = BufferPool(len(self.weights), self.weights.dtype)
+        self.t = 0  # steps applied so far: the driver asks for it after a failure, so no step is applied twice
         self.hashes: dict[int, str] = {}
         self.timings: dict[int, dict[str, float]] = {}
         self._hashing: threading.Thread | None = None
-        self._hash_buf = np.empty_like(self.weights)
+        self.grad = np.empty_like(self.weights)  # the last step's batch gradient, kept for its hash
+        step = max(1, CHUNK_BYTES // self.weights.itemsize)
+        self.chunks = [(lo, min(lo + step, len(self.weights))) for lo in range(0, len(self.weights), step)]
+        self.scratch: list[np.ndarray] = []  # chunk-sized work buffers
 
-    def _add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        # Inputs from workers are not ours to write; add into whichever operand we own (a + b == b + a).
-        for mine, other in ((a, b), (b, a)):
-            if self.pool.owns(mine):
-                np.add(mine, other, out=mine)
-                if self.pool.owns(other):
-                    self.pool.give(other)
-                return mine
-        return np.add(a, b, out=self.pool.take())
+    def _spare(self, i: int, length: int) -> np.ndarray:
+        """The i-th chunk-sized scratch buffer, cut to ``length``."""
+        while len(self.scratch) <= i:
+            self.scratch.append(np.empty(self.chunks[0][1], dtype=self.weights.dtype))
+        return self.scratch[i][:length]
+
+    def _sum_chunk(self, n: int, table: dict[tree.Node, np.ndarray], lo: int, hi: int) -> np.ndarray:
+        """Entries ``[lo, hi)`` of the batch gradient, added in the tree's order into ``self.grad[lo:hi]``."""
+        out = self.grad[lo:hi]
+        mine: list[np.ndarray] = []  # buffers made for this chunk; workers' inputs are never written
+
+        def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            for ours, other in ((a, b), (b, a)):  # a + b == b + a: add into whichever operand is ours
+                if any(ours is m for m in mine):
+                    return np.add(ours, other, out=ours)
+            mine.append(np.add(a, b, out=out if not mine else self._spare(len(mine) - 1, hi - lo)))
+            return mine[-1]
+
+        g = tree.combine({node: value[lo:hi] for node, value in table.items()}, n, add)
+        if g is not out:
+            np.copyto(out, g)
+        return out
+
+    def _sum(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray]) -> bool:
+        """Fill ``self.grad`` with the batch gradient; True if every entry is finite.
+
+        Chunk by chunk, so each chunk's additions and its check run while it is in cache: the
+        same additions as one pass over whole vectors (they are elementwise), one trip to memory.
+        """
+        table = {node: row for node_list, value in zip(nodes, values) for node, row in zip(node_list, value)}
+        finite = True
+        for lo, hi in self.chunks:
+            g = self._sum_chunk(n, table, lo, hi)
+            # A NaN or inf anywhere makes the sum non-finite (so would an overflow of finite
+            # entries, which needs entries near the dtype's max: diverged too).
+            finite = finite and bool(np.isfinite(g.sum()))
+        return finite
 
     def gradient(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray]) -> np.ndarray:
-        """The batch gradient over this range: every worker's nodes added in the tree's order."""
-        table = {}
-        for node_list, value in zip(nodes, values):
-            for node, row in zip(node_list, value):
-                table[node] = row
-        g = tree.combine(table, n, self._add)
-        if not self.pool.owns(g):  # a single node: the optimizer needs a buffer it may overwrite
-            g = _copy(g, self.pool.take())
-        return g
+        """The batch gradient over this range: every worker's nodes added in the tree's order.
+
+        Returns ``self.grad``, which the next step overwrites.
+        """
+        self.wait_hashes()
+        self._sum(n, nodes, values)
+        return self.grad
 
     def step(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], lr: float, t: int,
              scale: float | None) -> np.ndarray:
         """Step ``t`` (counted from 1): sum, update in place, return the new weights of this range."""
-        start = time.perf_counter()
-        g = self.gradient(n, nodes, values)
+        if t != self.t + 1:
+            raise ValueError(f"step {t} sent to a server that has applied {self.t} steps")
+        start, wall = time.perf_counter(), time.time()
+        self.wait_hashes()  # the last step's hash reads self.grad
+        waited = time.perf_counter()
+        if not self._sum(n, nodes, values):  # refuse it: the weights stay those of the last good step
+            raise NonFiniteGradient(f"the summed gradient of step {t} has non-finite values")
         summed = time.perf_counter()
-        self._hash_later(t, g)
-        update(self.weights, g, self.state, self.hyper, lr, t, scale, self.decay_mask)
-        self.pool.give(g)
-        self.timings[t] = {"server_sum": summed - start, "update": time.perf_counter() - summed}
+        self._hashing = threading.Thread(target=self._hash, args=(t,))
+        self._hashing.start()  # hashlib releases the GIL: the hash runs beside the update and the next step
+        mask = self.decay_mask
+        for lo, hi in self.chunks:
+            g = self._spare(0, hi - lo)
+            np.copyto(g, self.grad[lo:hi])  # update() overwrites its gradient; self.grad is being hashed
+            update(self.weights[lo:hi], g, {name: buf[lo:hi] for name, buf in self.state.items()}, self.hyper,
+                   lr, t, scale, None if mask is None else mask[lo:hi])
+        self.t = t
+        done = time.perf_counter()
+        # start and end are wall-clock times, comparable with the workers' spans (scripts/bench.py)
+        self.timings[t] = {"server_sum": summed - waited, "update": done - summed, "hash_wait": waited - start,
+                           "start": wall, "end": wall + done - start,
+                           "bytes_in": sum(v.nbytes for v in values)}  # what the workers sent this server
         return self.weights
 
-    def _hash_later(self, t: int, g: np.ndarray) -> None:
-        """sha256 of the summed gradient, on a thread: it runs while the workers compute the next step
-        (hashlib releases the GIL), instead of adding ~10 ms to every 15 MB step."""
-        self.wait_hashes()
-        np.copyto(self._hash_buf, g)
-        self._hashing = threading.Thread(target=self._hash, args=(t,))
-        self._hashing.start()
-
     def _hash(self, t: int) -> None:
-        self.hashes[t] = sha256_le(self._hash_buf)
+        # hashlib reads the buffer in place: the same digest as checkpoint.sha256_le without its copy.
+        self.hashes[t] = hashlib.sha256(np.ascontiguousarray(self.grad, self.grad.dtype.newbyteorder("<"))).hexdigest()
 
     def wait_hashes(self) -> None:
         if self._hashing is not None:
@@ -185,7 +239,3 @@ class ServerState:
         out = {t: {"grad_sha256": self.hashes.pop(t), **self.timings.pop(t)} for t in list(self.timings)}
         return out
 
-
-def _copy(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    np.copyto(dst, src)
-    return dst

@@ -73,6 +73,8 @@ def combine(nodes: dict[Node, np.ndarray], n: int,
                 continue  # consumed as a right sibling
             if i % 2:
                 raise ValueError(f"node {(level, i)} has no left sibling: the nodes do not tile {root}")
+            if (level + 1, i // 2) in nodes:  # else the sum would silently replace it
+                raise ValueError(f"node {(level + 1, i // 2)} overlaps {(level, i)}: the nodes do not tile {root}")
             left = nodes.pop((level, i))
             if span((level, i + 1), n)[0] >= n:
                 nodes[(level + 1, i // 2)] = left  # no right subtree: the parent is its left child

@@ -1,0 +1,81 @@
+"""``--fault-injection SPEC``: faults on purpose, to show that a run survives them.
+
+SPEC is a comma-separated list of
+
+- ``kill-worker:K@S``           worker K (0-based) SIGKILLs its own process during step S;
+- ``delay-worker:K@S:SECONDS``  worker K sleeps SECONDS before computing its share of step S;
+- ``kill-server@S``             the parameter server SIGKILLs itself when step S reaches it.
+
+Steps count from 1, as in metrics.jsonl.  The driver arms the actor just before it sends
+step S's work (``Actor.arm``), so the fault strikes inside that step's call; a fault is
+real (SIGKILL of the process, a sleeping process), not a simulated exception.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+_FORMS = {
+    "kill-worker": re.compile(r"kill-worker:(?P<target>\d+)@(?P<step>\d+)"),
+    "delay-worker": re.compile(r"delay-worker:(?P<target>\d+)@(?P<step>\d+):(?P<seconds>[0-9.eE+-]+)"),
+    "kill-server": re.compile(r"kill-server@(?P<step>\d+)"),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # "kill-worker", "delay-worker" or "kill-server"
+    step: int  # from 1
+    target: int | None = None  # the worker index
+    seconds: float = 0.0
+
+    @property
+    def action(self) -> str:
+        """What the actor does when the fault strikes: ``kill`` or ``delay``."""
+        return "delay" if self.kind == "delay-worker" else "kill"
+
+    def __str__(self) -> str:
+        if self.kind == "kill-server":
+            return f"kill-server@{self.step}"
+        tail = f":{self.seconds:g}" if self.kind == "delay-worker" else ""
+        return f"{self.kind}:{self.target}@{self.step}{tail}"
+
+
+def parse(spec: str | None, workers: int) -> list[Fault]:
+    """The faults of ``spec``; a malformed item or a worker index >= ``workers`` is a UsageError."""
+    faults = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        kind = item.split(":")[0].split("@")[0]
+        match = _FORMS[kind].fullmatch(item) if kind in _FORMS else None
+        if match is None:
+            raise UsageError(f"--fault-injection: cannot read {item!r}; expected kill-worker:K@S, "
+                             "delay-worker:K@S:SECONDS or kill-server@S")
+        fields = match.groupdict()
+        fault = Fault(kind, int(fields["step"]), int(fields["target"]) if "target" in fields else None,
+                      float(fields.get("seconds") or 0.0))
+        if fault.step < 1:
+            raise UsageError(f"--fault-injection {item}: steps count from 1")
+        if fault.target is not None and fault.target >= workers:
+            raise UsageError(f"--fault-injection {item}: there are only {workers} workers (0..{workers - 1})")
+        if not (math.isfinite(fault.seconds) and fault.seconds >= 0):
+            raise UsageError(f"--fault-injection {item}: the delay must be a finite number of seconds >= 0")
+        faults.append(fault)
+    return faults
+
+
+def strike(action: str, seconds: float = 0.0) -> None:
+    """Run inside the actor: die the way a crashed or OOM-killed process dies, or stall."""
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "delay":
+        time.sleep(seconds)

@@ -1,0 +1,144 @@
+"""``distbp plot RUN_DIR...``: loss and accuracy curves of one or several runs, to one PNG.
+
+Left panel: the training loss of every step (faint) and its moving average over a quarter
+epoch, with the test (or validation) loss of each epoch's evaluation as dashed markers.
+Right panel: the test (or validation) accuracy of each evaluation.  The x axis is epochs, so runs with
+different batch sizes line up.  Everything is read from ``metrics.jsonl``; matplotlib is
+an optional extra (``pip install -e ".[plot]"``) imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from .checkpoint import atomic_write
+from .errors import DataError, UsageError
+
+MISSING_MATPLOTLIB = "distbp plot needs matplotlib: pip install matplotlib (or the extra: pip install -e '.[plot]')"
+
+
+@dataclass
+class Curves:
+    """What one run's ``metrics.jsonl`` says, on an epoch axis."""
+
+    label: str
+    step_epoch: list[float]  # x of each training step: step / steps_per_epoch
+    loss: list[float]  # the step's mean batch loss
+    eval_epoch: list[float]  # x of each evaluation
+    eval_loss: list[float]
+    eval_accuracy: list[float]
+    eval_name: str  # "test" or "validation"
+    steps_per_epoch: int
+
+
+def read_run(run_dir: str) -> Curves:
+    """Parse ``run_dir/metrics.jsonl``; a step logged twice (a resumed run) keeps its last line."""
+    if not os.path.isdir(run_dir):
+        raise DataError(f"{run_dir}: no such run directory")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise DataError(f"{run_dir}: not a distbp run directory (no metrics.jsonl)")
+    steps: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    with open(path) as fh:
+        lines = fh.read().split("\n")
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            entry = json.loads(text)
+            step = int(entry["step"])
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):  # no newline yet: a line still being written by a live run
+                break
+            raise DataError(f"{path}: line {number} is not a metrics record") from None
+        if "loss" in entry:
+            steps[step] = entry
+        elif any(k.endswith("_accuracy") for k in entry):
+            evals[step] = entry
+    if not steps:
+        raise DataError(f"{path}: no training steps recorded yet")
+    spe = _steps_per_epoch(run_dir, steps)
+    order = sorted(steps)
+    eval_steps = sorted(evals)
+    name = next((k[:-len("_accuracy")] for e in evals.values() for k in e if k.endswith("_accuracy")), "test")
+    return Curves(label=os.path.basename(os.path.normpath(run_dir)),
+                  step_epoch=[s / spe for s in order], loss=[float(steps[s]["loss"]) for s in order],
+                  eval_epoch=[s / spe for s in eval_steps],
+                  eval_loss=[float(evals[s].get(f"{name}_loss", math.nan)) for s in eval_steps],
+                  eval_accuracy=[float(evals[s].get(f"{name}_accuracy", math.nan)) for s in eval_steps],
+                  eval_name=name, steps_per_epoch=spe)
+
+
+def _steps_per_epoch(run_dir: str, steps: dict[int, dict]) -> int:
+    """From summary.json when the run has finished; else the first step of epoch 2 minus one."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as fh:
+            summary = json.load(fh)
+        return max(1, round(summary["steps"] / summary["epochs"]))
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        pass
+    later = [s for s, e in steps.items() if e.get("epoch", 1) >= 2]
+    return min(later) - 1 if later else max(steps)  # still in epoch 1: the x axis ends at 1
+
+
+def smooth(values: list[float], span: float) -> list[float]:
+    """Exponential moving average over about ``span`` points, bias-corrected at the start."""
+    alpha = 1.0 / max(1.0, span)
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        avg = (1 - alpha) * avg + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight)
+    return out
+
+
+def plot(run_dirs: list[str], out: str | None = None) -> str:
+    """Draw the runs' curves side by side into ``out`` (default ``<first run>/curves.png``); return its path."""
+    out = out or os.path.join(run_dirs[0], "curves.png")
+    if not out.lower().endswith(".png"):
+        raise UsageError(f"--out {out}: the plot is a PNG; give a name ending in .png")
+    runs = [read_run(d) for d in run_dirs]
+    labels = [r.label for r in runs]
+    if len(set(labels)) < len(labels):  # same basename twice: tell them apart by path
+        for r, d in zip(runs, run_dirs):
+            r.label = os.path.normpath(d)
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display, Agg to write PNG
+    except ImportError:
+        raise UsageError(MISSING_MATPLOTLIB) from None
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2, sharex=True)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for run, color in zip(runs, colors):
+        final = next((a for a in reversed(run.eval_accuracy) if not math.isnan(a)), None)
+        label = run.label + (f" ({run.eval_name} {final:.4f})" if final is not None else "")
+        ax_loss.plot(run.step_epoch, run.loss, color=color, alpha=0.2, linewidth=0.6)
+        ax_loss.plot(run.step_epoch, smooth(run.loss, run.steps_per_epoch / 4), color=color,
+                     linewidth=1.6, label=f"{run.label} train")
+        if run.eval_epoch:
+            ax_loss.plot(run.eval_epoch, run.eval_loss, color=color, linestyle="--", marker="o",
+                         markersize=3, label=f"{run.label} {run.eval_name}")
+            ax_acc.plot(run.eval_epoch, run.eval_accuracy, color=color, marker="o", markersize=3, label=label)
+    if all(v > 0 for r in runs for v in r.loss + r.eval_loss if not math.isnan(v)):
+        ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="epoch", ylabel="mean loss per sample", title="loss (train: per step and smoothed)")
+    names = sorted({r.eval_name for r in runs if r.eval_epoch})
+    ax_acc.set(xlabel="epoch", ylabel=" / ".join(names) + " accuracy" if names else "accuracy",
+               title="accuracy after each epoch")
+    if not names:
+        ax_acc.text(0.5, 0.5, "no test or validation split", ha="center", va="center",
+                    transform=ax_acc.transAxes, color="0.5")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    try:
+        atomic_write(out, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out

@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Throughput of distbp beside single-process numpy and PyTorch DDP, measured in one run.
+
+    python scripts/bench.py --out bench.json                 # K=2, the four configs of issue 6
+    python scripts/bench.py --workers 1 --configs float64:256 # K=1 against numpy on 1 thread
+
+For each config (dtype, global batch B) and each round, one after the other:
+
+- ``numpy``: ``../shared/bench/numpy_baseline.py`` with every core (and with K threads when
+  K is less than the cores: each distbp worker runs BLAS on one thread, so with K=1 the
+  fair comparison is numpy on one thread);
+- ``ddp``: ``../shared/bench/ddp_baseline.py``, K processes over gloo (only when torch imports);
+- ``distbp``: the real ``distbp.trainer.train`` on random data (SGD, mean reduction), its
+  samples/s from the step times in ``metrics.jsonl``;
+- the breakdown: the same actors driven by the trainer's own submission pattern (one step
+  ahead, a server report per step), with wall-clock timestamps from the workers and the server.
+
+Every figure is the median over the steps after warm-up; with ``--rounds R`` the table shows
+the median over rounds of each figure and of each ratio.  The machine may be shared, so only
+ratios measured side by side mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = "784,1024,1024,10"
+PHASES = ("compute", "broadcast", "grad_transfer", "server_sum", "update", "other")
+
+
+def baseline(script: Path, **options) -> dict:
+    """Run one reference script and return the JSON line it prints."""
+    cmd = [sys.executable, str(script)] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_config(dtype: str, batch: int, args, out: str | None):
+    from distbp import Config
+
+    # One epoch holds every step, so no evaluation or checkpoint falls inside the timed steps.
+    n = batch * (args.warmup + args.steps + 2)
+    config = Config(dataset=f"random:{n},784,10", layers=args.layers, activation="tanh", loss="cross-entropy",
+                    workers=args.workers, batch_size=batch, steps=args.warmup + args.steps + 1,
+                    optimizer="sgd", lr=0.01, reduction="mean", dtype=dtype, seed=0, out=out)
+    if args.micro_batch:
+        config.micro_batch = args.micro_batch
+    config.validate()
+    return config
+
+
+def trainer_run(config, warmup: int) -> dict:
+    """``distbp.trainer.train`` itself: samples/s from the times of metrics.jsonl."""
+    from distbp.trainer import train
+
+    summary = train(config)
+    with open(os.path.join(config.out, "metrics.jsonl")) as fh:
+        times = [r["time"] for r in map(json.loads, fh) if "loss" in r]
+    step = float(np.median(np.diff(times)[warmup:-1]))
+    return {"step_ms": step * 1e3, "samples_per_second": config.batch_size / step,
+            "micro_batch": config.micro_batch, "weights_sha256": summary["weights_sha256"]}
+
+
+def breakdown_run(config, warmup: int) -> dict:
+    """The trainer's step loop on the real actors, with per-step timestamps, split into phases.
+
+    For step t, with ``S_end(t-1)`` the time the server returned the weights and ``k`` the
+    worker that finished last, the critical path is: broadcast ``S_end(t-1) -> start_k``
+    (putting the weights, dispatching the call, mapping its arguments), compute ``start_k ->
+    end_k`` (backprop and the worker's share of the tree), grad_transfer ``end_k -> S_start(t)``
+    (putting the gradients, the server fetching them), server_sum, update, and ``other`` (the
+    rest of the server's call: the copy for the gradient hash, actor overhead).  ``idle`` is
+    the mean over workers of the step time not spent computing.
+    """
+    import ray
+
+    from distbp import tree
+    from distbp.actors import ParameterServer, Worker
+    from distbp.network import Layout, Network
+    from distbp.optim import Hyper
+    from distbp.runtime import in_bundle, place
+    from distbp.step import split_even
+    from distbp.trainer import prepare
+
+    problem = prepare(config)
+    K, M, sampler = config.workers, config.micro_batch, problem.sampler
+    layout, dtype = Layout(problem.layers), np.dtype(config.dtype)
+    net = Network(problem.layers, config.activation, config.loss, dtype, config.seed)
+    pg = place(K + 1)
+    try:
+        X_ref, Y_ref = ray.put(problem.X), ray.put(problem.Y)
+        server = ParameterServer.options(**in_bundle(pg, 0)).remote(
+            net.flat, 0, layout.size, Hyper(config.optimizer), layout.bias_mask(dtype))
+        workers = [Worker.options(**in_bundle(pg, k + 1)).remote(
+            problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M) for k in range(K)]
+        weights = server.weights.remote()
+        pending: deque = deque()
+        reports: dict[int, dict] = {}
+        shares_of: dict[int, list[int]] = {}
+        for t in range(problem.total_steps):
+            batch = sampler.batch(t)
+            n = math.ceil(len(batch) / M)
+            busy = [(k, ids) for k, ids in enumerate(split_even(n, K)) if ids]
+            calls = [workers[k].compute.remote(batch, ids, weights) for k, ids in busy]
+            nodes = [tree.blocks(ids, n) for _, ids in busy]
+            weights = server.step.remote(n, nodes, config.lr, t + 1, len(batch), *[c[0] for c in calls])
+            pending.append(([c[1] for c in calls], server.report.remote()))
+            shares_of[t + 1] = [k for k, _ in busy]
+            while len(pending) > 1:
+                infos, report = pending.popleft()
+                ray.get(infos)
+                reports.update(ray.get(report))
+        for infos, report in pending:
+            ray.get(infos)
+            reports.update(ray.get(report))
+        spans = ray.get([w.spans.remote() for w in workers])
+    finally:
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(pg)
+        for actor in [server, *workers]:
+            ray.kill(actor)
+
+    # Worker k's j-th span belongs to the j-th step it took part in.
+    per_step: dict[int, dict[int, tuple[float, float]]] = {}
+    seen = [0] * K
+    for t in sorted(shares_of):
+        per_step[t] = {}
+        for k in shares_of[t]:
+            per_step[t][k] = spans[k][seen[k]]
+            seen[k] += 1
+    rows = []
+    for t in range(warmup + 2, problem.total_steps + 1):
+        prev, cur = reports[t - 1], reports[t]
+        T = cur["end"] - prev["end"]
+        last = max(per_step[t], key=lambda k: per_step[t][k][1])
+        start, end = per_step[t][last]
+        row = {"step": T, "compute": end - start, "broadcast": start - prev["end"],
+               "grad_transfer": cur["start"] - end, "server_sum": cur["server_sum"], "update": cur["update"]}
+        row["other"] = (cur["end"] - cur["start"]) - cur["server_sum"] - cur["update"]
+        row["idle"] = T - float(np.mean([e - s for s, e in per_step[t].values()]))
+        rows.append(row)
+    med = {key: float(np.median([r[key] for r in rows])) * 1e3 for key in rows[0]}
+    return {"step_ms": med.pop("step"), "phases_ms": med,
+            "samples_per_second": config.batch_size / (np.median([r["step"] for r in rows]))}
+
+
+def blas_info() -> dict:
+    """Which BLAS kernel runs, here and (same interpreter, same environment) in the baselines."""
+    from threadpoolctl import threadpool_info
+
+    info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return {"openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+            "openblas_l2_size": os.environ.get("OPENBLAS_L2_SIZE"),
+            "blas": [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                     for i in info]}
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def median_of(values):
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="float64:256,float64:1024,float32:256,float32:1024",
+                    help="comma-separated DTYPE:B pairs")
+    ap.add_argument("--workers", type=int, default=2, help="K")
+    ap.add_argument("--micro-batch", type=int, default=None, help="M (default: distbp's default)")
+    ap.add_argument("--layers", default=LAYERS)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every measurement, report medians")
+    ap.add_argument("--baselines", default=str(REPO.parent / "shared" / "bench"),
+                    help="directory of numpy_baseline.py and ddp_baseline.py")
+    ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP baseline")
+    ap.add_argument("--out", metavar="FILE.json", help="write every figure here")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from distbp.runtime import connect
+
+    baselines = Path(args.baselines)
+    cores = os.cpu_count() or 1
+    K = args.workers
+    numpy_threads = sorted({cores, min(K, cores)}, reverse=True)
+    ddp = not args.no_ddp and torch_available()
+    configs = [(d, int(b)) for d, b in (c.split(":") for c in args.configs.split(","))]
+
+    started = connect(None, cpus_wanted=K + 1)
+
+    @ray.remote(num_cpus=0)
+    def worker_blas():
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):
+            return blas_info()
+
+    env = {"cores": cores, "driver": blas_info(), "ray_worker": ray.get(worker_blas.remote()),
+           "numpy": np.__version__, "ray": ray.__version__, "argv": sys.argv}
+    results = []
+    try:
+        for r in range(args.rounds):
+            for dtype, batch in configs:
+                run = {"round": r, "dtype": dtype, "batch_size": batch, "workers": K}
+                common = dict(layers=args.layers, batch_size=batch, dtype=dtype, steps=args.steps)
+                run["numpy"] = {str(n): baseline(baselines / "numpy_baseline.py", threads=n, **common)
+                                for n in numpy_threads}
+                run["ddp"] = baseline(baselines / "ddp_baseline.py", workers=K, **common) if ddp else None
+                with tempfile.TemporaryDirectory() as tmp:
+                    run["distbp"] = trainer_run(make_config(dtype, batch, args, os.path.join(tmp, "run")),
+                                                args.warmup)
+                run["breakdown"] = breakdown_run(make_config(dtype, batch, args, None), args.warmup)
+                sps = run["distbp"]["samples_per_second"]
+                run["ratios"] = {f"numpy_{n}t": sps / v["samples_per_second"] for n, v in run["numpy"].items()}
+                if run["ddp"]:
+                    run["ratios"]["ddp"] = sps / run["ddp"]["samples_per_second"]
+                results.append(run)
+                print(f"round {r} {dtype} B={batch}: distbp {sps:.0f}/s " +
+                      " ".join(f"{k} {v:.2f}" for k, v in run["ratios"].items()), file=sys.stderr, flush=True)
+    finally:
+        if started:
+            ray.shutdown()
+
+    summary = table(results, configs, numpy_threads, K, ddp)
+    print(summary)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"env": env, "args": vars(args), "runs": results, "table": summary}, fh, indent=1)
+    return 0
+
+
+def table(results, configs, numpy_threads, K, ddp) -> str:
+    """Markdown tables: samples/s and ratios, then the distbp step breakdown (medians over rounds)."""
+    def runs(d, b):
+        return [r for r in results if (r["dtype"], r["batch_size"]) == (d, b)]
+
+    head = ["config"] + [f"numpy {n}t" for n in numpy_threads] + ([f"DDP K={K}"] if ddp else []) + \
+        [f"distbp K={K}"] + [f"distbp/numpy {n}t" for n in numpy_threads] + (["distbp/DDP"] if ddp else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d, b in configs:
+        rs = runs(d, b)
+        cells = [f"{d} B={b}"]
+        cells += [f"{median_of(r['numpy'][str(n)]['samples_per_second'] for r in rs):.0f}" for n in numpy_threads]
+        if ddp:
+            cells.append(f"{median_of(r['ddp']['samples_per_second'] for r in rs):.0f}")
+        cells.append(f"{median_of(r['distbp']['samples_per_second'] for r in rs):.0f}")
+        cells += [f"{median_of(r['ratios'][f'numpy_{n}t'] for r in rs):.2f}" for n in numpy_threads]
+        if ddp:
+            cells.append(f"{median_of(r['ratios']['ddp'] for r in rs):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| config (ms per step) | step | " + " | ".join(PHASES) + " | worker idle |",
+              "|" + "---|" * (len(PHASES) + 3)]
+    for d, b in configs:
+        rs = runs(d, b)
+        cells = [f"{d} B={b}", f"{median_of(r['breakdown']['step_ms'] for r in rs):.1f}"]
+        cells += [f"{median_of(r['breakdown']['phases_ms'][p] for r in rs):.1f}" for p in (*PHASES, "idle")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

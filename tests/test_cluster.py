@@ -1,0 +1,231 @@
+"""A real 2-node Ray cluster on this machine (cluster/local_cluster.sh), with a job through the jobs API.
+
+One cluster for the module: a head and one worker node, 2 logical CPUs each, on free ports and in
+a state directory of its own, so it cannot meet another Ray on the machine.  The last test stops
+it with the script's own `down` and checks that every process it started is gone; the fixture
+stops it again whatever happened (a no-op when nothing is up).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import train_config
+
+from distbp.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "cluster" / "local_cluster.sh"
+RAY_BIN = Path(sys.executable).parent / "ray"  # the ray of this interpreter, not whatever is on PATH
+TRAIN = ["--dataset", "spirals", "--layers", "2,16,16,3", "--workers", "2", "--batch-size", "60",
+         "--micro-batch", "8", "--steps", "10"]
+JOB_TIMEOUT_S = 240
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(sys.platform != "linux", reason="local_cluster.sh uses /proc, setsid and flock"),
+]
+
+
+def free_port() -> int:
+    """A free TCP port outside Ray's worker port range 10002-19999 (which the script refuses)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))  # GCS and raylets bind every interface: test the same
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:
+            return port
+
+
+def clean_env(**extra: str) -> dict:
+    """This process's environment without any RAY_* setting (the session Ray sets RAY_AUTH_MODE)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def our_processes(session_ids: set[int]) -> dict[int, str]:
+    """pid -> start time of every live process in those sessions or descended from one (job drivers)."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            # fields[0] is the state, [1] ppid, [3] session id, [19] start time
+            procs[int(entry.name)] = (fields[0], int(fields[1]), int(fields[3]), fields[19])
+    mine = {pid for pid, (_, _, sid, _) in procs.items() if sid in session_ids}
+    grew = True
+    while grew:
+        more = {pid for pid, (_, ppid, _, _) in procs.items() if ppid in mine and pid not in mine}
+        mine |= more
+        grew = bool(more)
+    return {pid: procs[pid][3] for pid in mine if procs[pid][0] not in "ZX"}
+
+
+def still_running(snapshot: dict[int, str]) -> list[int]:
+    """Pids of ``snapshot`` that are still the same, non-zombie process."""
+    left = []
+    for pid, started in snapshot.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[19] == started and fields[0] not in "ZX":
+            left.append(pid)
+    return left
+
+
+class Cluster:
+    """The script's cluster: `up 1` in a private state dir on free ports."""
+
+    def __init__(self):
+        # A short state dir: the script keeps Ray's temp dirs (unix socket paths) inside it.
+        self.state = Path(tempfile.mkdtemp(prefix="distbp-ct-", dir="/tmp"))
+        self.gcs_port, self.dash_port, self.client_port = free_port(), free_port(), free_port()
+        self.env = clean_env(DISTBP_CLUSTER_DIR=str(self.state), DISTBP_RAY=str(RAY_BIN),
+                             DISTBP_RAY_PORT=str(self.gcs_port), DISTBP_DASHBOARD_PORT=str(self.dash_port),
+                             DISTBP_CLIENT_PORT=str(self.client_port), DISTBP_HEAD_CPUS="2",
+                             DISTBP_WORKER_CPUS="2", DISTBP_OBJECT_STORE_BYTES="100000000")
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.jobs_url = f"http://127.0.0.1:{self.dash_port}"
+        self.token = ""
+
+    def run(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run([str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def up(self) -> None:
+        t0 = time.monotonic()
+        proc = self.run("up", "1", timeout=300)
+        assert proc.returncode == 0, f"local_cluster.sh up failed:\n{proc.stdout}\n{proc.stderr}"
+        self.up_seconds = time.monotonic() - t0
+        self.token = (self.state / "auth_token").read_text()
+
+    def node_pids(self) -> set[int]:
+        nodes = self.state / "nodes"
+        return {int(line.split()[1]) for line in nodes.read_text().splitlines()} if nodes.exists() else set()
+
+    def down(self) -> subprocess.CompletedProcess:
+        return self.run("down", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    try:
+        c.up()
+        yield c
+    finally:
+        sessions = c.node_pids()  # each node leads its own session (setsid)
+        started = our_processes(sessions)
+        c.down()
+        left = still_running(started)
+        shutil.rmtree(c.state, ignore_errors=True)
+        assert not left, f"processes of the test cluster survived `down`: {left}"
+
+
+def test_cluster_has_two_nodes_with_token_auth(cluster):
+    proc = subprocess.run([str(RAY_BIN), "status", "--address", cluster.address], capture_output=True, text=True,
+                          timeout=60, env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token))
+    assert proc.returncode == 0, proc.stderr
+    active = proc.stdout.split("Active:")[1].split("Pending:")[0]
+    assert active.count("node_") == 2
+
+
+def test_job_spreads_workers_over_both_nodes_and_matches_a_local_run(cluster, ray_session, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out = tmp_path / "job-run"  # the driver runs on the head, which is this machine
+    client = JobSubmissionClient(cluster.jobs_url, headers={"Authorization": f"Bearer {cluster.token}"})
+    # The repository as working_dir, as `ray job submit --working-dir .` does: .rayignore and
+    # .gitignore keep .venv/ (CI makes one in the repository), runs/, data/ and .git/ behind.
+    job = client.submit_job(
+        entrypoint="ls -A | sed 's/^/uploaded: /' && exec python -m distbp train --address auto "
+                   + " ".join(TRAIN) + f" --out {out}",
+        runtime_env={"working_dir": str(ROOT)},
+    )
+    # The reference, in this process's own local Ray, while the job runs.
+    local = train(train_config(tmp_path, workers=2, batch_size=60, micro_batch=8, steps=10))
+
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (status := client.get_job_status(job)).is_terminal():
+        assert time.monotonic() < deadline, f"job {job} still {status} after {JOB_TIMEOUT_S} s"
+        time.sleep(1)
+    log = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, log
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["worker_nodes"]) == 2
+    assert len(set(summary["worker_nodes"])) == 2, summary["worker_nodes"]  # one worker per node
+    assert summary["weights_sha256"] == local["weights_sha256"]
+    assert local["worker_nodes"][0] not in summary["worker_nodes"]  # the job really ran elsewhere
+    # The job's log ends with the summary the CLI prints, a JSON object from a line "{" on.
+    lines = log.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    printed = json.loads("\n".join(lines[start:lines.index("}", start) + 1]))
+    assert printed["weights_sha256"] == summary["weights_sha256"] and printed["out"] == str(out)
+    uploaded = {line.removeprefix("uploaded: ") for line in lines if line.startswith("uploaded: ")}
+    assert {"distbp", "pyproject.toml"} <= uploaded
+    assert not uploaded & {".venv", "runs", "data", ".git", "__pycache__"}, uploaded
+
+
+def test_client_without_the_token_is_refused(cluster, tmp_path):
+    home = clean_env(HOME=str(tmp_path))  # no ~/.ray/auth_token either
+    proc = subprocess.run([str(RAY_BIN), "status", "--address", cluster.address], capture_output=True, text=True,
+                          timeout=60, env=home)
+    assert proc.returncode != 0
+    assert "AuthenticationError" in proc.stderr + proc.stdout
+
+    def get_jobs(headers: dict) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{cluster.jobs_url}/api/jobs/", headers=headers),
+                                        timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert get_jobs({}) == 401
+    assert get_jobs({"Authorization": "Bearer " + "0" * 64}) == 403
+    assert get_jobs({"Authorization": f"Bearer {cluster.token}"}) == 200
+
+
+@pytest.mark.parametrize("auth", [{}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}],
+                         ids=["no-token", "wrong-token"])
+def test_train_without_the_right_token_exits_2_with_one_line(cluster, tmp_path, auth):
+    out = tmp_path / "never"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "distbp", "train", "--address", cluster.address, *TRAIN,
+                           "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          env=clean_env(HOME=str(tmp_path), **auth))
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distbp: error:"), proc.stderr
+    assert "RAY_AUTH_MODE=token" in lines[0] and "RAY_AUTH_TOKEN" in lines[0]
+    assert seconds < 20, f"took {seconds:.1f} s; ray.init alone retries a bad token for ~25 s"
+    assert not out.exists()
+
+
+def test_down_stops_exactly_what_up_started(cluster, ray_session):
+    sessions = cluster.node_pids()
+    assert len(sessions) == 2
+    started = our_processes(sessions)
+    assert len(started) > 2  # the two `ray start --block` plus the raylets, GCS, dashboard, ... they spawned
+    proc = cluster.down()
+    assert proc.returncode == 0, proc.stderr
+    assert still_running(started) == []
+    assert our_processes(sessions) == {}
+    # ... and nothing else: this process's own local Ray still answers.
+    assert ray_session.get(ray_session.put(7)) == 7
+    assert cluster.run("status", timeout=60).returncode == 1  # "no local cluster is up"

@@ -1,0 +1,165 @@
+"""--resume continues a run to exactly the weights of the run that never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import train_config
+
+from distbp import checkpoint, cli
+from distbp.trainer import train
+
+SMALL = ["--dataset", "spirals", "--layers", "2,16,16,3", "--batch-size", "60", "--micro-batch", "8"]
+
+
+def summary(run_dir) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        return json.load(fh)
+
+
+def step_lines(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [entry for entry in map(json.loads, fh) if "loss" in entry]
+
+
+def assert_one_run(run_dir, steps: int) -> None:
+    """metrics.jsonl reads as one run: every step once, in order, its clock never going back."""
+    lines = step_lines(run_dir)
+    assert [e["step"] for e in lines] == list(range(1, steps + 1))
+    times = [e["time"] for e in lines]
+    assert times == sorted(times)
+
+
+def signal_when(run_dir, lines: int, signum=signal.SIGTERM) -> threading.Thread:
+    """Send ``signum`` to this process once ``run_dir``'s metrics.jsonl has ``lines`` step lines."""
+    def watch():
+        path = os.path.join(run_dir, "metrics.jsonl")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.exists(path) and sum(1 for _ in open(path)) >= lines:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.01)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_resume_after_n_steps_equals_uninterrupted_adam_with_more_workers(ray_session, tmp_path):
+    whole = train(train_config(tmp_path, optimizer="adam", workers=2, steps=12))
+    part = train(train_config(tmp_path, optimizer="adam", workers=2, steps=5))
+    first = checkpoint.load(os.path.join(part["out"], "checkpoint.npz"))
+    assert first["step"] == 5 and set(first["optimizer"]) == {"m", "v"}  # Adam's state travels too
+
+    # K changes from 2 to 3 on resume: the sum does not depend on K
+    assert cli.main(["train", "--resume", part["out"], "--steps", "12", "--workers", "3"]) == 0
+    resumed = summary(part["out"])
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+    assert resumed["workers"] == 3 and resumed["steps"] == 12 and resumed["resumed_from_step"] == 5
+    assert checkpoint.sha256_le(first["weights"]) != resumed["weights_sha256"]  # it did train on
+    assert_one_run(part["out"], 12)
+    # the steps after the checkpoint are the same sums as in the whole run
+    assert [e["grad_sha256"] for e in step_lines(part["out"])] == [e["grad_sha256"] for e in step_lines(whole["out"])]
+
+
+def test_interrupted_mid_epoch_resumes_to_the_same_weights(ray_session, tmp_path, capsys):
+    whole = train(train_config(tmp_path, optimizer="momentum", workers=2, steps=40))
+    run_dir = str(tmp_path / "stopped")
+    # One worker, stalled 2 s at step 20: the signal surely lands mid-run; checkpoints every 4 steps.
+    signal_when(run_dir, lines=15)
+    capsys.readouterr()
+    code = cli.main(["train", *SMALL, "--optimizer", "momentum", "--workers", "1", "--steps", "40",
+                     "--checkpoint-every", "4", "--fault-injection", "delay-worker:0@20:2", "--out", run_dir])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM, err
+    assert f"distbp train --resume {run_dir}" in err and "Traceback" not in err
+    stopped_at = checkpoint.load(os.path.join(run_dir, "checkpoint.npz"))["step"]
+    assert 15 <= stopped_at < 40  # a checkpoint at the step boundary where it stopped, not at a multiple of 4
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))  # the run is not finished
+
+    assert cli.main(["train", "--resume", run_dir, "--workers", "2"]) == 0
+    assert summary(run_dir)["weights_sha256"] == whole["weights_sha256"]
+    assert_one_run(run_dir, 40)
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(ray_session, tmp_path, monkeypatch, capsys):
+    whole = train(train_config(tmp_path, steps=10))
+    part = train(train_config(tmp_path, steps=4))
+    path = os.path.join(part["out"], "checkpoint.npz")
+    before = open(path, "rb").read()
+
+    def savez_dies_midway(fh, **arrays):
+        fh.write(b"PK\x03\x04 half a zip file")  # what a crash mid-write leaves behind
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", savez_dies_midway)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", part["out"], "--steps", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("distbp: error: cannot write") and "Traceback" not in err
+    assert "previous checkpoint is intact" in err
+    assert open(path, "rb").read() == before  # byte for byte
+    assert checkpoint.load(path)["step"] == 4
+    assert sorted(os.listdir(part["out"])) == ["checkpoint.npz", "metrics.jsonl", "summary.json"]  # no temp file
+
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", part["out"], "--steps", "10"]) == 0
+    assert summary(part["out"])["weights_sha256"] == whole["weights_sha256"]
+
+
+@pytest.mark.parametrize("flag, value, name", [
+    ("--layers", "2,32,3", "--layers"),
+    ("--optimizer", "sgd", "--optimizer"),
+    ("--dtype", "float32", "--dtype"),
+    ("--micro-batch", "4", "--micro-batch"),
+    ("--out", "elsewhere", "--out"),
+])
+def test_resume_refuses_changes_that_would_change_the_result(ray_session, tmp_path, capsys, flag, value, name):
+    part = train(train_config(tmp_path, steps=2))
+    files = {f: open(os.path.join(part["out"], f), "rb").read() for f in os.listdir(part["out"])}
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", part["out"], "--steps", "4", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"distbp: error: {name}") and len(err.splitlines()) == 1
+    assert {f: open(os.path.join(part["out"], f), "rb").read() for f in os.listdir(part["out"])} == files
+
+
+def test_resume_of_a_finished_run_asks_for_more_steps(ray_session, tmp_path, capsys):
+    part = train(train_config(tmp_path, steps=2))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", part["out"]]) == 2
+    assert "already has its 2 steps" in capsys.readouterr().err
+
+
+def test_sigterm_to_a_real_process_then_resume(ray_session, tmp_path):
+    whole = train(train_config(tmp_path, workers=2, steps=12))
+    run_dir = str(tmp_path / "killed")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # One worker stalled 3 s at step 6: SIGTERM arrives while the run is busy with that step.
+    proc = subprocess.Popen([sys.executable, "-m", "distbp", "train", *SMALL, "--workers", "1", "--steps", "12",
+                             "--fault-injection", "delay-worker:0@6:3", "--out", run_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        deadline = time.monotonic() + 120
+        while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 4):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and f"distbp train --resume {run_dir}" in err
+    assert 4 <= checkpoint.load(os.path.join(run_dir, "checkpoint.npz"))["step"] < 12
+
+    assert cli.main(["train", "--resume", run_dir, "--workers", "2"]) == 0
+    assert summary(run_dir)["weights_sha256"] == whole["weights_sha256"]
+    assert_one_run(run_dir, 12)

@@ -1,0 +1,72 @@
+"""--servers S: the weights split over S server actors, each receiving only its range."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import train_config
+
+from distbp import checkpoint
+from distbp.errors import UsageError
+from distbp.network import Layout
+from distbp.shards import columns, ranges
+from distbp.step import micro_batches, split_even
+from distbp.trainer import train
+from distbp.tree import blocks
+
+
+def test_ranges_tile_the_vector():
+    for size, count in [(10, 1), (10, 3), (7, 7), (1000, 4)]:
+        got = ranges(size, count)
+        assert got[0][0] == 0 and got[-1][1] == size and len(got) == count
+        assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        assert max(hi - lo for lo, hi in got) - min(hi - lo for lo, hi in got) <= 1
+    values = np.arange(24.0).reshape(2, 12)[:, ::-1]  # not contiguous, as a worker's buffer slice may be
+    parts = columns(values, [5, 4, 3])
+    assert all(p.flags.c_contiguous for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), values)
+
+
+def test_any_number_of_servers_gives_the_same_bits(ray_session, tmp_path):
+    # Adam with weight decay: per-range optimizer state and decay mask; 3 servers cut inside layers.
+    common = dict(batch_size=60, micro_batch=8, steps=4, optimizer="adam", weight_decay=0.01)
+    runs = {(k, s): train(train_config(tmp_path, workers=k, servers=s, **common))
+            for k, s in [(2, 1), (2, 2), (2, 3), (3, 2)]}
+    hashes = {key: run["weights_sha256"] for key, run in runs.items()}
+    assert len(set(hashes.values())) == 1, hashes
+    assert runs[(2, 3)]["servers"] == 3 and len(runs[(2, 3)]["server_nodes"]) == 3
+    # the checkpoint, joined from three servers' snapshots, holds those weights and Adam's state
+    one = checkpoint.load(f"{runs[(2, 1)]['out']}/checkpoint.npz")
+    three = checkpoint.load(f"{runs[(2, 3)]['out']}/checkpoint.npz")
+    assert checkpoint.sha256_le(three["weights"]) == hashes[(2, 1)]
+    for name in ("m", "v"):
+        np.testing.assert_array_equal(one["optimizer"][name], three["optimizer"][name])
+
+
+def test_each_server_receives_only_its_range(ray_session, tmp_path):
+    K, B, M, S = 3, 60, 8, 3
+    config = train_config(tmp_path, workers=K, batch_size=B, micro_batch=M, servers=S, steps=3)
+    train(config)
+    lines = [json.loads(line) for line in open(f"{config.out}/metrics.jsonl")]
+    got = [m["server_bytes_in"] for m in lines if "loss" in m]
+    # Independently: each worker sends the tree nodes covering its share, restricted to the range.
+    n = len(micro_batches(B, M))
+    nodes = sum(len(blocks(share, n)) for share in split_even(n, K) if share)
+    size = Layout(config.layer_sizes()).size
+    want = [nodes * (hi - lo) * 8 for lo, hi in ranges(size, S)]  # float64
+    assert got == [want] * 3
+    assert sum(want) == nodes * size * 8  # together: what one server would receive
+
+
+def test_a_killed_server_among_several_recovers_to_the_same_bits(ray_session, tmp_path):
+    plain = train(train_config(tmp_path, servers=2, steps=5))
+    hit = train(train_config(tmp_path, servers=2, steps=5, checkpoint_every=2, fault_injection="kill-server@4"))
+    assert hit["faults"]["server_restarts"] == 1
+    assert hit["weights_sha256"] == plain["weights_sha256"]
+
+
+def test_more_servers_than_weights_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="--servers 100"):
+        train(train_config(tmp_path, layers="2,3,3", servers=100))
+    with pytest.raises(UsageError, match="--servers must be at least 1"):
+        train_config(tmp_path, servers=0)
