@@ -94,9 +94,10 @@ def train_async(config: Config, resumed: dict | None = None) -> dict:
         started_ray = connect(config.address, cpus_wanted=K + 1)
         pg = place(K + 1)
         X_ref, Y_ref = ray.put(problem.X), ray.put(problem.Y)
-        server = ParameterServer.options(**in_bundle(pg, 0)).remote(
+        # Workers in bundles 0..K-1, the server last: SPREAD gives the first bundles distinct nodes.
+        server = ParameterServer.options(**in_bundle(pg, K)).remote(
             net.flat, 0, layout.size, hyper, layout.bias_mask(dtype))
-        workers = [Worker.options(**in_bundle(pg, k + 1)).remote(
+        workers = [Worker.options(**in_bundle(pg, k)).remote(
             problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M) for k in range(K)]
         # Every actor up before the clock starts: a worker still starting would look like a straggler.
         worker_nodes = ray.get([w.node_id.remote() for w in workers])

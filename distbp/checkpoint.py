@@ -66,6 +66,9 @@ def load(path: str) -> dict:
     """``{"weights", "optimizer", "step", "config"}``; any damage is a DataError naming the file."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no checkpoint here")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":  # np.load would take anything else for .npy or pickle data
+            raise DataError(f"{path}: corrupt checkpoint (not an .npz file)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

@@ -204,9 +204,11 @@ def from_args(ns: argparse.Namespace) -> Config:
     return config
 
 
-# What --resume lets you change: how long, where and on how many workers the run goes on.
-# Everything else would make the continued run differ from the uninterrupted one.
-RESUMABLE = ("steps", "epochs", "workers", "address", "data_dir", "checkpoint_every", "fault_injection")
+# What --resume lets you change: how long, where and on how many workers and servers the run
+# goes on (the sum is the same bits for any K and S).  Anything else would make the continued
+# run differ from the uninterrupted one.
+RESUMABLE = ("steps", "epochs", "workers", "servers", "address", "data_dir", "checkpoint_every",
+             "fault_injection")
 
 
 def for_resume(stored: dict, options: dict, directory: str) -> Config:

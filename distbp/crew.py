@@ -40,6 +40,7 @@ LATE_FACTOR = 3.0  # a share is late after 3x the step's fastest share...
 LATE_MIN_S = 0.1  # ...plus 0.1 s, so that a busy machine's scheduling jitter does not trigger backups
 SERVER_TIMEOUT_S = 30.0  # a live server answers step_count within this, whatever it is doing
 START_TIMEOUT_S = 300.0  # a step waits this long for some worker to become available
+MAX_LOST = 10  # per worker slot: past that, workers die of something a new actor will not cure
 
 
 class ServerFailed(RunFailed):
@@ -242,6 +243,9 @@ class Crew:
     def _replace(self, k: int) -> None:
         """Worker ``k`` died: a new actor takes its place (its bundle is free again)."""
         self.stats["workers_lost"] += 1
+        if self.stats["workers_lost"] > MAX_LOST * len(self.workers):
+            raise RunFailed(f"{self.stats['workers_lost']} worker actors died; giving up (see the Ray logs: "
+                            "out of memory?)")
         ray.kill(self.workers[k], no_restart=True)  # if it is only unreachable, free its bundle
         self.workers[k] = self.spawn_worker(k)
         self.starting[k] = self.workers[k].node_id.remote()

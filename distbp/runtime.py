@@ -80,7 +80,14 @@ def probe(address: str) -> None:
         return
     target = address
     if address == "auto":
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # as ray.init does for "auto"
+        # As ray.init does for "auto", minus its log line saying so: the error below is the only line.
+        setup_log = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+        level = setup_log.level
+        setup_log.setLevel(logging.ERROR)
+        try:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        finally:
+            setup_log.setLevel(level)
         try:
             target = canonicalize_bootstrap_address_or_die("auto")
         except ConnectionError:
@@ -99,8 +106,7 @@ def probe(address: str) -> None:
         if code == grpc.StatusCode.UNAUTHENTICATED:
             raise auth_error(address, target) from None
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            raise UsageError(f"--address {address}: no Ray cluster answers at {target} "
-                             f"(waited {PROBE_TIMEOUT_S} s)") from None
+            raise UsageError(f"--address {address}: no Ray cluster answers at {target}") from None
         raise UsageError(f"--address {address}: {target} does not answer as a Ray cluster ({code.name})") from None
 
 

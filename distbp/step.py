@@ -125,7 +125,33 @@ class WorkerState:
         return self.out[:len(nodes)], losses[ids], seconds
 
 
-CHUNK_BYTES = 1 << 20  # the server sums and updates this many bytes of the vector at a time (see _sum)
+# The server sums and updates the vector this many bytes at a time, so that a chunk stays in
+# cache (ServerState._sum), and the actors send vectors in pieces of this size: Ray copies a
+# buffer over 1 MiB into the object store with 6 threads, which on a 2-core machine cost about
+# 4x the CPU of plain copies of <= 1 MiB pieces (measured: docs/performance.md).
+CHUNK_BYTES = 1 << 20
+
+
+def chunks(size: int, itemsize: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cuts of ``range(size)`` of at most ``CHUNK_BYTES`` each."""
+    step = max(1, CHUNK_BYTES // itemsize)
+    return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+
+
+class Pieces(list):
+    """A flat vector as contiguous pieces of at most ``CHUNK_BYTES``, in order: how actors send it.
+
+    ``np.asarray(pieces)`` joins them, so a reader that wants one array gets one.
+    """
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.concatenate(self, dtype=dtype)
+
+
+def pieces(values: np.ndarray, lo: int, hi: int) -> Pieces:
+    """Columns ``[lo, hi)`` of every row of ``values`` (shape ``(nodes, P)``), cut as
+    ``chunks(hi - lo)``, row after row: views, no copy."""
+    return Pieces(row[lo + a:lo + b] for row in values for a, b in chunks(hi - lo, values.itemsize))
 
 
 class NonFiniteGradient(ArithmeticError):
@@ -146,8 +172,7 @@ class ServerState:
         self.timings: dict[int, dict[str, float]] = {}
         self._hashing: threading.Thread | None = None
         self.grad = np.empty_like(self.weights)  # the last step's batch gradient, kept for its hash
-        step = max(1, CHUNK_BYTES // self.weights.itemsize)
-        self.chunks = [(lo, min(lo + step, len(self.weights))) for lo in range(0, len(self.weights), step)]
+        self.chunks = chunks(len(self.weights), self.weights.itemsize)
         self.scratch: list[np.ndarray] = []  # chunk-sized work buffers
 
     def _spare(self, i: int, length: int) -> np.ndarray:
@@ -156,8 +181,11 @@ class ServerState:
             self.scratch.append(np.empty(self.chunks[0][1], dtype=self.weights.dtype))
         return self.scratch[i][:length]
 
-    def _sum_chunk(self, n: int, table: dict[tree.Node, np.ndarray], lo: int, hi: int) -> np.ndarray:
-        """Entries ``[lo, hi)`` of the batch gradient, added in the tree's order into ``self.grad[lo:hi]``."""
+    def _sum_chunk(self, n: int, nodes: dict[tree.Node, np.ndarray], lo: int, hi: int) -> np.ndarray:
+        """Entries ``[lo, hi)`` of the batch gradient, added in the tree's order into ``self.grad[lo:hi]``.
+
+        ``nodes`` maps each tree node to its value's entries ``[lo, hi)``.
+        """
         out = self.grad[lo:hi]
         mine: list[np.ndarray] = []  # buffers made for this chunk; workers' inputs are never written
 
@@ -168,21 +196,30 @@ class ServerState:
             mine.append(np.add(a, b, out=out if not mine else self._spare(len(mine) - 1, hi - lo)))
             return mine[-1]
 
-        g = tree.combine({node: value[lo:hi] for node, value in table.items()}, n, add)
+        g = tree.combine(nodes, n, add)
         if g is not out:
             np.copyto(out, g)
         return out
 
-    def _sum(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray]) -> bool:
+    def _sum(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray | Pieces]) -> bool:
         """Fill ``self.grad`` with the batch gradient; True if every entry is finite.
 
+        ``values[k]`` holds the values of the nodes ``nodes[k]``: an array ``(nodes, P)``, or
+        the ``Pieces`` of one as a Worker actor sends them (``pieces(values, 0, P)``).
         Chunk by chunk, so each chunk's additions and its check run while it is in cache: the
         same additions as one pass over whole vectors (they are elementwise), one trip to memory.
         """
-        table = {node: row for node_list, value in zip(nodes, values) for node, row in zip(node_list, value)}
+        c = len(self.chunks)
+        table = {}  # node -> its value's chunks
+        for node_list, value in zip(nodes, values):
+            for r, node in enumerate(node_list):
+                if isinstance(value, np.ndarray):
+                    table[node] = [value[r, lo:hi] for lo, hi in self.chunks]
+                else:
+                    table[node] = value[r * c:(r + 1) * c]
         finite = True
-        for lo, hi in self.chunks:
-            g = self._sum_chunk(n, table, lo, hi)
+        for i, (lo, hi) in enumerate(self.chunks):
+            g = self._sum_chunk(n, {node: parts[i] for node, parts in table.items()}, lo, hi)
             # A NaN or inf anywhere makes the sum non-finite (so would an overflow of finite
             # entries, which needs entries near the dtype's max: diverged too).
             finite = finite and bool(np.isfinite(g.sum()))
@@ -197,7 +234,7 @@ class ServerState:
         self._sum(n, nodes, values)
         return self.grad
 
-    def step(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], lr: float, t: int,
+    def step(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray | Pieces], lr: float, t: int,
              scale: float | None) -> np.ndarray:
         """Step ``t`` (counted from 1): sum, update in place, return the new weights of this range."""
         if t != self.t + 1:
@@ -221,7 +258,7 @@ class ServerState:
         # start and end are wall-clock times, comparable with the workers' spans (scripts/bench.py)
         self.timings[t] = {"server_sum": summed - waited, "update": done - summed, "hash_wait": waited - start,
                            "start": wall, "end": wall + done - start,
-                           "bytes_in": sum(v.nbytes for v in values)}  # what the workers sent this server
+                           "bytes_in": sum(sum(p.nbytes for p in v) for v in values)}  # what the workers sent
         return self.weights
 
     def _hash(self, t: int) -> None:

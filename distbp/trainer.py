@@ -66,8 +66,14 @@ def prepare(config: Config) -> Problem:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the training set "
                          f"({len(data.X)} samples)")
     dtype = np.dtype(config.dtype)
-    X = np.ascontiguousarray(data.X, dtype=dtype)
-    Y = encode_targets(data.y, config.loss, layers[-1], dtype)
+    with np.errstate(over="ignore"):
+        X = np.ascontiguousarray(data.X, dtype=dtype)
+        Y = encode_targets(data.y, config.loss, layers[-1], dtype)
+    for name, values in (("features", X), ("targets", Y)):
+        if not np.isfinite(values).all():  # finite in the file, but not in the run's dtype
+            raise DataError(f"{data.name}: {name} overflow {dtype} (largest magnitude "
+                            f"{np.nanmax(np.abs(data.X if name == 'features' else data.y)):.3g}); "
+                            "scale the data or use --dtype float64")
     sampler = datasets.Sampler(len(X), config.batch_size, config.seed)
     total = config.steps or max(1, math.ceil(config.epochs * sampler.steps_per_epoch))
     return Problem(data, layers, X, Y, sampler, total)
@@ -144,6 +150,11 @@ def train(config: Config, resumed: dict | None = None) -> dict:
 
     ``resumed`` is the checkpoint (``checkpoint.load``) of the run in ``config.out`` to continue.
     """
+    if (config.address or os.environ.get("RAY_ADDRESS") or "local") == "local" and "ray" not in sys.modules:
+        # A private local Ray.  Ray on Linux swaps 127.0.0.1 for the routable address, and then
+        # its GCS, raylet and actors listen on every interface; with multi-node support off
+        # (read when ray is first imported) all of them stay on 127.0.0.1 (measured, Ray 2.60).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray  # the math above runs without Ray; only the run itself needs it
 
     from .actors import ParameterServer, Worker
@@ -221,7 +232,14 @@ def train(config: Config, resumed: dict | None = None) -> dict:
         redo = {"steps_redone": 0, "redo_mismatches": 0}  # steps computed twice, and those that differed
         t0 = time.perf_counter()
 
-        def record(entry) -> None:
+        def record(keep: int = 0) -> None:
+            """Write the lines of the pending steps but the last ``keep`` (the server's report of a
+            step is fetched one step later, so that waiting for it never stalls the workers)."""
+            while len(pending) > keep:
+                record_step(pending[0])
+                pending.popleft()  # only once written: after a failure the step is still there
+
+        def record_step(entry) -> None:
             nonlocal seen, written
             t, batch_size, loss, seconds, report_ref, step_ref = entry
             reports = merge_reports(crew.get(report_ref))
@@ -253,8 +271,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
         def save(t: int) -> None:
             """checkpoint.npz after step ``t + 1``, atomically; never with non-finite weights."""
             nonlocal saved_step
-            while pending:
-                record(pending.popleft())
+            record()
             metrics.flush()  # every line up to the checkpoint is on disk before it
             snap = Servers.join(crew.get(crew.server.snapshot()))
             flat = snap.pop("weights")
@@ -270,8 +287,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
                 del logged[step]
 
         def end_of_epoch(t: int) -> None:
-            while pending:
-                record(pending.popleft())
+            record()
             np.concatenate(crew.get(weights), out=net.flat)
             line = f"epoch {sampler.epoch_of(t) + 1} step {t + 1}/{problem.total_steps} loss {last['loss']:.4f}"
             if problem.data.X_test is not None:
@@ -300,8 +316,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
                         scale = len(batch) if config.reduction == "mean" else None
                         weights = crew.server.step(done.n, done.nodes, lr_at(t + 1), t + 1, scale, done.values)
                         pending.append((t, len(batch), loss, done.seconds, crew.server.report(), weights))
-                        while len(pending) > 1:
-                            record(pending.popleft())
+                        record(keep=1)
                         if (t + 1) % sampler.steps_per_epoch == 0 or t + 1 == problem.total_steps:
                             end_of_epoch(t)
                         elif config.checkpoint_every and (t + 1) % config.checkpoint_every == 0:
@@ -313,13 +328,14 @@ def train(config: Config, resumed: dict | None = None) -> dict:
                         # redone (to the same bits), never applied twice.
                         t = crew.recover(restore)
                         weights = crew.server.weights()
-                        held = [entry for entry in pending if entry[0] < t]
-                        pending.clear()
-                        for entry in held:
-                            record(entry)
+                        while pending and pending[-1][0] >= t:  # steps the server does not hold
+                            pending.pop()
             if stop.signum is not None:
                 if t > saved_step:
                     save(t - 1)
+                if not saved_step:
+                    raise Interrupted(f"stopped by {stop.name} before the first step; nothing to resume",
+                                      stop.signum)
                 raise Interrupted(f"stopped by {stop.name} after step {t} of {problem.total_steps}; "
                                   f"checkpoint {ckpt_path} (step {saved_step}); continue with: "
                                   f"distbp train --resume {out}", stop.signum)

@@ -107,10 +107,22 @@ def breakdown_run(config, warmup: int) -> dict:
         workers = [Worker.options(**in_bundle(pg, k + 1)).remote(
             problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M) for k in range(K)]
         weights = server.weights.remote()
+        pids = {"server": [ray.get(server.pid.remote())], "workers": ray.get([w.pid.remote() for w in workers]),
+                "driver": [os.getpid()], "raylet": _ray_pids("raylet")}
         pending: deque = deque()
         reports: dict[int, dict] = {}
         shares_of: dict[int, list[int]] = {}
         for t in range(problem.total_steps):
+            if t == warmup + 1 or t == problem.total_steps - 1:  # CPU seconds of each process, between two drains
+                while pending:
+                    infos, report = pending.popleft()
+                    ray.get(infos)
+                    reports.update(ray.get(report))
+                cpu = {role: sum(_cpu_seconds(p) for p in ps) for role, ps in pids.items()}
+                if t == warmup + 1:
+                    cpu0, t0 = cpu, t
+                else:
+                    cpu_ms = {role: (cpu[role] - cpu0[role]) / (t - t0) * 1e3 for role in cpu}
             batch = sampler.batch(t)
             n = math.ceil(len(batch) / M)
             busy = [(k, ids) for k, ids in enumerate(split_even(n, K)) if ids]
@@ -153,8 +165,27 @@ def breakdown_run(config, warmup: int) -> dict:
         row["idle"] = T - float(np.mean([e - s for s, e in per_step[t].values()]))
         rows.append(row)
     med = {key: float(np.median([r[key] for r in rows])) * 1e3 for key in rows[0]}
-    return {"step_ms": med.pop("step"), "phases_ms": med,
+    return {"step_ms": med.pop("step"), "phases_ms": med, "cpu_ms_per_step": cpu_ms,
             "samples_per_second": config.batch_size / (np.median([r["step"] for r in rows]))}
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil  # a dependency of Ray
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system
+
+
+def _ray_pids(name: str) -> list[int]:
+    """Pids of the Ray processes called ``name`` that this driver started (none when it joined a cluster)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    infos = getattr(node, "all_processes", {}).get(name, []) if node is not None else []
+    return [info.process.pid for info in infos]
 
 
 def blas_info() -> dict:
@@ -277,6 +308,12 @@ def table(results, configs, numpy_threads, K, ddp) -> str:
         cells = [f"{d} B={b}", f"{median_of(r['breakdown']['step_ms'] for r in rs):.1f}"]
         cells += [f"{median_of(r['breakdown']['phases_ms'][p] for r in rs):.1f}" for p in (*PHASES, "idle")]
         lines.append("| " + " | ".join(cells) + " |")
+    roles = ("workers", "server", "driver", "raylet")
+    lines += ["", "| config (CPU ms per step) | " + " | ".join(roles) + " | total |", "|" + "---|" * (len(roles) + 2)]
+    for d, b in configs:
+        rs = runs(d, b)
+        cpu = [median_of(r["breakdown"]["cpu_ms_per_step"][role] for r in rs) for role in roles]
+        lines.append(f"| {d} B={b} | " + " | ".join(f"{c:.1f}" for c in cpu) + f" | {sum(cpu):.1f} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ it with the script's own `down` and checks that every process it started is gone
 stops it again whatever happened (a no-op when nothing is up).
 """
 
+import ipaddress
 import json
 import os
 import shutil
@@ -54,8 +55,9 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def our_processes(session_ids: set[int]) -> dict[int, str]:
-    """pid -> start time of every live process in those sessions or descended from one (job drivers)."""
+def our_processes(session_ids: set[int] = frozenset(), roots: set[int] = frozenset()) -> dict[int, str]:
+    """pid -> start time of every live process in those sessions or among ``roots``, and their
+    descendants (job drivers run in sessions of their own)."""
     procs = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -65,7 +67,7 @@ def our_processes(session_ids: set[int]) -> dict[int, str]:
                 continue
             # fields[0] is the state, [1] ppid, [3] session id, [19] start time
             procs[int(entry.name)] = (fields[0], int(fields[1]), int(fields[3]), fields[19])
-    mine = {pid for pid, (_, _, sid, _) in procs.items() if sid in session_ids}
+    mine = {pid for pid, (_, _, sid, _) in procs.items() if sid in session_ids or pid in roots}
     grew = True
     while grew:
         more = {pid for pid, (_, ppid, _, _) in procs.items() if ppid in mine and pid not in mine}
@@ -85,6 +87,37 @@ def still_running(snapshot: dict[int, str]) -> list[int]:
         if fields[19] == started and fields[0] not in "ZX":
             left.append(pid)
     return left
+
+
+def listening(pids: set[int]) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses on which any of ``pids`` has a listening TCP socket (from /proc/net)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                host = fields[1].split(":")[0]  # 32-bit words, each little-endian
+                raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+                found.add(ipaddress.ip_address(raw))
+    return found
+
+
+def is_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
 
 
 class Cluster:
@@ -200,8 +233,9 @@ def test_client_without_the_token_is_refused(cluster, tmp_path):
     assert get_jobs({"Authorization": f"Bearer {cluster.token}"}) == 200
 
 
-@pytest.mark.parametrize("auth", [{}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}],
-                         ids=["no-token", "wrong-token"])
+@pytest.mark.parametrize("auth", [{}, {"RAY_AUTH_MODE": "token"},
+                                  {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}],
+                         ids=["no-auth", "token-mode-without-token", "wrong-token"])
 def test_train_without_the_right_token_exits_2_with_one_line(cluster, tmp_path, auth):
     out = tmp_path / "never"
     t0 = time.monotonic()
@@ -229,3 +263,23 @@ def test_down_stops_exactly_what_up_started(cluster, ray_session):
     # ... and nothing else: this process's own local Ray still answers.
     assert ray_session.get(ray_session.put(7)) == 7
     assert cluster.run("status", timeout=60).returncode == 1  # "no local cluster is up"
+
+
+def test_default_local_ray_listens_on_loopback_only(tmp_path):
+    """`distbp train` without an address: its private Ray (GCS, raylet, actors) keeps to 127.0.0.1."""
+    out = tmp_path / "local"
+    proc = subprocess.Popen([sys.executable, "-m", "distbp", "train", *TRAIN, "--steps", "1000000", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(HOME=str(tmp_path)))  # its token goes to tmp_path/.ray
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "training did not start within 120 s"
+            time.sleep(0.5)
+        addresses = listening(set(our_processes(roots={proc.pid})))
+    finally:
+        proc.terminate()  # SIGTERM: stops at the next step boundary and shuts its Ray down
+        proc.communicate(timeout=60)
+    assert len(addresses) >= 1, "found no listening socket of the run's Ray"
+    assert all(is_loopback(a) for a in addresses), sorted(map(str, addresses))

@@ -51,8 +51,19 @@ def signal_when(run_dir, lines: int, signum=signal.SIGTERM) -> threading.Thread:
     return thread
 
 
-def test_resume_after_n_steps_equals_uninterrupted_adam_with_more_workers(ray_session, tmp_path):
-    whole = train(train_config(tmp_path, optimizer="adam", workers=2, steps=12))
+@pytest.fixture(scope="module")
+def whole(ray_session, tmp_path_factory) -> dict:
+    """The uninterrupted run (Adam, 12 steps) the resumed ones must reproduce."""
+    return train(train_config(tmp_path_factory.mktemp("whole"), optimizer="adam", workers=2, steps=12))
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session, tmp_path_factory) -> str:
+    """A finished two-step run."""
+    return train(train_config(tmp_path_factory.mktemp("finished"), steps=2))["out"]
+
+
+def test_resume_after_n_steps_equals_uninterrupted_adam_with_more_workers(whole, tmp_path):
     part = train(train_config(tmp_path, optimizer="adam", workers=2, steps=5))
     first = checkpoint.load(os.path.join(part["out"], "checkpoint.npz"))
     assert first["step"] == 5 and set(first["optimizer"]) == {"m", "v"}  # Adam's state travels too
@@ -88,8 +99,7 @@ def test_interrupted_mid_epoch_resumes_to_the_same_weights(ray_session, tmp_path
     assert_one_run(run_dir, 40)
 
 
-def test_interrupted_checkpoint_write_leaves_the_previous_one(ray_session, tmp_path, monkeypatch, capsys):
-    whole = train(train_config(tmp_path, steps=10))
+def test_interrupted_checkpoint_write_leaves_the_previous_one(whole, tmp_path, monkeypatch, capsys):
     part = train(train_config(tmp_path, steps=4))
     path = os.path.join(part["out"], "checkpoint.npz")
     before = open(path, "rb").read()
@@ -100,7 +110,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(ray_session, tmp_p
 
     monkeypatch.setattr(np, "savez", savez_dies_midway)
     capsys.readouterr()
-    assert cli.main(["train", "--resume", part["out"], "--steps", "10"]) == 1
+    assert cli.main(["train", "--resume", part["out"], "--steps", "12"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("distbp: error: cannot write") and "Traceback" not in err
     assert "previous checkpoint is intact" in err
@@ -109,7 +119,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(ray_session, tmp_p
     assert sorted(os.listdir(part["out"])) == ["checkpoint.npz", "metrics.jsonl", "summary.json"]  # no temp file
 
     monkeypatch.undo()
-    assert cli.main(["train", "--resume", part["out"], "--steps", "10"]) == 0
+    assert cli.main(["train", "--resume", part["out"], "--steps", "12"]) == 0
     assert summary(part["out"])["weights_sha256"] == whole["weights_sha256"]
 
 
@@ -120,25 +130,22 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(ray_session, tmp_p
     ("--micro-batch", "4", "--micro-batch"),
     ("--out", "elsewhere", "--out"),
 ])
-def test_resume_refuses_changes_that_would_change_the_result(ray_session, tmp_path, capsys, flag, value, name):
-    part = train(train_config(tmp_path, steps=2))
-    files = {f: open(os.path.join(part["out"], f), "rb").read() for f in os.listdir(part["out"])}
+def test_resume_refuses_changes_that_would_change_the_result(finished, capsys, flag, value, name):
+    files = {f: open(os.path.join(finished, f), "rb").read() for f in os.listdir(finished)}
     capsys.readouterr()
-    assert cli.main(["train", "--resume", part["out"], "--steps", "4", flag, value]) == 2
+    assert cli.main(["train", "--resume", finished, "--steps", "4", flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"distbp: error: {name}") and len(err.splitlines()) == 1
-    assert {f: open(os.path.join(part["out"], f), "rb").read() for f in os.listdir(part["out"])} == files
+    assert {f: open(os.path.join(finished, f), "rb").read() for f in os.listdir(finished)} == files
 
 
-def test_resume_of_a_finished_run_asks_for_more_steps(ray_session, tmp_path, capsys):
-    part = train(train_config(tmp_path, steps=2))
+def test_resume_of_a_finished_run_asks_for_more_steps(finished, capsys):
     capsys.readouterr()
-    assert cli.main(["train", "--resume", part["out"]]) == 2
+    assert cli.main(["train", "--resume", finished]) == 2
     assert "already has its 2 steps" in capsys.readouterr().err
 
 
-def test_sigterm_to_a_real_process_then_resume(ray_session, tmp_path):
-    whole = train(train_config(tmp_path, workers=2, steps=12))
+def test_sigterm_to_a_real_process_then_resume(whole, tmp_path):
     run_dir = str(tmp_path / "killed")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # One worker stalled 3 s at step 6: SIGTERM arrives while the run is busy with that step.

@@ -1,0 +1,198 @@
+"""Lost workers, a lost server, stragglers and divergence: the run ends with the fault-free bits.
+
+Each faulty run is compared with one fault-free run of the same options, step by step: the
+same number of steps, the same summed-gradient hash at every step (so no sample was dropped
+or counted twice), the same final weights_sha256.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+from conftest import train_config
+
+from distbp import checkpoint, cli, crew, tree
+from distbp.actors import ParameterServer, Worker
+from distbp.faults import parse
+from distbp.network import Layout, Network
+from distbp.optim import Hyper
+from distbp.step import NonFiniteGradient, ServerState
+from distbp.trainer import train
+
+STEPS = 30
+
+
+def step_lines(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [entry for entry in map(json.loads, fh) if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def clean(ray_session, tmp_path_factory):
+    """The fault-free run every faulty one must reproduce, and its per-step gradient hashes."""
+    summary = train(train_config(tmp_path_factory.mktemp("clean"), steps=STEPS))
+    return summary, [e["grad_sha256"] for e in step_lines(summary["out"])]
+
+
+def assert_same_run(summary, clean) -> None:
+    want, grads = clean
+    lines = step_lines(summary["out"])
+    assert [e["step"] for e in lines] == list(range(1, STEPS + 1))
+    assert [e["grad_sha256"] for e in lines] == grads  # every step summed every sample, once
+    assert summary["weights_sha256"] == want["weights_sha256"]
+    assert summary["faults"]["redo_mismatches"] == 0
+
+
+def test_injected_worker_kills_lose_no_sample(clean, tmp_path):
+    summary = train(train_config(tmp_path, workers=3, steps=STEPS,
+                                 fault_injection="kill-worker:1@5,kill-worker:2@5,kill-worker:0@17"))
+    assert_same_run(summary, clean)
+    assert summary["faults"]["workers_lost"] == 3
+    assert summary["faults"]["micro_batches_redone"] > 0
+
+
+def test_worker_process_killed_by_pid_from_outside(clean, tmp_path):
+    """SIGKILL of a real worker process, found through Ray's actor table, while the run goes on."""
+    config = train_config(tmp_path, workers=2, steps=STEPS, fault_injection="delay-worker:0@20:2")
+    job = ray.get_runtime_context().get_job_id()
+    killed = []
+
+    def kill_one_worker():
+        path = os.path.join(config.out, "metrics.jsonl")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.exists(path) and sum(1 for _ in open(path)) >= 10:
+                actors = ray._private.state.actors().values()  # the only place that lists actor pids
+                pids = [a["Pid"] for a in actors
+                        if a["ActorClassName"] == "Worker" and a["State"] == "ALIVE" and a["JobID"] == job]
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    summary = train(config)
+    killer.join()
+    assert killed and summary["faults"]["workers_lost"] == 1
+    assert_same_run(summary, clean)
+
+
+@pytest.mark.parametrize("spec, checkpoint_every, restarted_from", [
+    ("kill-server@12", 5, 10),  # back to the checkpoint of step 10; steps 11 and 12 redone
+    ("kill-server@3", 0, 0),  # before any checkpoint: back to the initial weights
+])
+def test_lost_server_restarts_from_the_latest_checkpoint(clean, tmp_path, spec, checkpoint_every, restarted_from):
+    summary = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec,
+                                 checkpoint_every=checkpoint_every))
+    assert_same_run(summary, clean)
+    assert summary["faults"]["server_restarts"] == 1
+    # the steps between that checkpoint and the lost one were computed twice, to the same hash
+    assert summary["faults"]["steps_redone"] == int(spec.split("@")[1]) - 1 - restarted_from
+
+
+@pytest.mark.parametrize("where", ["report", "compute"])
+def test_lost_inputs_on_a_live_server_resume_from_its_own_step_count(clean, tmp_path, monkeypatch, where):
+    """A step's inputs or report lost while the server lives (as when a node holding objects dies):
+    the driver asks the server how many steps it holds and goes on from there.  Had it sent a
+    step again, the server would refuse it (ServerState.step) and the run would fail."""
+    calls = {"n": 0}
+    original = getattr(crew.Crew, "get" if where == "report" else "compute")
+
+    def fails_once(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise crew.ServerFailed(f"simulated: {where} lost")
+        return original(self, *args)
+
+    monkeypatch.setattr(crew.Crew, "get" if where == "report" else "compute", fails_once)
+    summary = train(train_config(tmp_path, workers=2, steps=STEPS))
+    assert calls["n"] > 8
+    assert_same_run(summary, clean)
+    assert summary["faults"]["steps_redone"] == 0 and "server_restarts" not in summary["faults"]
+
+
+def test_straggler_work_is_taken_over_without_dropping_samples(clean, tmp_path, monkeypatch):
+    """Worker 1 stalls 2 s at step 4: worker 0 redoes its share at once (with stealing) or the
+    step waits for it (without).  Either way every sample counts, and the bits match."""
+    def longest_step(summary) -> float:
+        times = [e["time"] for e in step_lines(summary["out"])]
+        return max(b - a for a, b in zip(times, times[1:]))
+
+    spec = "delay-worker:1@4:2"
+    stealing = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
+    monkeypatch.setattr(crew, "LATE_FACTOR", 1e9)  # never late: no backups
+    waiting = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
+    assert_same_run(stealing, clean)
+    assert_same_run(waiting, clean)
+    assert stealing["faults"]["backups"] >= 1 and "backups" not in waiting["faults"]
+    assert longest_step(waiting) >= 2.0
+    assert longest_step(stealing) < 1.0
+
+
+def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(ray_session, tmp_path, capsys):
+    out = str(tmp_path / "diverged")
+    code = cli.main(["train", "--layers", "2,16,3", "--loss", "squared", "--activation", "identity",
+                     "--optimizer", "sgd", "--lr", "100", "--reduction", "sum", "--dtype", "float32",
+                     "--batch-size", "60", "--micro-batch", "8", "--steps", "40", "--checkpoint-every", "2",
+                     "--out", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("distbp: error: training diverged at step ")
+    step = int(err[-1].split("at step ")[1].split(":")[0])
+    saved = checkpoint.load(os.path.join(out, "checkpoint.npz"))
+    assert saved["step"] < step and np.isfinite(saved["weights"]).all()
+    assert f"(step {saved['step']})" in err[-1]
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+
+
+def test_server_refuses_a_non_finite_gradient_and_a_replayed_step():
+    net = Network((2, 3, 2), seed=0)
+    server = ServerState(net.flat, 0, net.flat.size, Hyper("adam"), net.layout.bias_mask(net.dtype))
+    good = np.ones((1, net.flat.size))
+    server.step(1, [[(0, 0)]], [good], 0.1, 1, None)
+    after_one = server.weights.copy()
+    bad = good.copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(NonFiniteGradient, match="step 2"):
+        server.step(1, [[(0, 0)]], [bad], 0.1, 2, None)
+    with pytest.raises(ValueError, match="has applied 1 steps"):
+        server.step(1, [[(0, 0)]], [good], 0.1, 1, None)  # step 1 again: never applied twice
+    assert server.t == 1 and np.array_equal(server.weights, after_one)
+    assert all(np.isfinite(buf).all() for buf in server.state.values())
+
+
+def test_a_refused_step_reaches_the_workers_as_divergence(ray_session):
+    """Ray hands a task whose argument failed that failure (a RayTaskError that is also the
+    server's NonFiniteGradient); the actor task itself never runs, so nothing is applied."""
+    layers = (2, 3, 2)
+    net = Network(layers, seed=0)
+    layout = Layout(layers)
+    server = ParameterServer.remote(net.flat, 0, layout.size, Hyper("sgd"), layout.bias_mask(net.dtype))
+    X = np.zeros((4, 2))
+    worker = Worker.remote(layers, "tanh", "cross-entropy", net.dtype, X, np.zeros(4, dtype=np.int64), 2)
+    nan = np.full((1, layout.size), np.nan)
+    refused = server.step.remote(1, [[(0, 0)]], 0.1, 1, None, nan)
+    values, info = worker.compute.remote(np.arange(4), [0, 1], refused)
+    with pytest.raises(Exception) as caught:
+        ray.get(info)
+    assert crew._cause(caught.value) == "diverged"
+    after = server.step.remote(2, [tree.blocks([0, 1], 2)], 0.1, 1, None, values)  # depends on the failure
+    with pytest.raises(NonFiniteGradient):
+        ray.get(after)
+    assert ray.get(server.step_count.remote()) == 0
+    assert np.array_equal(ray.get(server.weights.remote()), net.flat)
+    ray.kill(server)
+    ray.kill(worker)
+
+
+def test_fault_spec():
+    faults = parse("kill-worker:1@5, delay-worker:0@7:2.5,kill-server@9", workers=2)
+    assert [str(f) for f in faults] == ["kill-worker:1@5", "delay-worker:0@7:2.5", "kill-server@9"]
+    assert [f.action for f in faults] == ["kill", "delay", "kill"]
+    assert parse(None, 2) == [] and parse("", 2) == []
