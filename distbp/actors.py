@@ -41,7 +41,10 @@ class Worker:
         return os.getpid()
 
     def arm(self, action: str, seconds: float = 0.0) -> None:
-        """The next ``compute`` call dies or stalls (``faults.strike``): --fault-injection."""
+        """--fault-injection: die now, whether or not a share comes (``kill``), or stall in the
+        next ``compute`` call (``delay``); see ``faults.strike``."""
+        if action == "kill":
+            strike(action)
         self.fault = (action, seconds)
 
     @ray.method(num_returns=2)

@@ -7,9 +7,10 @@ The crew uses that freedom three ways:
 
 - a worker dies (its task raises ``RayActorError``: SIGKILL, OOM, a lost node): the idle
   workers redo its share at once, and a new actor takes its place in the placement group;
-- a worker is late (its share has run ``LATE_FACTOR`` times as long as the step's fastest
-  share, plus ``LATE_MIN_S``): the idle workers redo its share as a backup, the first
-  complete copy is used, and the late worker sits out until its task ends;
+- a worker is late (its share has run ``LATE_FACTOR`` times as long as the quickest share of
+  the step, or of the last step, took per micro-batch, plus ``LATE_MIN_S``): the idle workers
+  redo its share as a backup, the first complete copy is used, and the late worker sits out
+  until its task ends;
 - the server dies, or a step's inputs are lost: ``ServerFailed``.  The trainer then calls
   ``recover``, which asks a live server how many steps it holds, or starts a new server
   from the latest checkpoint.
@@ -36,7 +37,7 @@ from .errors import Diverged, RunFailed
 from .faults import Fault
 from .step import NonFiniteGradient, split_even
 
-LATE_FACTOR = 3.0  # a share is late after 3x the step's fastest share...
+LATE_FACTOR = 3.0  # a share is late after 3x the time the quickest share took per micro-batch...
 LATE_MIN_S = 0.1  # ...plus 0.1 s, so that a busy machine's scheduling jitter does not trigger backups
 SERVER_TIMEOUT_S = 30.0  # a live server answers step_count within this, whatever it is doing
 START_TIMEOUT_S = 300.0  # a step waits this long for some worker to become available
@@ -118,6 +119,8 @@ class Crew:
         self.running: dict[int, Task] = {}  # worker -> its task in flight (one at a time)
         self.starting: dict[int, ray.ObjectRef] = {}  # worker -> first call to its replacement actor
         self.stats: Counter = Counter()  # workers_lost, backups, micro_batches_redone, server_restarts
+        self.pace: float | None = None  # seconds per micro-batch of the quickest share of the last step
+        self.stalled: set[int] = set()  # workers armed to stall in this step: they must get a share
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -128,12 +131,12 @@ class Crew:
         whose gradient was not finite.
         """
         n = -(-len(batch) // self.micro_batch)
-        self._arm(t + 1)
+        self.stalled = self._arm(t + 1)
         root = Piece(list(range(n)))
-        fastest: float | None = None  # seconds the quickest share of this step took
+        pace: float | None = None  # seconds per micro-batch of the quickest share of this step
         while not root.done:
-            late_after = None if fastest is None else LATE_FACTOR * fastest + LATE_MIN_S
-            wake = self._plan(root, batch, weights, late_after)
+            # a step of one share has nothing to compare with: then the last step is the yardstick
+            wake = self._plan(root, batch, weights, pace if pace is not None else self.pace)
             waiting = {task.info: task for task in self.running.values()}
             waiting.update({ref: k for k, ref in self.starting.items()})
             if not waiting:
@@ -149,36 +152,41 @@ class Crew:
                 if isinstance(job, Task):
                     took = self._finished(job, t)
                     if took is not None:
-                        fastest = took if fastest is None else min(fastest, took)
+                        pace = took / len(job.ids) if pace is None else min(pace, took / len(job.ids))
                 else:
                     self._started(job)
         for piece in root.walk():  # copies still running are no longer wanted
             if piece.task is not None:
                 piece.task.piece = None
+        self.pace = pace if pace is not None else self.pace
+        self.stalled = set()
         tasks = root.tasks()
         return Computed(n, [tree.blocks(task.ids, n) for task in tasks], [task.values for task in tasks],
                         [float(v) for task in tasks for v in task.result[0]],
                         max(task.result[1] for task in tasks))
 
-    def _plan(self, root: Piece, batch, weights, late_after: float | None) -> float | None:
+    def _plan(self, root: Piece, batch, weights, pace: float | None) -> float | None:
         """Give idle workers the pieces that need them; return when the next share turns late."""
-        wake = None
         for piece in list(root.unfinished()):
             if piece.children:  # being covered by its children (they are visited too)
                 continue
             idle = self._idle()
             task = piece.task
+            if not idle:
+                break
             if task is None or task.status == "failed":
-                if idle:
-                    self._split(piece, idle, batch, weights, redo=task is not None)
-            elif task.status == "running" and late_after is not None and not piece.children:
-                late_at = task.started + late_after
-                if idle and time.monotonic() >= late_at:
-                    self.stats["backups"] += 1
-                    self._split(piece, idle, batch, weights, redo=True)
-                elif idle:
-                    wake = late_at if wake is None else min(wake, late_at)
-        return wake
+                self._split(piece, idle, batch, weights, redo=task is not None)
+            elif task.status == "running" and pace is not None and time.monotonic() >= self._late_at(task, pace):
+                self.stats["backups"] += 1
+                self._split(piece, idle, batch, weights, redo=True)
+        if pace is None or not self._idle():
+            return None
+        running = [p.task for p in root.unfinished() if not p.children and p.task and p.task.status == "running"]
+        return min((self._late_at(task, pace) for task in running), default=None)
+
+    @staticmethod
+    def _late_at(task: Task, pace: float) -> float:
+        return task.started + LATE_FACTOR * pace * len(task.ids) + LATE_MIN_S
 
     def _split(self, piece: Piece, idle: list[int], batch, weights, redo: bool) -> None:
         """Run ``piece`` on the idle workers: as one task, or cut into one child piece per worker."""
@@ -186,7 +194,7 @@ class Crew:
             self.stats["micro_batches_redone"] += len(piece.ids)
         shares = [(k, ids) for k, ids in zip(idle, split_even(len(piece.ids), len(idle))) if ids]
         if len(shares) == 1 and (piece.task is None or piece.task.status == "failed"):
-            piece.task = self._submit(idle[0], piece.ids, piece, batch, weights)
+            piece.task = self._submit(shares[0][0], piece.ids, piece, batch, weights)
             return
         for k, positions in shares:
             child = Piece([piece.ids[i] for i in positions])
@@ -205,7 +213,10 @@ class Crew:
         return task
 
     def _idle(self) -> list[int]:
-        return [k for k in range(len(self.workers)) if k not in self.running and k not in self.starting]
+        """Workers free for a share.  With fewer micro-batches than workers, split_even gives them
+        to the last ones: workers armed with --fault-injection delay-worker go last."""
+        idle = [k for k in range(len(self.workers)) if k not in self.running and k not in self.starting]
+        return sorted(idle, key=lambda k: k in self.stalled)
 
     def _finished(self, task: Task, t: int) -> float | None:
         """Collect a finished task; return its duration if it counts for this step."""
@@ -257,13 +268,18 @@ class Crew:
         except RayActorError:  # the replacement died too: try again
             self._replace(k)
 
-    def _arm(self, step: int) -> None:
+    def _arm(self, step: int) -> set[int]:
+        """Arm the faults injected at ``step``; return the workers that will stall in it."""
+        stalled = set()
         for fault in [f for f in self.faults if f.step == step]:
             self.faults.remove(fault)
             if fault.kind == "kill-server":
                 self.server.arm(fault.action)
             else:
                 self.workers[fault.target].arm.remote(fault.action, fault.seconds)
+                if fault.action == "delay":
+                    stalled.add(fault.target)
+        return stalled
 
     # -- the server ----------------------------------------------------------------------------
 

@@ -2,13 +2,15 @@
 
 SPEC is a comma-separated list of
 
-- ``kill-worker:K@S``           worker K (0-based) SIGKILLs its own process during step S;
+- ``kill-worker:K@S``           worker K (0-based) SIGKILLs its own process at step S;
 - ``delay-worker:K@S:SECONDS``  worker K sleeps SECONDS before computing its share of step S;
 - ``kill-server@S``             the parameter server SIGKILLs itself when step S reaches it.
 
 Steps count from 1, as in metrics.jsonl.  The driver arms the actor just before it sends
-step S's work (``Actor.arm``), so the fault strikes inside that step's call; a fault is
-real (SIGKILL of the process, a sleeping process), not a simulated exception.
+step S's work (``Worker.arm``, ``ParameterServer.arm``): a worker dies as soon as it is armed
+(right away if idle, else after the task it is running) and stalls inside its next compute
+call; the server dies inside its step-S call.  The faults are real (SIGKILL of the process,
+a sleeping process), not simulated exceptions, and each strikes once.
 """
 
 from __future__ import annotations

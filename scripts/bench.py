@@ -75,98 +75,85 @@ def trainer_run(config, warmup: int) -> dict:
 
 
 def breakdown_run(config, warmup: int) -> dict:
-    """The trainer's step loop on the real actors, with per-step timestamps, split into phases.
+    """The trainer's step loop (``Crew`` and ``Servers``, as ``trainer.train`` drives them) with
+    per-step timestamps from the actors, split into phases, and the CPU time of each process.
 
     For step t, with ``S_end(t-1)`` the time the server returned the weights and ``k`` the
     worker that finished last, the critical path is: broadcast ``S_end(t-1) -> start_k``
-    (putting the weights, dispatching the call, mapping its arguments), compute ``start_k ->
+    (putting the weights, dispatching the call, joining the weight pieces), compute ``start_k ->
     end_k`` (backprop and the worker's share of the tree), grad_transfer ``end_k -> S_start(t)``
-    (putting the gradients, the server fetching them), server_sum, update, and ``other`` (the
-    rest of the server's call: the copy for the gradient hash, actor overhead).  ``idle`` is
-    the mean over workers of the step time not spent computing.
+    (putting the gradients, the driver seeing them, dispatching the server's call), server_sum,
+    update, and ``other`` (the rest of the server's call: waiting for the last hash).
+    ``idle`` is the mean over workers of the step time not spent computing.
     """
     import ray
 
-    from distbp import tree
     from distbp.actors import ParameterServer, Worker
+    from distbp.crew import Crew
     from distbp.network import Layout, Network
     from distbp.optim import Hyper
     from distbp.runtime import in_bundle, place
-    from distbp.step import split_even
+    from distbp.shards import Servers, merge_reports
     from distbp.trainer import prepare
 
     problem = prepare(config)
     K, M, sampler = config.workers, config.micro_batch, problem.sampler
     layout, dtype = Layout(problem.layers), np.dtype(config.dtype)
     net = Network(problem.layers, config.activation, config.loss, dtype, config.seed)
+    hyper, mask = Hyper(config.optimizer, config.momentum, config.weight_decay), layout.bias_mask(dtype)
     pg = place(K + 1)
     try:
         X_ref, Y_ref = ray.put(problem.X), ray.put(problem.Y)
-        server = ParameterServer.options(**in_bundle(pg, 0)).remote(
-            net.flat, 0, layout.size, Hyper(config.optimizer), layout.bias_mask(dtype))
-        workers = [Worker.options(**in_bundle(pg, k + 1)).remote(
-            problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M) for k in range(K)]
-        weights = server.weights.remote()
-        pids = {"server": [ray.get(server.pid.remote())], "workers": ray.get([w.pid.remote() for w in workers]),
+        crew = Crew(lambda: Servers(lambda s, lo, hi: ParameterServer.options(**in_bundle(pg, K)).remote(
+                        net.flat[lo:hi], lo, hi, hyper, mask[lo:hi]), layout.size, 1),
+                    lambda k: Worker.options(**in_bundle(pg, k)).remote(
+                        problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M),
+                    K, M)
+        server = crew.server.actors[0]
+        pids = {"server": [ray.get(server.pid.remote())], "workers": ray.get([w.pid.remote() for w in crew.workers]),
                 "driver": [os.getpid()], "raylet": _ray_pids("raylet")}
+        weights = crew.server.weights()
         pending: deque = deque()
         reports: dict[int, dict] = {}
-        shares_of: dict[int, list[int]] = {}
+
+        def drain(keep: int) -> None:
+            while len(pending) > keep:
+                reports.update(merge_reports(ray.get(pending.popleft())))
+
         for t in range(problem.total_steps):
-            if t == warmup + 1 or t == problem.total_steps - 1:  # CPU seconds of each process, between two drains
-                while pending:
-                    infos, report = pending.popleft()
-                    ray.get(infos)
-                    reports.update(ray.get(report))
+            if t in (warmup + 1, problem.total_steps - 1):  # CPU seconds of each process, between two drains
+                ray.get(weights)
+                drain(0)
                 cpu = {role: sum(_cpu_seconds(p) for p in ps) for role, ps in pids.items()}
                 if t == warmup + 1:
                     cpu0, t0 = cpu, t
                 else:
                     cpu_ms = {role: (cpu[role] - cpu0[role]) / (t - t0) * 1e3 for role in cpu}
             batch = sampler.batch(t)
-            n = math.ceil(len(batch) / M)
-            busy = [(k, ids) for k, ids in enumerate(split_even(n, K)) if ids]
-            calls = [workers[k].compute.remote(batch, ids, weights) for k, ids in busy]
-            nodes = [tree.blocks(ids, n) for _, ids in busy]
-            weights = server.step.remote(n, nodes, config.lr, t + 1, len(batch), *[c[0] for c in calls])
-            pending.append(([c[1] for c in calls], server.report.remote()))
-            shares_of[t + 1] = [k for k, _ in busy]
-            while len(pending) > 1:
-                infos, report = pending.popleft()
-                ray.get(infos)
-                reports.update(ray.get(report))
-        for infos, report in pending:
-            ray.get(infos)
-            reports.update(ray.get(report))
-        spans = ray.get([w.spans.remote() for w in workers])
+            done = crew.compute(t, batch, weights)
+            weights = crew.server.step(done.n, done.nodes, config.lr, t + 1, len(batch), done.values)
+            pending.append(crew.server.report())
+            drain(1)
+        drain(0)
+        spans = sorted(span for w in crew.workers for span in ray.get(w.spans.remote()))
     finally:
         from ray.util.placement_group import remove_placement_group
         remove_placement_group(pg)
-        for actor in [server, *workers]:
-            ray.kill(actor)
 
-    # Worker k's j-th span belongs to the j-th step it took part in.
-    per_step: dict[int, dict[int, tuple[float, float]]] = {}
-    seen = [0] * K
-    for t in sorted(shares_of):
-        per_step[t] = {}
-        for k in shares_of[t]:
-            per_step[t][k] = spans[k][seen[k]]
-            seen[k] += 1
     rows = []
     for t in range(warmup + 2, problem.total_steps + 1):
         prev, cur = reports[t - 1], reports[t]
         T = cur["end"] - prev["end"]
-        last = max(per_step[t], key=lambda k: per_step[t][k][1])
-        start, end = per_step[t][last]
+        mine = [(s, e) for s, e in spans if prev["end"] <= s and e <= cur["start"]]  # step t's compute calls
+        start, end = max(mine, key=lambda span: span[1])
         row = {"step": T, "compute": end - start, "broadcast": start - prev["end"],
                "grad_transfer": cur["start"] - end, "server_sum": cur["server_sum"], "update": cur["update"]}
         row["other"] = (cur["end"] - cur["start"]) - cur["server_sum"] - cur["update"]
-        row["idle"] = T - float(np.mean([e - s for s, e in per_step[t].values()]))
+        row["idle"] = T - sum(e - s for s, e in mine) / K
         rows.append(row)
     med = {key: float(np.median([r[key] for r in rows])) * 1e3 for key in rows[0]}
     return {"step_ms": med.pop("step"), "phases_ms": med, "cpu_ms_per_step": cpu_ms,
-            "samples_per_second": config.batch_size / (np.median([r["step"] for r in rows]))}
+            "samples_per_second": config.batch_size / float(np.median([r["step"] for r in rows]))}
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -115,8 +115,8 @@ def ints(text: str) -> list[int]:
     return values
 
 
-def plan(args) -> list[Run]:
-    """Every run of the sweep, in the order they run."""
+def plan(args, cpus: float) -> list[Run]:
+    """Every run of the sweep, in the order they run; ``cpus``: what the Ray cluster has."""
     runs = []
     for layers in args.models:
         for B in args.batch_sizes:
@@ -124,7 +124,9 @@ def plan(args) -> list[Run]:
         for b in args.per_worker:
             runs += [Run("weak", layers, K, b * K, steps=args.steps, extra={"per_worker_batch": b})
                      for K in args.workers]
-    K, layers, B = max(args.workers), args.models[-1], max(args.batch_sizes)
+    # the largest K with which every S of the servers sweep fits on the cluster
+    K = max([k for k in args.workers if k + max(args.servers) <= cpus] or [min(args.workers)])
+    layers, B = args.models[-1], max(args.batch_sizes)
     runs += [Run("servers", layers, K, B, servers=S, steps=args.steps) for S in args.servers]
     small = args.models[0]
     for mode, staleness in (("sync", None), ("async", None), ("ssp", args.staleness)):
@@ -385,16 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     from distbp.errors import UsageError
     from distbp.runtime import connect
 
-    runs = plan(args)
-    wanted = max(r.workers + r.servers for r in runs)
     try:
-        started = connect(args.address, cpus_wanted=wanted)
+        started = connect(args.address, cpus_wanted=max(args.workers) + max(args.servers))
     except UsageError as exc:
         print(f"scaling.py: error: {exc}", file=sys.stderr)
         return 2
     rows, mode_lines, skipped, measured = [], {}, [], {}
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
+        runs = plan(args, cpus)
         for run in tqdm(runs, desc="scaling runs", unit="run", file=sys.stderr):
             if run.workers + run.servers > cpus:  # would wait for a placement that never comes
                 skipped.append(f"{run.name}: needs {run.workers + run.servers} CPUs, the cluster has {cpus:g}")

@@ -1,9 +1,10 @@
 """A real 2-node Ray cluster on this machine (cluster/local_cluster.sh), with a job through the jobs API.
 
 One cluster for the module: a head and one worker node, 2 logical CPUs each, on free ports and in
-a state directory of its own, so it cannot meet another Ray on the machine.  The last test stops
-it with the script's own `down` and checks that every process it started is gone; the fixture
-stops it again whatever happened (a no-op when nothing is up).
+a state directory of its own, so it cannot meet another Ray on the machine.
+test_down_stops_exactly_what_up_started stops it with the script's own `down` and checks that
+every process it started is gone; the fixture stops it again whatever happened (a no-op when
+nothing is up).  The last test checks that distbp's own local Ray listens on loopback only.
 """
 
 import ipaddress
@@ -139,10 +140,8 @@ class Cluster:
         return subprocess.run([str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def up(self) -> None:
-        t0 = time.monotonic()
         proc = self.run("up", "1", timeout=300)
         assert proc.returncode == 0, f"local_cluster.sh up failed:\n{proc.stdout}\n{proc.stderr}"
-        self.up_seconds = time.monotonic() - t0
         self.token = (self.state / "auth_token").read_text()
 
     def node_pids(self) -> set[int]:
@@ -277,9 +276,14 @@ def test_default_local_ray_listens_on_loopback_only(tmp_path):
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "training did not start within 120 s"
             time.sleep(0.5)
-        addresses = listening(set(our_processes(roots={proc.pid})))
+        started = our_processes(roots={proc.pid})
+        addresses = listening(set(started))
     finally:
         proc.terminate()  # SIGTERM: stops at the next step boundary and shuts its Ray down
         proc.communicate(timeout=60)
     assert len(addresses) >= 1, "found no listening socket of the run's Ray"
     assert all(is_loopback(a) for a in addresses), sorted(map(str, addresses))
+    deadline = time.monotonic() + 30
+    while still_running(started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert still_running(started) == []  # its Ray went with it
