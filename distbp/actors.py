@@ -73,7 +73,7 @@ class Worker:
         return np.concatenate(parts, out=self.flat)
 
     def spans(self) -> list[tuple[float, float]]:
-        """Wall-clock (start, end) of the recent compute calls, oldest first (scripts/bench.py)."""
+        """Wall-clock (start, end) and CPU seconds of the recent compute calls, oldest first (scripts/bench.py)."""
         return list(self.state.spans)
 
 

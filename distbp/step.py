@@ -72,7 +72,8 @@ class WorkerState:
         self.pool = BufferPool(self.layout.size, self.dtype)
         self.workspaces: dict[int, Workspace] = {}
         self.out = np.empty((0, self.layout.size), dtype=self.dtype)
-        self.spans: deque[tuple[float, float]] = deque(maxlen=4096)  # wall-clock (start, end) of each call
+        # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
+        self.spans: deque[tuple[float, float, float]] = deque(maxlen=4096)
 
     def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> float:
         """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error."""
@@ -111,7 +112,7 @@ class WorkerState:
         ``tree.blocks(ids, n)`` (shape ``(nodes, P)``), ``losses[i]`` the summed error of
         micro-batch ``ids[i]`` (float64), and the compute time.
         """
-        start, wall = time.perf_counter(), time.time()
+        start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
         W = self.layout.views(weights)
         ranges = micro_batches(len(batch), self.micro_batch)
         nodes = tree.blocks(ids, len(ranges))
@@ -121,7 +122,7 @@ class WorkerState:
         for r, node in enumerate(nodes):
             self.node(W, batch, ranges, node, self.out[r], losses)  # each node straight into its row
         seconds = time.perf_counter() - start
-        self.spans.append((wall, wall + seconds))
+        self.spans.append((wall, wall + seconds, time.thread_time() - cpu))
         return self.out[:len(nodes)], losses[ids], seconds
 
 
@@ -129,7 +130,8 @@ class WorkerState:
 # cache (ServerState._sum), and the actors send vectors in pieces of this size: Ray copies a
 # buffer over 1 MiB into the object store with 6 threads, which on a 2-core machine cost about
 # 4x the CPU of plain copies of <= 1 MiB pieces (measured: docs/performance.md).
-CHUNK_BYTES = 1 << 20
+import os as _os
+CHUNK_BYTES = int(_os.environ.get('DISTBP_CHUNK', 1 << 20))  # AB-TEMP
 
 
 def chunks(size: int, itemsize: int) -> list[tuple[int, int]]:
@@ -239,7 +241,7 @@ class ServerState:
         """Step ``t`` (counted from 1): sum, update in place, return the new weights of this range."""
         if t != self.t + 1:
             raise ValueError(f"step {t} sent to a server that has applied {self.t} steps")
-        start, wall = time.perf_counter(), time.time()
+        start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
         self.wait_hashes()  # the last step's hash reads self.grad
         waited = time.perf_counter()
         if not self._sum(n, nodes, values):  # refuse it: the weights stay those of the last good step
@@ -257,11 +259,14 @@ class ServerState:
         done = time.perf_counter()
         # start and end are wall-clock times, comparable with the workers' spans (scripts/bench.py)
         self.timings[t] = {"server_sum": summed - waited, "update": done - summed, "hash_wait": waited - start,
-                           "start": wall, "end": wall + done - start,
+                           "start": wall, "end": wall + done - start, "cpu": time.thread_time() - cpu,
                            "bytes_in": sum(sum(p.nbytes for p in v) for v in values)}  # what the workers sent
         return self.weights
 
     def _hash(self, t: int) -> None:
+        if _os.environ.get("DISTBP_NOHASH"):  # AB-TEMP
+            self.hashes[t] = ""
+            return
         # hashlib reads the buffer in place: the same digest as checkpoint.sha256_le without its copy.
         self.hashes[t] = hashlib.sha256(np.ascontiguousarray(self.grad, self.grad.dtype.newbyteorder("<"))).hexdigest()
 

@@ -63,6 +63,9 @@ class Row:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("On a small network and batch, compute the batch gradient as a per-sample loop, in one "
+                          "pass, split over K workers and accumulated over N steps; print how far apart they are "
+                          "and whether the bits match. Exit 0 if all agree, 1 if not (see docs/exactness.md).")
     parser.add_argument("--layers", default="5,16,16,3", metavar="D0,...,DL", help="layer sizes (default: 5,16,16,3)")
     parser.add_argument("--batch-size", type=int, default=37, metavar="B",
                         help="global batch size B (default: 37, not a multiple of M)")

@@ -311,7 +311,7 @@ def plots(out: str, rows: list[dict], mode_lines: dict[str, list[dict]], model: 
                     title=f"K={srv[0]['workers']}, P={srv[0]['params']}, B={srv[0]['batch_size']}")
         axes[0].legend(fontsize=7)
         axes[1].plot(S, [r["step_s"] * 1e3 for r in srv], "o-")
-        axes[1].set(xlabel="servers S", ylabel="ms per step", xticks=S, title="step time")
+        axes[1].set(xlabel="servers S", ylabel="ms per step", xticks=S, title="step time", ylim=(0, None))
         save(fig, "servers.png")
 
     if mode_lines:
@@ -346,6 +346,9 @@ def plots(out: str, rows: list[dict], mode_lines: dict[str, list[dict]], model: 
         axes[0].plot([lo, hi], [lo, hi], "k:")
         axes[0].set(xscale="log", yscale="log", xlabel="measured ms per step", ylabel="predicted ms per step",
                     title=f"cost model fit (median error {model['fit']['median_rel_error']:.0%})")
+        for axis in (axes[0].xaxis, axes[0].yaxis):
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
+            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axes[0].legend(fontsize=7)
         ex = model["extrapolation"]
         N = ex["nodes"]
