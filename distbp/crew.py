@@ -38,7 +38,7 @@ from .faults import Fault
 from .step import NonFiniteGradient, split_even
 
 LATE_FACTOR = 3.0  # a share is late after 3x the time the quickest share took per micro-batch...
-LATE_MIN_S = 0.1  # ...plus 0.1 s, so that a busy machine's scheduling jitter does not trigger backups
+LATE_MIN_S = 0.1  # ...plus 0.1 s, so that ordinary scheduling jitter does not trigger backups
 SERVER_TIMEOUT_S = 30.0  # a live server answers step_count within this, whatever it is doing
 START_TIMEOUT_S = 300.0  # a step waits this long for some worker to become available
 MAX_LOST = 10  # per worker slot: past that, workers die of something a new actor will not cure

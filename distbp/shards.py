@@ -104,9 +104,3 @@ class Servers:
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-
-
-def columns(values: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
-    """``values`` (shape ``(nodes, P)``) cut into S contiguous ``(nodes, lengths[s])`` column blocks."""
-    bounds = np.cumsum([0, *lengths])
-    return [np.ascontiguousarray(values[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]

@@ -220,6 +220,8 @@ def train(config: Config, resumed: dict | None = None) -> dict:
         # A resumed run drops the lines past its checkpoint (they are redone) and checks the
         # redone steps' gradient hashes against them.
         offset, logged = resume.trim_metrics(metrics_path, start) if resumed is not None else (0.0, {})
+        if resumed is not None and resumed["config"].get("servers", 1) != S:
+            logged = {}  # grad_sha256 depends on S (shards.merge_reports): no comparing steps redone with another S
         metrics = open(metrics_path, "a", buffering=1)  # line by line: a crash keeps every finished step
         begun = True
         progress = Progress(problem.total_steps, initial=start)

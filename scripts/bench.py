@@ -125,10 +125,12 @@ def breakdown_run(config, warmup: int) -> dict:
                 ray.get(weights)
                 drain(0)
                 cpu = {role: sum(_cpu_seconds(p) for p in ps) for role, ps in pids.items()}
+                cpu.update({f"{role}_faults": sum(_minor_faults(p) for p in ps) for role, ps in pids.items()})
                 if t == warmup + 1:
                     cpu0, t0 = cpu, t
                 else:
-                    cpu_ms = {role: (cpu[role] - cpu0[role]) / (t - t0) * 1e3 for role in cpu}
+                    cpu_ms = {role: (cpu[role] - cpu0[role]) / (t - t0) * (1 if "faults" in role else 1e3)
+                              for role in cpu}
             batch = sampler.batch(t)
             done = crew.compute(t, batch, weights)
             weights = crew.server.step(done.n, done.nodes, config.lr, t + 1, len(batch), done.values)
@@ -169,6 +171,15 @@ def _cpu_seconds(pid: int) -> float:
     except psutil.NoSuchProcess:
         return 0.0
     return times.user + times.system
+
+
+def _minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far: each first touch of a fresh object-store page is one."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return 0
 
 
 def _ray_pids(name: str) -> list[int]:
