@@ -14,7 +14,7 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from .faults import strike
-from .step import Pieces, ServerState, WorkerState, pieces
+from .step import ServerState, WorkerState
 
 BLAS_THREADS = 1
 
@@ -57,20 +57,19 @@ class Worker:
         if self.fault is not None:
             action, seconds, self.fault = *self.fault, None
             strike(action, seconds)
-        # Each range is an array (ParameterServer.weights) or the Pieces a step returns.
-        parts = [p for w in weight_ranges for p in (w if isinstance(w, Pieces) else [w])]
-        weights = parts[0] if len(parts) == 1 else self._joined(parts)
+        weights = weight_ranges[0] if len(weight_ranges) == 1 else self._joined(weight_ranges)
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver, by step
             values, losses, seconds = self.state.compute(weights, batch, ids)
-        # Server s gets the columns of its range, as <= 1 MiB views that Ray copies plainly (step.CHUNK_BYTES).
-        bounds = np.cumsum([0, *(sum(len(p) for p in w) if isinstance(w, Pieces) else len(w) for w in weight_ranges)])
-        return (*(pieces(values, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])), (losses, seconds))
+        if len(weight_ranges) == 1:
+            return values, (losses, seconds)
+        bounds = np.cumsum([0, *(len(w) for w in weight_ranges)])  # server s gets the columns of its range
+        return (*(np.ascontiguousarray(values[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])), (losses, seconds))
 
-    def _joined(self, parts) -> np.ndarray:
-        """The weights in one buffer, reused from call to call."""
+    def _joined(self, weight_ranges) -> np.ndarray:
+        """The S weight ranges in one buffer, reused from call to call."""
         if self.flat is None:
-            self.flat = np.empty(sum(len(p) for p in parts), dtype=parts[0].dtype)
-        return np.concatenate(parts, out=self.flat)
+            self.flat = np.empty(sum(len(w) for w in weight_ranges), dtype=weight_ranges[0].dtype)
+        return np.concatenate(weight_ranges, out=self.flat)
 
     def spans(self) -> list[tuple[float, float]]:
         """Wall-clock (start, end) and CPU seconds of the recent compute calls, oldest first (scripts/bench.py)."""
@@ -104,8 +103,7 @@ class ParameterServer:
         """Add the workers' nodes into the batch gradient, update, return the new weights."""
         if self.fault is not None:
             strike(self.fault)
-        weights = self.state.step(n, nodes, list(values), lr, t, scale)
-        return pieces(weights[None], 0, len(weights))  # <= 1 MiB pieces: Ray copies them plainly (step.CHUNK_BYTES)
+        return self.state.step(n, nodes, list(values), lr, t, scale)
 
     def step_count(self) -> int:
         """Steps applied so far: after a failure the driver resumes from here, never applying one twice."""

@@ -128,34 +128,15 @@ class WorkerState:
         return self.out[:len(nodes)], losses[ids], seconds
 
 
-# The server sums and updates the vector this many bytes at a time, so that a chunk stays in
-# cache (ServerState._sum), and the actors send vectors in pieces of this size: Ray copies a
-# buffer over 1 MiB into the object store with 6 threads, which on a 2-core machine cost about
-# 4x the CPU of plain copies of <= 1 MiB pieces (measured: docs/performance.md).
-import os as _os
-CHUNK_BYTES = int(_os.environ.get('DISTBP_CHUNK', 1 << 20))  # AB-TEMP
+# The server sums, checks and updates the vector this many bytes at a time, so that a chunk's
+# operands stay in cache between those passes (ServerState._sum).
+CHUNK_BYTES = 1 << 20
 
 
 def chunks(size: int, itemsize: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` cuts of ``range(size)`` of at most ``CHUNK_BYTES`` each."""
     step = max(1, CHUNK_BYTES // itemsize)
     return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
-
-
-class Pieces(list):
-    """A flat vector as contiguous pieces of at most ``CHUNK_BYTES``, in order: how actors send it.
-
-    ``np.asarray(pieces)`` joins them, so a reader that wants one array gets one.
-    """
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return np.concatenate(self, dtype=dtype)
-
-
-def pieces(values: np.ndarray, lo: int, hi: int) -> Pieces:
-    """Columns ``[lo, hi)`` of every row of ``values`` (shape ``(nodes, P)``), cut as
-    ``chunks(hi - lo)``, row after row: views, no copy."""
-    return Pieces(row[lo + a:lo + b] for row in values for a, b in chunks(hi - lo, values.itemsize))
 
 
 class NonFiniteGradient(ArithmeticError):
@@ -205,28 +186,20 @@ class ServerState:
             np.copyto(out, g)
         return out
 
-    def _sum(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray | Pieces],
+    def _sum(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray],
              summed: Callable[[tuple[int, int] | None], None] = lambda chunk: None) -> bool:
         """Fill ``self.grad`` with the batch gradient; True if every entry is finite.
 
         ``summed((lo, hi))`` is called as each chunk is done, ``summed(None)`` at the end.
 
-        ``values[k]`` holds the values of the nodes ``nodes[k]``: an array ``(nodes, P)``, or
-        the ``Pieces`` of one as a Worker actor sends them (``pieces(values, 0, P)``).
+        ``values[k]`` (shape ``(len(nodes[k]), P)``) holds the values of the nodes ``nodes[k]``.
         Chunk by chunk, so each chunk's additions and its check run while it is in cache: the
         same additions as one pass over whole vectors (they are elementwise), one trip to memory.
         """
-        c = len(self.chunks)
-        table = {}  # node -> its value's chunks
-        for node_list, value in zip(nodes, values):
-            for r, node in enumerate(node_list):
-                if isinstance(value, np.ndarray):
-                    table[node] = [value[r, lo:hi] for lo, hi in self.chunks]
-                else:
-                    table[node] = value[r * c:(r + 1) * c]
+        table = {node: row for node_list, value in zip(nodes, values) for node, row in zip(node_list, value)}
         finite = True
-        for i, (lo, hi) in enumerate(self.chunks):
-            g = self._sum_chunk(n, {node: parts[i] for node, parts in table.items()}, lo, hi)
+        for lo, hi in self.chunks:
+            g = self._sum_chunk(n, {node: row[lo:hi] for node, row in table.items()}, lo, hi)
             # A NaN or inf anywhere makes the sum non-finite (so would an overflow of finite
             # entries, which needs entries near the dtype's max: diverged too).
             finite = finite and bool(np.isfinite(g.sum()))
@@ -243,7 +216,7 @@ class ServerState:
         self._sum(n, nodes, values)
         return self.grad
 
-    def step(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray | Pieces], lr: float, t: int,
+    def step(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], lr: float, t: int,
              scale: float | None) -> np.ndarray:
         """Step ``t`` (counted from 1): sum, update in place, return the new weights of this range."""
         if t != self.t + 1:
@@ -273,7 +246,7 @@ class ServerState:
         # start and end are wall-clock times, comparable with the workers' spans (scripts/bench.py)
         self.timings[t] = {"server_sum": summed - waited, "update": done - summed, "hash_wait": waited - start,
                            "start": wall, "end": wall + done - start, "cpu": time.thread_time() - cpu,
-                           "bytes_in": sum(sum(p.nbytes for p in v) for v in values)}  # what the workers sent
+                           "bytes_in": sum(v.nbytes for v in values)}  # what the workers sent this server
         return self.weights
 
     def _hash(self, t: int, chunks: SimpleQueue) -> None:
@@ -282,8 +255,6 @@ class ServerState:
         digest = hashlib.sha256()
         little = self.grad.dtype.newbyteorder("<")
         while (chunk := chunks.get()) is not None:
-            if _os.environ.get("DISTBP_NOHASH"):  # AB-TEMP
-                continue
             digest.update(np.ascontiguousarray(self.grad[chunk[0]:chunk[1]], little))
         self.hashes[t] = digest.hexdigest()
 
