@@ -12,12 +12,14 @@ For each config (dtype, global batch B) and each round, one after the other:
 - ``ddp``: ``../shared/bench/ddp_baseline.py``, K processes over gloo (only when torch imports);
 - ``distbp``: the real ``distbp.trainer.train`` on random data (SGD, mean reduction), its
   samples/s from the step times in ``metrics.jsonl``;
-- the breakdown: the same actors driven by the trainer's own submission pattern (one step
-  ahead, a server report per step), with wall-clock timestamps from the workers and the server.
+- the breakdown: the trainer's step loop (``Crew`` and ``Servers``, without metrics and
+  checkpoints) with wall-clock timestamps from the workers and the server, and the CPU time
+  and page faults of every process per step.
 
 Every figure is the median over the steps after warm-up; with ``--rounds R`` the table shows
 the median over rounds of each figure and of each ratio.  The machine may be shared, so only
-ratios measured side by side mean much.
+ratios measured side by side mean much.  The baselines run at Ray's worker niceness
+(``--baseline-nice``), so that on a busy machine every contender computes at the same priority.
 """
 
 from __future__ import annotations
@@ -223,7 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=None, help="M (default: distbp's default)")
     ap.add_argument("--layers", default=LAYERS)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--warmup", type=int, default=40,
+                    help="untimed steps first: until Ray's processes have touched the object-store pages "
+                         "that steps reuse, every step takes thousands of page faults (docs/performance.md)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every measurement, report medians")
     ap.add_argument("--baselines", default=str(REPO.parent / "shared" / "bench"),
                     help="directory of numpy_baseline.py and ddp_baseline.py")
@@ -249,6 +253,7 @@ def main(argv=None) -> int:
 
     @ray.remote(num_cpus=0)
     def worker_blas():
+        import numpy  # noqa: F401  (threadpoolctl sees only loaded libraries)
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(1):
