@@ -35,10 +35,10 @@ class Config:
     activation: str = opt("tanh", "hidden-layer activation theta", choices=tuple(ACTIVATIONS))
     loss: str = opt("cross-entropy", "error measure e", choices=LOSSES)
     workers: int = opt(2, "number of worker actors K", metavar="K")
-    batch_size: int = opt(128, "global mini-batch size B (split over the workers)", metavar="B")
+    batch_size: int = opt(256, "global mini-batch size B (split over the workers)", metavar="B")
     micro_batch: int = opt(128, "fixed micro-batch size M: the unit of work, whatever K is", metavar="M")
     steps: int | None = opt(None, "number of optimizer steps (overrides --epochs)", metavar="N")
-    epochs: float = opt(30.0, "passes over the training set (used when --steps is not given)", metavar="E")
+    epochs: float = opt(100.0, "passes over the training set (used when --steps is not given)", metavar="E")
     optimizer: str = opt("adam", "update rule", choices=OPTIMIZERS)
     lr: float = opt(0.01, "learning rate (the peak rate of a schedule; for --base-batch samples if given)",
                     metavar="ETA")
