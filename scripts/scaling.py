@@ -91,6 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bandwidth-gbit", type=float, default=10.0,
                    help="ASSUMED network bandwidth for the extrapolation, Gbit/s (default 10)")
     args = p.parse_args(argv)
+    try:  # the plots come last: say so before minutes of sweeps, not after
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("scaling.py: error: the plots need matplotlib: pip install -e '.[plot]' (or '.[dev]')", file=sys.stderr)
+        sys.exit(2)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
