@@ -42,7 +42,7 @@ from .errors import Diverged, RunFailed, UsageError
 from .network import Layout, Network
 from .optim import Hyper
 from .step import NonFiniteGradient, micro_batches, split_even
-from .trainer import Progress, evaluate, make_out_dir, prepare
+from .trainer import Progress, describe, evaluate, make_out_dir, prepare
 from .tree import blocks
 
 
@@ -191,14 +191,7 @@ def train_async(config: Config, resumed: dict | None = None) -> dict:
     if problem.data.X_test is not None:
         test_loss, test_acc = evaluate(net, problem.data.X_test, problem.data.y_test)
     summary = {
-        "steps": total,
-        "epochs": total / steps_per_epoch,
-        "workers": K,
-        "batch_size": config.batch_size,
-        "micro_batch": M,
-        "dtype": config.dtype,
-        "layers": list(problem.layers),
-        "dataset": problem.data.name,
+        **describe(config, problem, total),
         "mode": config.mode,
         "staleness": staleness,
         # Timing decides which pushes each gradient saw: another run, or another K, gives other bits.

@@ -79,6 +79,20 @@ def prepare(config: Config) -> Problem:
     return Problem(data, layers, X, Y, sampler, total)
 
 
+def describe(config: Config, problem: Problem, steps: int) -> dict:
+    """The first keys of summary.json, the same for every mode: what was trained, how."""
+    return {
+        "steps": steps,
+        "epochs": steps / problem.sampler.steps_per_epoch,
+        "workers": config.workers,
+        "batch_size": config.batch_size,
+        "micro_batch": config.micro_batch,
+        "dtype": config.dtype,
+        "layers": list(problem.layers),
+        "dataset": problem.data.name,
+    }
+
+
 def make_out_dir(path: str | None) -> tuple[str, str | None]:
     """Create the results directory; refuse one that already holds results.
 
@@ -364,14 +378,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
     train_loss, train_acc = evaluate(net, problem.data.X, problem.data.y)
     samples = sum(len(sampler.batch(t)) for t in range(start, problem.total_steps))
     summary = {
-        "steps": problem.total_steps,
-        "epochs": problem.total_steps / sampler.steps_per_epoch,
-        "workers": K,
-        "batch_size": config.batch_size,
-        "micro_batch": M,
-        "dtype": config.dtype,
-        "layers": list(problem.layers),
-        "dataset": problem.data.name,
+        **describe(config, problem, problem.total_steps),
         "final_loss": train_loss,
         "last_batch_loss": last["loss"],
         "train_accuracy": train_acc,
