@@ -44,21 +44,12 @@ class BufferPool:
 
     def __init__(self, size: int, dtype):
         self.size, self.dtype, self.free = size, dtype, []
-        self._made: set[int] = set()
 
     def take(self) -> np.ndarray:
-        if self.free:
-            return self.free.pop()
-        buf = np.empty(self.size, dtype=self.dtype)
-        self._made.add(id(buf))
-        return buf
+        return self.free.pop() if self.free else np.empty(self.size, dtype=self.dtype)
 
     def give(self, buf: np.ndarray) -> None:
         self.free.append(buf)
-
-    def owns(self, buf: np.ndarray) -> bool:
-        """True for buffers this pool made (ids are safe: the pool keeps them alive)."""
-        return id(buf) in self._made
 
 
 class WorkerState:

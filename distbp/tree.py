@@ -86,30 +86,3 @@ def combine(nodes: dict[Node, np.ndarray], n: int,
     if set(nodes) != {root}:
         raise ValueError(f"nodes {sorted(nodes)} do not tile {root} over {n} leaves")
     return nodes.pop(root)
-
-
-class Accumulator:
-    """Streams leaves in index order and adds sibling pairs as soon as both exist.
-
-    A worker pushes its micro-batch gradients one at a time; it holds at most
-    ``log2 n + 1`` partial sums, so its memory is bounded by the micro-batch, not its share.
-    """
-
-    def __init__(self, n: int, add: Callable[[np.ndarray, np.ndarray], np.ndarray]):
-        self.n, self.add = n, add
-        self.stack: list[tuple[Node, np.ndarray]] = []
-
-    def push(self, i: int, leaf: np.ndarray) -> None:
-        self.stack.append(((0, i), leaf))
-        while len(self.stack) >= 2:
-            (la, a), va = self.stack[-2]
-            (lb, b), vb = self.stack[-1]
-            if la != lb or a % 2 or b != a + 1:
-                break
-            self.stack[-2:] = [((la + 1, a // 2), self.add(va, vb))]
-
-    def finish(self, root: Node) -> np.ndarray:
-        """The value of ``root``, once every leaf under it has been pushed."""
-        nodes = dict(self.stack)
-        self.stack = []
-        return combine(nodes, self.n, self.add, root)

@@ -85,24 +85,6 @@ def test_the_leaves_are_order_sensitive():
     assert np.allclose(left_to_right, full, rtol=1e-12, atol=1e-12 * np.abs(full).max())
 
 
-@pytest.mark.parametrize("n", [1, 6, 16, 29])
-def test_accumulator_streams_to_the_same_bits_in_bounded_memory(n):
-    rng = np.random.default_rng(200 + n)
-    leaves = make_leaves(n, rng)
-    full = reference(leaves, tree.top_level(n), 0)
-    for k in (1, 2, 3, 5):
-        table = {}
-        for ids in random_split(n, k, rng):
-            for node in tree.blocks(ids, n):
-                acc = tree.Accumulator(n, add)
-                lo, hi = tree.span(node, n)
-                for i in range(lo, hi):
-                    acc.push(i, leaves[i])
-                    assert len(acc.stack) <= tree.top_level(n) + 1
-                table[node] = acc.finish(node)
-        assert np.array_equal(tree.combine(table, n, add), full)
-
-
 @pytest.mark.parametrize("nodes, n", [
     ({(0, 0): 1.0, (0, 2): 1.0}, 4),                        # leaf 1 and leaf 3 missing
     ({(0, 1): 1.0, (0, 2): 1.0, (0, 3): 1.0}, 4),           # leaf 0 missing: 1 has no left sibling
