@@ -14,6 +14,8 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from .faults import strike
+from .network import Layout
+from .shm import Block, Board, Maps, Rows
 from .step import ServerState, WorkerState
 
 BLAS_THREADS = 1
@@ -27,11 +29,22 @@ def _node_id() -> str:
 class Worker:
     """Holds the training data (zero-copy from the object store) and backpropagates micro-batches."""
 
-    def __init__(self, layers, activation, loss, dtype, X, Y, micro_batch):
+    def __init__(self, layers, activation, loss, dtype, X, Y, micro_batch, board: Board | None = None):
+        """With a ``board`` (every process of the run on one machine) the weights are read from,
+        and the node values computed into, shared files (shm.py)."""
         threadpool_limits(BLAS_THREADS)
-        self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch)
+        self.board, self.maps = board, Maps()
+        self.rows = None if board is None else Rows(board, self.maps, Layout(tuple(layers)).size, dtype)
+        self.values: Block | None = None  # with a board: where the last call's node values are
+        self.call_step: int | None = None
+        self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch,
+                                 allocate=None if board is None else self._allocate)
         self.fault: tuple[str, float] | None = None  # armed by --fault-injection for the next compute
         self.flat: np.ndarray | None = None  # the joined weight ranges with --servers S > 1
+
+    def _allocate(self, rows: int) -> np.ndarray:
+        self.values, out = self.rows.take(self.call_step, rows)
+        return out
 
     def node_id(self) -> str:
         return _node_id()
@@ -48,22 +61,36 @@ class Worker:
         self.fault = (action, seconds)
 
     @ray.method(num_returns=2)
-    def compute(self, batch, ids, *weight_ranges):
+    def compute(self, batch, ids, *weight_ranges, step: int | None = None):
         """Node values of micro-batches ``ids``, and (per-micro-batch errors, seconds) for the driver.
 
         With S > 1 weight ranges (--servers S) the caller asks for ``num_returns=S + 1``: the
-        values come back as S objects, server s's columns in the s-th (shards.py).
+        values come back as S objects, server s's columns in the s-th (shards.py).  ``step``
+        says which step the call belongs to (with a board, calls of one step write distinct rows).
         """
         if self.fault is not None:
             action, seconds, self.fault = *self.fault, None
             strike(action, seconds)
-        weights = weight_ranges[0] if len(weight_ranges) == 1 else self._joined(weight_ranges)
+        self.call_step = step
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver, by step
-            values, losses, seconds = self.state.compute(weights, batch, ids)
+            values, losses, seconds = self.state.compute(self._weights(weight_ranges), batch, ids)
+        S = len(weight_ranges)
+        if self.board is not None:  # each server reads its columns of the rows in place
+            parts = [self.values] * S
+        elif S == 1:
+            parts = [values]
+        else:
+            bounds = np.cumsum([0, *(len(w) for w in weight_ranges)])  # server s gets the columns of its range
+            parts = [np.ascontiguousarray(values[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return (*parts, (losses, seconds))
+
+    def _weights(self, weight_ranges) -> np.ndarray:
+        """The whole weight vector from the S servers' ranges."""
+        if isinstance(weight_ranges[0], Block):  # the shared weights: every server updates its range of one file
+            return self.maps.view(weight_ranges[0])
         if len(weight_ranges) == 1:
-            return values, (losses, seconds)
-        bounds = np.cumsum([0, *(len(w) for w in weight_ranges)])  # server s gets the columns of its range
-        return (*(np.ascontiguousarray(values[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])), (losses, seconds))
+            return weight_ranges[0]
+        return self._joined(weight_ranges)
 
     def _joined(self, weight_ranges) -> np.ndarray:
         """The S weight ranges in one buffer, reused from call to call."""
@@ -80,9 +107,13 @@ class Worker:
 class ParameterServer:
     """Owns ``[lo, hi)`` of the flat weights and its optimizer state; sums and updates."""
 
-    def __init__(self, weights, lo, hi, hyper, decay_mask):
+    def __init__(self, weights, lo, hi, hyper, decay_mask, board: Board | None = None):
+        """With a ``board``, the range lives in the run's shared weights file (shm.py) and the
+        workers' node values are read from their files in place."""
         threadpool_limits(BLAS_THREADS)
-        self.state = ServerState(weights, lo, hi, hyper, decay_mask)
+        self.board, self.maps = board, Maps()
+        out = None if board is None else self.maps.view(board.weights, writable=True)[lo:hi]
+        self.state = ServerState(weights, lo, hi, hyper, decay_mask, out)
         self.fault: str | None = None  # armed by --fault-injection for the next step
 
     def node_id(self) -> str:
@@ -93,7 +124,8 @@ class ParameterServer:
         return os.getpid()
 
     def weights(self):
-        return self.state.weights
+        """The weights as the workers take them: this range, or with a board the shared file."""
+        return self.state.weights if self.board is None else self.board.weights
 
     def arm(self, action: str) -> None:
         """The next ``step`` call dies (``faults.strike``): --fault-injection."""
@@ -103,7 +135,12 @@ class ParameterServer:
         """Add the workers' nodes into the batch gradient, update, return the new weights."""
         if self.fault is not None:
             strike(self.fault)
-        return self.state.step(n, nodes, list(values), lr, t, scale)
+        if self.board is not None:
+            self.maps.retain({block.path for block in values} | {self.board.weights.path})
+            lo, hi = self.state.lo, self.state.hi
+            values = [self.maps.view(block)[:, lo:hi] for block in values]
+        self.state.step(n, nodes, list(values), lr, t, scale)
+        return self.weights()
 
     def step_count(self) -> int:
         """Steps applied so far: after a failure the driver resumes from here, never applying one twice."""

@@ -121,6 +121,7 @@ class Crew:
         self.stats: Counter = Counter()  # workers_lost, backups, micro_batches_redone, server_restarts
         self.pace: float | None = None  # seconds per micro-batch of the quickest share of the last step
         self.stalled: set[int] = set()  # workers armed to stall in this step: they must get a share
+        self.step = 0  # the step being computed (from 0)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -131,6 +132,7 @@ class Crew:
         whose gradient was not finite.
         """
         n = -(-len(batch) // self.micro_batch)
+        self.step = t
         self.stalled = self._arm(t + 1)
         root = Piece(list(range(n)))
         pace: float | None = None  # seconds per micro-batch of the quickest share of this step
@@ -203,11 +205,11 @@ class Crew:
 
     def _submit(self, k: int, ids: list[int], piece: Piece, batch, weights: list[ray.ObjectRef]) -> Task:
         if len(weights) == 1:
-            values, info = self.workers[k].compute.remote(batch, ids, *weights)
+            values, info = self.workers[k].compute.remote(batch, ids, *weights, step=self.step)
             values = [values]
         else:  # --servers S: one object of node values per server range (shards.py)
             *values, info = self.workers[k].compute.options(num_returns=len(weights) + 1).remote(
-                batch, ids, *weights)
+                batch, ids, *weights, step=self.step)
         task = Task(k, ids, values, info, time.monotonic(), piece)
         self.running[k] = task
         return task

@@ -129,3 +129,13 @@ def place(bundles: int):
 def in_bundle(pg, index: int) -> dict:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=index)}
+
+
+def one_node(pg) -> bool:
+    """Whether the driver and every bundle of ``pg`` are on one Ray node, so that they can share
+    memory (shm.py) instead of passing the per-step vectors through the object store."""
+    from ray.util.placement_group import placement_group_table
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = set(placement_group_table(pg)["bundles_to_node_id"].values())
+    return nodes == {here}

@@ -56,7 +56,10 @@ class WorkerState:
     """A worker's data and buffers; ``compute`` is its whole job."""
 
     def __init__(self, layers, activation: str, loss: str, dtype, X: np.ndarray, Y: np.ndarray,
-                 micro_batch: int):
+                 micro_batch: int, allocate: Callable[[int], np.ndarray] | None = None):
+        """``allocate(rows)`` gives the ``(rows, P)`` array a call's node values are computed
+        into: rows of a shared file for actors on one machine (actors.py, shm.py), else a
+        buffer reused from call to call."""
         self.layout = Layout(tuple(layers))
         self.activation, self.loss = activation, loss
         self.dtype = np.dtype(dtype)
@@ -64,9 +67,15 @@ class WorkerState:
         self.micro_batch = micro_batch
         self.pool = BufferPool(self.layout.size, self.dtype)
         self.workspaces: dict[int, Workspace] = {}
+        self.allocate = allocate or self._reuse
         self.out = np.empty((0, self.layout.size), dtype=self.dtype)
         # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
         self.spans: deque[tuple[float, float, float]] = deque(maxlen=4096)
+
+    def _reuse(self, rows: int) -> np.ndarray:
+        if len(self.out) < rows:
+            self.out = np.empty((rows, self.layout.size), dtype=self.dtype)
+        return self.out[:rows]
 
     def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> float:
         """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error."""
@@ -109,14 +118,13 @@ class WorkerState:
         W = self.layout.views(weights)
         ranges = micro_batches(len(batch), self.micro_batch)
         nodes = tree.blocks(ids, len(ranges))
-        if len(self.out) < len(nodes):
-            self.out = np.empty((len(nodes), self.layout.size), dtype=self.dtype)
+        out = self.allocate(len(nodes))
         losses = np.empty(len(ranges), dtype=np.float64)
         for r, node in enumerate(nodes):
-            self.node(W, batch, ranges, node, self.out[r], losses)  # each node straight into its row
+            self.node(W, batch, ranges, node, out[r], losses)  # each node straight into its row
         seconds = time.perf_counter() - start
         self.spans.append((wall, wall + seconds, time.thread_time() - cpu))
-        return self.out[:len(nodes)], losses[ids], seconds
+        return out, losses[ids], seconds
 
 
 # The server sums, checks and updates the vector this many bytes at a time, so that a chunk's
@@ -137,9 +145,14 @@ class NonFiniteGradient(ArithmeticError):
 class ServerState:
     """Weights and optimizer state for the range ``[lo, hi)`` of the flat parameter vector."""
 
-    def __init__(self, weights: np.ndarray, lo: int, hi: int, hyper: Hyper, decay_mask: np.ndarray):
+    def __init__(self, weights: np.ndarray, lo: int, hi: int, hyper: Hyper, decay_mask: np.ndarray,
+                 out: np.ndarray | None = None):
+        """``weights`` are this range's starting values; ``out``, if given, is where the server
+        keeps and updates them (its range of the shared weights: shm.py)."""
         self.lo, self.hi = lo, hi
-        self.weights = np.array(weights, copy=True)  # this server's range, owned and writable
+        self.weights = np.array(weights, copy=True) if out is None else out  # owned and writable
+        if out is not None:
+            np.copyto(out, weights)
         self.hyper = hyper
         self.state = init_state(hyper.optimizer, len(self.weights), self.weights.dtype)
         self.decay_mask = decay_mask

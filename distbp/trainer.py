@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, faults, resume, schedule
+from . import checkpoint, faults, resume, schedule, shm
 from . import data as datasets
 from .config import Config
 from .errors import DataError, Diverged, Interrupted, RunFailed, UsageError
@@ -173,7 +173,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
 
     from .actors import ParameterServer, Worker
     from .crew import Crew, ServerFailed
-    from .runtime import connect, in_bundle, place
+    from .runtime import connect, in_bundle, one_node, place
     from .shards import Servers, merge_reports
 
     if config.mode != "sync":  # not split-invariant: its own loop, over the same actors
@@ -200,10 +200,12 @@ def train(config: Config, resumed: dict | None = None) -> dict:
                          "step": 0}
     net.flat[:] = initial["weights"]
 
-    started_ray, pg, begun = False, None, False
+    started_ray, pg, board, begun = False, None, None, False
     try:
         started_ray = connect(config.address, cpus_wanted=K + S)
         pg = place(K + S)
+        # All on this machine: the weights and the node values go through shared files (shm.py).
+        board = shm.open_board(layout.size, dtype) if shm.available() and one_node(pg) else None
         X_ref, Y_ref = ray.put(problem.X), ray.put(problem.Y)
         mask = layout.bias_mask(dtype)
 
@@ -213,11 +215,11 @@ def train(config: Config, resumed: dict | None = None) -> dict:
         def spawn_server() -> Servers:
             """S server actors (shards.py) in bundles K..K+S-1, server s owning [lo, hi) of the weights."""
             return Servers(lambda s, lo, hi: ParameterServer.options(**in_bundle(pg, K + s)).remote(
-                net.flat[lo:hi], lo, hi, hyper, mask[lo:hi]), layout.size, S)
+                net.flat[lo:hi], lo, hi, hyper, mask[lo:hi], board), layout.size, S)
 
         def spawn_worker(k: int):
             return Worker.options(**in_bundle(pg, k)).remote(
-                problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M)
+                problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M, board)
 
         def restore(server: Servers) -> int:
             """Load the latest checkpoint (else the starting state) into ``server``; return its step."""
@@ -284,12 +286,17 @@ def train(config: Config, resumed: dict | None = None) -> dict:
             shown["samples/s"] = f"{seen / (time.perf_counter() - t0):.0f}"
             return shown
 
-        def save(t: int) -> None:
-            """checkpoint.npz after step ``t + 1``, atomically; never with non-finite weights."""
+        def snapshot() -> dict[str, np.ndarray]:
+            """The weights and optimizer buffers the servers hold, as full-length arrays."""
+            return Servers.join(crew.get(crew.server.snapshot()))
+
+        def save(t: int, snap: dict[str, np.ndarray] | None = None) -> None:
+            """checkpoint.npz after step ``t + 1`` (``snap``: the servers' state, if already fetched),
+            atomically; never with non-finite weights."""
             nonlocal saved_step
             record()
             metrics.flush()  # every line up to the checkpoint is on disk before it
-            snap = Servers.join(crew.get(crew.server.snapshot()))
+            snap = dict(snap or snapshot())
             flat = snap.pop("weights")
             if not np.isfinite(flat).all():
                 raise Diverged(f"training diverged at step {t + 1}: the weights are no longer finite")
@@ -304,7 +311,8 @@ def train(config: Config, resumed: dict | None = None) -> dict:
 
         def end_of_epoch(t: int) -> None:
             record()
-            np.concatenate(crew.get(weights), out=net.flat)
+            snap = snapshot()
+            net.flat[:] = snap["weights"]
             line = f"epoch {sampler.epoch_of(t) + 1} step {t + 1}/{problem.total_steps} loss {last['loss']:.4f}"
             if problem.data.X_test is not None:
                 test_loss, test_acc = evaluate(net, problem.data.X_test, problem.data.y_test)
@@ -316,7 +324,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
                 line += f" {problem.data.test_name}_acc {test_acc:.4f}"
             progress.log(line + f" lr {last['lr']:.3g} samples/s {seen / (time.perf_counter() - t0):.0f}")
             progress.note(**bar_fields())
-            save(t)
+            save(t, snap)
 
         t = start
         try:
@@ -374,6 +382,8 @@ def train(config: Config, resumed: dict | None = None) -> dict:
             remove_placement_group(pg)
         if started_ray:
             ray.shutdown()
+        if board is not None:
+            shm.close_board(board)
 
     train_loss, train_acc = evaluate(net, problem.data.X, problem.data.y)
     samples = sum(len(sampler.batch(t)) for t in range(start, problem.total_steps))
@@ -391,6 +401,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
         "worker_nodes": worker_nodes,
         "servers": S,
         "server_nodes": server_nodes,
+        "transport": "shared-memory" if board is not None else "object-store",  # of the per-step vectors
         "mode": "sync",
         "exact": True,  # the same weights, bit for bit, for any K and S (--mode async/ssp: false)
         "resumed_from_step": start if resumed is not None else None,

@@ -90,11 +90,12 @@ def breakdown_run(config, warmup: int) -> dict:
     """
     import ray
 
+    from distbp import shm
     from distbp.actors import ParameterServer, Worker
     from distbp.crew import Crew
     from distbp.network import Layout, Network
     from distbp.optim import Hyper
-    from distbp.runtime import in_bundle, place
+    from distbp.runtime import in_bundle, one_node, place
     from distbp.shards import Servers, merge_reports
     from distbp.trainer import prepare
 
@@ -104,12 +105,13 @@ def breakdown_run(config, warmup: int) -> dict:
     net = Network(problem.layers, config.activation, config.loss, dtype, config.seed)
     hyper, mask = Hyper(config.optimizer, config.momentum, config.weight_decay), layout.bias_mask(dtype)
     pg = place(K + 1)
+    board = shm.open_board(layout.size, dtype) if shm.available() and one_node(pg) else None  # as train() does
     try:
         X_ref, Y_ref = ray.put(problem.X), ray.put(problem.Y)
         crew = Crew(lambda: Servers(lambda s, lo, hi: ParameterServer.options(**in_bundle(pg, K)).remote(
-                        net.flat[lo:hi], lo, hi, hyper, mask[lo:hi]), layout.size, 1),
+                        net.flat[lo:hi], lo, hi, hyper, mask[lo:hi], board), layout.size, 1),
                     lambda k: Worker.options(**in_bundle(pg, k)).remote(
-                        problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M),
+                        problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M, board),
                     K, M)
         server = crew.server.actors[0]
         pids = {"server": [ray.get(server.pid.remote())], "workers": ray.get([w.pid.remote() for w in crew.workers]),
@@ -143,6 +145,8 @@ def breakdown_run(config, warmup: int) -> dict:
     finally:
         from ray.util.placement_group import remove_placement_group
         remove_placement_group(pg)
+        if board is not None:
+            shm.close_board(board)
 
     rows = []
     for t in range(warmup + 2, problem.total_steps + 1):

@@ -1,0 +1,179 @@
+"""Shared memory for the per-step vectors of a run whose processes share one machine.
+
+Through Ray's object store a step copies three P-sized vectors (the new weights out of the
+server, each worker's tree-node values into it): about 20 ms a step for 784-1024-1024-10
+whatever the batch, measured (docs/performance.md).  When the driver, the workers and the
+servers are all on one node, they share files under ``/dev/shm`` instead:
+
+- the weights: one file, updated in place by the servers (each its range ``[lo, hi)``) and
+  read in place by every worker;
+- each worker's node values: a file the worker computes into and the servers read.
+
+The actors then return a ``Block`` (a path, a shape and a dtype: a few dozen bytes, which Ray
+passes inline) where they returned the array, and no vector is copied at all.
+
+Why a read never overlaps a write that matters: Ray runs a worker's compute of step t + 1
+only once the servers' results of step t (its arguments) exist, and the driver sends the
+servers step t + 1 only once every worker task it uses has finished.  A task whose result is
+not used (a late worker's, after its backup won: crew.py) may read weights while a server
+writes them; its result is dropped.
+
+No Ray here: files, ``mmap`` and numpy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+ROOT = "/dev/shm"  # a tmpfs on Linux: files there live in memory
+PREFIX = "distbp-"
+
+
+@dataclass(frozen=True)
+class Block:
+    """An array in a shared file: ``prod(shape)`` items of ``dtype`` from item ``offset`` on."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Board:
+    """The shared files of one run: a directory and, in it, the weights."""
+
+    root: str
+    weights: Block
+
+    def new(self, prefix: str, shape: tuple[int, ...], dtype) -> Block:
+        """A new zero-filled file in the board, big enough for ``shape`` items of ``dtype``.
+
+        Its name is never used again in the board, even once it is removed: other processes
+        cache their mappings by path (``Maps``).
+        """
+        return _new_file(self.root, prefix, shape, dtype)
+
+
+_made = itertools.count()  # files made by this process
+
+
+def _new_file(root: str, prefix: str, shape: tuple[int, ...], dtype) -> Block:
+    fd, path = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-{next(_made)}-", suffix=".bin", dir=root)
+    block = Block(path, tuple(int(n) for n in shape), np.dtype(dtype).str)
+    try:
+        os.ftruncate(fd, max(1, block.nbytes))
+    finally:
+        os.close(fd)
+    return block
+
+
+def available() -> bool:
+    """Whether this machine has the tmpfs the boards live on."""
+    return os.path.isdir(ROOT) and os.access(ROOT, os.W_OK)
+
+
+def open_board(size: int, dtype) -> Board:
+    """A new board for a run whose flat weight vector has ``size`` items of ``dtype``.
+
+    Boards of runs whose driver is gone (killed before it could clean up) are removed first.
+    """
+    sweep()
+    root = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=ROOT)
+    return Board(root, _new_file(root, "weights-", (size,), dtype))
+
+
+def close_board(board: Board) -> None:
+    """Remove the board's files; processes that still map them keep their memory until they unmap."""
+    shutil.rmtree(board.root, ignore_errors=True)
+
+
+def sweep() -> None:
+    """Remove the boards of this user's drivers that no longer run."""
+    try:
+        names = os.listdir(ROOT)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(PREFIX):].split("-")[0]
+        path = os.path.join(ROOT, name)
+        if not name.startswith(PREFIX) or not pid.isdigit() or not os.path.isdir(path):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # PermissionError: the pid runs, as another user
+            continue
+
+
+class Maps:
+    """The shared files one process has mapped: each is mapped once, however many steps read it."""
+
+    def __init__(self):
+        self.arrays: dict[tuple[str, bool], np.ndarray] = {}
+
+    def view(self, block: Block, writable: bool = False) -> np.ndarray:
+        """``block`` as an array backed by its file: read-only unless ``writable``."""
+        key = (block.path, writable)
+        flat = self.arrays.get(key)
+        end = block.offset + int(np.prod(block.shape))
+        if flat is None or flat.dtype != np.dtype(block.dtype) or len(flat) < end:
+            with open(block.path, "r+b" if writable else "rb") as f:
+                mem = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+            flat = self.arrays[key] = np.frombuffer(mem, dtype=block.dtype)
+        return flat[block.offset:end].reshape(block.shape)
+
+    def retain(self, paths: set[str]) -> None:
+        """Unmap every file but ``paths`` (a worker's file of node values changes when it grows or
+        the worker is replaced): the memory of a removed file is freed once nobody maps it."""
+        for key in [key for key in self.arrays if key[0] not in paths]:
+            del self.arrays[key]
+
+
+class Rows:
+    """Where a worker computes its node values: rows of ``width`` items in shared files.
+
+    A step may give one worker several tasks (a backup, a share redone after a failure), and
+    the servers read all of them once the step is complete, so each call of a step gets rows
+    of its own.  A call of a new step starts again at row 0: the servers are done with the
+    last step before a worker's call of the next one runs (its weights are their results).
+    A file too small for a call is replaced by a new one; the old one is removed once a new
+    step begins.
+    """
+
+    def __init__(self, board: Board, maps: Maps, width: int, dtype):
+        self.board, self.maps, self.width, self.dtype = board, maps, width, np.dtype(dtype)
+        self.file: Block | None = None  # the file being filled
+        self.used = 0  # its rows taken in step ``self.step``
+        self.step: int | None = None
+        self.retired: list[str] = []  # files filled earlier in this step: the servers may still read them
+
+    def take(self, step: int | None, rows: int) -> tuple[Block, np.ndarray]:
+        """``rows`` fresh rows for a call of step ``step``: their Block, and a writable view."""
+        if step is None or step != self.step:
+            self.step, self.used = step, 0
+            for path in self.retired:
+                os.unlink(path)
+            self.retired = []
+        if self.file is None or self.used + rows > self.file.shape[0]:
+            if self.file is not None:
+                self.retired.append(self.file.path)
+            self.file, self.used = self.board.new("nodes-", (rows, self.width), self.dtype), 0
+            self.maps.retain({self.file.path, self.board.weights.path})
+        block = Block(self.file.path, (rows, self.width), self.file.dtype, self.used * self.width)
+        self.used += rows
+        return block, self.maps.view(block, writable=True)
