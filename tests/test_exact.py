@@ -158,3 +158,31 @@ def test_verify_exits_1_when_the_sum_depends_on_the_split(capsys, monkeypatch):
 def test_verify_bad_options_exit_2(capsys):
     assert cli.main(["verify", "--micro-batch", "0"]) == 2
     assert capsys.readouterr().err.strip() == "distbp: error: --micro-batch must be at least 1, got 0"
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_the_server_sums_and_updates_in_chunks_as_in_one_pass(monkeypatch, optimizer):
+    """ServerState works through the vector in cache-sized chunks: the weights, the optimizer
+    state and the gradient hash are those of whole-vector arithmetic."""
+    import distbp.step as step
+    from distbp.optim import init_state, update
+
+    monkeypatch.setattr(step, "CHUNK_BYTES", 8 * 7)  # 7 float64 a chunk: many chunks, ragged last one
+    net = Network((2, 16, 16, 3), dtype="float64", seed=3)
+    hyper, mask = Hyper(optimizer, 0.9, 0.01), net.layout.bias_mask(net.dtype)
+    server = ServerState(net.flat, 0, net.layout.size, hyper, mask)
+    assert len(server.chunks) > 20
+    rng = np.random.default_rng(0)
+    w, state = net.flat.copy(), init_state(optimizer, net.layout.size, net.dtype)
+    n = 5  # two workers: nodes (1, 0) and (0, 2) from one, (0, 3), (0, 4) from the other
+    nodes = [[(1, 0), (0, 2)], [(0, 3), (0, 4)]]
+    for t in (1, 2, 3):
+        values = [rng.standard_normal((len(k), net.layout.size)) for k in nodes]
+        table = {node: row for k, v in zip(nodes, values) for node, row in zip(k, v)}
+        g = tree.combine(table, n, lambda a, b: a + b)
+        server.step(n, nodes, values, 0.05, t, 61.0)
+        assert server.report()[t]["grad_sha256"] == sha256_le(g)
+        update(w, g.copy(), state, hyper, 0.05, t, 61.0, mask)
+        assert np.array_equal(server.weights, w)
+        for name in state:
+            assert np.array_equal(server.state[name], state[name])
