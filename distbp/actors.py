@@ -35,7 +35,7 @@ class Worker:
         threadpool_limits(BLAS_THREADS)
         self.board, self.maps = board, Maps()
         self.rows = None if board is None else Rows(board, self.maps, Layout(tuple(layers)).size, dtype)
-        self.values: Block | None = None  # with a board: where the last call's node values are
+        self.filled: Block | None = None  # with a board: the rows the last call filled
         self.call_step: int | None = None
         self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch,
                                  allocate=None if board is None else self._allocate)
@@ -43,7 +43,7 @@ class Worker:
         self.flat: np.ndarray | None = None  # the joined weight ranges with --servers S > 1
 
     def _allocate(self, rows: int) -> np.ndarray:
-        self.values, out = self.rows.take(self.call_step, rows)
+        self.filled, out = self.rows.take(self.call_step, rows)
         return out
 
     def node_id(self) -> str:
@@ -76,7 +76,7 @@ class Worker:
             values, losses, seconds = self.state.compute(self._weights(weight_ranges), batch, ids)
         S = len(weight_ranges)
         if self.board is not None:  # each server reads its columns of the rows in place
-            parts = [self.values] * S
+            parts = [self.filled] * S
         elif S == 1:
             parts = [values]
         else:

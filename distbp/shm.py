@@ -152,7 +152,8 @@ class Rows:
     of its own.  A call of a new step starts again at row 0: the servers are done with the
     last step before a worker's call of the next one runs (its weights are their results).
     A file too small for a call is replaced by a new one; the old one is removed once a new
-    step begins.
+    step begins; the new one has room for twice as many rows, so that steps with backups soon
+    stop making files.
     """
 
     def __init__(self, board: Board, maps: Maps, width: int, dtype):
@@ -170,9 +171,11 @@ class Rows:
                 os.unlink(path)
             self.retired = []
         if self.file is None or self.used + rows > self.file.shape[0]:
+            capacity = rows
             if self.file is not None:
                 self.retired.append(self.file.path)
-            self.file, self.used = self.board.new("nodes-", (rows, self.width), self.dtype), 0
+                capacity = max(rows, 2 * self.file.shape[0])
+            self.file, self.used = self.board.new("nodes-", (capacity, self.width), self.dtype), 0
             self.maps.retain({self.file.path, self.board.weights.path})
         block = Block(self.file.path, (rows, self.width), self.file.dtype, self.used * self.width)
         self.used += rows

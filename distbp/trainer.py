@@ -159,16 +159,24 @@ class Progress:
             self.bar.close()
 
 
+def keep_local_ray_on_loopback(address: str | None) -> None:
+    """Call before Ray is first imported: a private local Ray (no ``address``, no
+    ``$RAY_ADDRESS``) then listens on 127.0.0.1 only.
+
+    Ray on Linux swaps 127.0.0.1 for the routable address, and then its GCS, raylet and
+    actors listen on every interface; with multi-node support off (read when ray is first
+    imported) all of them stay on 127.0.0.1 (measured, Ray 2.60).
+    """
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local" and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def train(config: Config, resumed: dict | None = None) -> dict:
     """Run ``config`` to the end and return the summary (also written to ``<out>/summary.json``).
 
     ``resumed`` is the checkpoint (``checkpoint.load``) of the run in ``config.out`` to continue.
     """
-    if (config.address or os.environ.get("RAY_ADDRESS") or "local") == "local" and "ray" not in sys.modules:
-        # A private local Ray.  Ray on Linux swaps 127.0.0.1 for the routable address, and then
-        # its GCS, raylet and actors listen on every interface; with multi-node support off
-        # (read when ray is first imported) all of them stay on 127.0.0.1 (measured, Ray 2.60).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    keep_local_ray_on_loopback(config.address)
     import ray  # the math above runs without Ray; only the run itself needs it
 
     from .actors import ParameterServer, Worker

@@ -14,7 +14,9 @@ For each config (dtype, global batch B) and each round, one after the other:
   samples/s from the step times in ``metrics.jsonl``;
 - the breakdown: the trainer's step loop (``Crew`` and ``Servers``, without metrics and
   checkpoints) with wall-clock timestamps from the workers and the server, and the CPU time
-  and page faults of every process per step.
+  and page faults of every process per step;
+- once per round, the Ray call floor: the same pattern of actor calls with no compute and no
+  data (``floor_run``), the least a step costs while each step goes through Ray's task calls.
 
 Every figure is the median over the steps after warm-up; with ``--rounds R`` the table shows
 the median over rounds of each figure and of each ratio.  The machine may be shared, so only
@@ -30,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 
@@ -44,7 +47,9 @@ PHASES = ("compute", "broadcast", "grad_transfer", "server_sum", "update", "othe
 def baseline(script: Path, nice: int, **options) -> dict:
     """Run one reference script at niceness ``nice`` and return the JSON line it prints."""
     cmd = [sys.executable, str(script)] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, preexec_fn=lambda: os.nice(nice))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # DDP's gloo listens on loopback only, as Ray does here
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
+                          preexec_fn=lambda: os.nice(nice))
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -169,6 +174,46 @@ def breakdown_run(config, warmup: int) -> dict:
             "samples_per_second": config.batch_size / float(np.median([r["step"] for r in rows]))}
 
 
+def floor_run(K: int, steps: int, warmup: int) -> float:
+    """Milliseconds per step of the trainer's pattern of Ray calls with nothing in them: K worker
+    actors each answering a compute call that waits on the server's last result, the driver
+    waiting for every answer, then one server call and one report call.  No computation and
+    no data (what shared memory leaves of the transfers: a few dozen bytes a call).  The
+    least a step costs while each step goes through Ray's task calls."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Echo:
+        @ray.method(num_returns=2)
+        def compute(self, batch, ids, weights, step=None):
+            return ("values", step), (np.zeros(len(ids)), 0.0)
+
+        def step(self, t, *values):
+            return ("weights", t)
+
+        def report(self):
+            return {}
+
+    workers, server = [Echo.remote() for _ in range(K)], Echo.remote()
+    batch, weights, pending, times = np.arange(256), ray.put(("weights", 0)), deque(), []
+    for t in range(warmup + steps):
+        start = time.perf_counter()
+        tasks = [w.compute.remote(batch, [k], weights, step=t) for k, w in enumerate(workers)]
+        waiting = [info for _, info in tasks]
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            ray.get(ready)
+        weights = server.step.remote(t + 1, *(values for values, _ in tasks))
+        pending.append(server.report.remote())
+        while len(pending) > 1:  # reports are read one step late, as the trainer does
+            ray.get(pending.popleft())
+        times.append(time.perf_counter() - start)
+    ray.get(weights)
+    for actor in (*workers, server):
+        ray.kill(actor)
+    return float(np.median(times[warmup:])) * 1e3
+
+
 def _cpu_seconds(pid: int) -> float:
     import psutil  # a dependency of Ray
 
@@ -242,6 +287,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", metavar="FILE.json", help="write every figure here")
     args = ap.parse_args(argv)
 
+    from distbp.trainer import keep_local_ray_on_loopback
+
+    keep_local_ray_on_loopback(None)  # this script always starts its own local Ray
     import ray
 
     from distbp.runtime import connect
@@ -265,9 +313,11 @@ def main(argv=None) -> int:
 
     env = {"cores": cores, "driver": blas_info(), "ray_worker": ray.get(worker_blas.remote()),
            "numpy": np.__version__, "ray": ray.__version__, "argv": sys.argv}
-    results = []
+    results, floors = [], []
     try:
         for r in range(args.rounds):
+            floors.append(floor_run(K, 200, 50))
+            print(f"round {r}: Ray call floor {floors[-1]:.2f} ms per step", file=sys.stderr, flush=True)
             for dtype, batch in configs:
                 run = {"round": r, "dtype": dtype, "batch_size": batch, "workers": K}
                 common = dict(layers=args.layers, batch_size=batch, dtype=dtype, steps=args.steps)
@@ -291,10 +341,13 @@ def main(argv=None) -> int:
             ray.shutdown()
 
     summary = table(results, configs, numpy_threads, K, ddp)
+    summary += (f"\n\nRay call floor (the step's calls with no compute and no data, floor_run): "
+                f"{median_of(floors):.1f} ms per step")
     print(summary)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"env": env, "args": vars(args), "runs": results, "table": summary}, fh, indent=1)
+            json.dump({"env": env, "args": vars(args), "runs": results, "ray_floor_ms": floors, "table": summary},
+                      fh, indent=1)
     return 0
 
 

@@ -389,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scaling.py: error: --out {args.out} exists and is not empty", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    from distbp.trainer import keep_local_ray_on_loopback
+
+    keep_local_ray_on_loopback(args.address)
     import ray
     from tqdm import tqdm
 
