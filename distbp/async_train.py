@@ -193,6 +193,7 @@ def train_async(config: Config, resumed: dict | None = None) -> dict:
     summary = {
         **describe(config, problem, total),
         "mode": config.mode,
+        "transport": "object-store",  # workers pull whatever weights the server holds: no shared rows (shm.py)
         "staleness": staleness,
         # Timing decides which pushes each gradient saw: another run, or another K, gives other bits.
         "exact": False,

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     import ray
     from ray.dag import InputNode
 
+    shm_before = set(os.listdir("/dev/shm"))
     ray.init(num_cpus=args.workers + 2, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR")
 
@@ -106,7 +107,24 @@ def main(argv=None) -> int:
     for name, bare, work, cpu in rows:
         print(f"| {name} | {bare:.2f} | {work:.1f} | {cpu:.2f} |")
     ray.shutdown()
+    # The graph's channels leave named semaphores behind (/dev/shm/sem.hdr<pid>-*, sem.obj<pid>-*,
+    # Ray 2.60, even after teardown and shutdown): remove the ones this run made, now that the
+    # process named in them is gone.
+    for name in set(os.listdir("/dev/shm")) - shm_before:
+        pid = name[len("sem.hdr"):].split("-")[0]
+        if name.startswith(("sem.hdr", "sem.obj")) and pid.isdigit() and not _alive(int(pid)):
+            os.unlink(os.path.join("/dev/shm", name))
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 if __name__ == "__main__":
