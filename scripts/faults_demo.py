@@ -17,10 +17,11 @@ import os
 import statistics
 import tempfile
 
-import ray
-
 from distbp import Config, crew, resume
-from distbp.trainer import train
+from distbp.trainer import keep_local_ray_on_loopback, train
+
+keep_local_ray_on_loopback("local")  # before Ray is imported: its local Ray listens on 127.0.0.1 only
+import ray  # noqa: E402
 
 
 def step_lines(out: str) -> list[dict]:
