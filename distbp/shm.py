@@ -111,13 +111,22 @@ def sweep() -> None:
         if not name.startswith(PREFIX) or not pid.isdigit() or not os.path.isdir(path):
             continue
         try:
-            if os.stat(path).st_uid != os.getuid():
-                continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except OSError:  # PermissionError: the pid runs, as another user
+            mine = os.stat(path).st_uid == os.getuid()
+        except OSError:
             continue
+        if mine and not alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (as any user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Maps:

@@ -181,7 +181,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
 
     from .actors import ParameterServer, Worker
     from .crew import Crew, ServerFailed
-    from .runtime import connect, in_bundle, one_node, place
+    from .runtime import board_for, connect, in_bundle, place
     from .shards import Servers, merge_reports
 
     if config.mode != "sync":  # not split-invariant: its own loop, over the same actors
@@ -212,8 +212,7 @@ def train(config: Config, resumed: dict | None = None) -> dict:
     try:
         started_ray = connect(config.address, cpus_wanted=K + S)
         pg = place(K + S)
-        # All on this machine: the weights and the node values go through shared files (shm.py).
-        board = shm.open_board(layout.size, dtype) if shm.available() and one_node(pg) else None
+        board = board_for(pg, layout.size, dtype)  # all on this machine: shared files, not the object store
         X_ref, Y_ref = ray.put(problem.X), ray.put(problem.Y)
         mask = layout.bias_mask(dtype)
 

@@ -100,7 +100,7 @@ def breakdown_run(config, warmup: int) -> dict:
     from distbp.crew import Crew
     from distbp.network import Layout, Network
     from distbp.optim import Hyper
-    from distbp.runtime import in_bundle, one_node, place
+    from distbp.runtime import board_for, in_bundle, place
     from distbp.shards import Servers, merge_reports
     from distbp.trainer import prepare
 
@@ -110,7 +110,7 @@ def breakdown_run(config, warmup: int) -> dict:
     net = Network(problem.layers, config.activation, config.loss, dtype, config.seed)
     hyper, mask = Hyper(config.optimizer, config.momentum, config.weight_decay), layout.bias_mask(dtype)
     pg = place(K + 1)
-    board = shm.open_board(layout.size, dtype) if shm.available() and one_node(pg) else None  # as train() does
+    board = board_for(pg, layout.size, dtype)  # as train() does
     try:
         X_ref, Y_ref = ray.put(problem.X), ray.put(problem.Y)
         crew = Crew(lambda: Servers(lambda s, lo, hi: ParameterServer.options(**in_bundle(pg, K)).remote(

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from distbp.shm import alive
     from distbp.trainer import keep_local_ray_on_loopback
 
     keep_local_ray_on_loopback(None)
@@ -112,19 +113,9 @@ def main(argv=None) -> int:
     # process named in them is gone.
     for name in set(os.listdir("/dev/shm")) - shm_before:
         pid = name[len("sem.hdr"):].split("-")[0]
-        if name.startswith(("sem.hdr", "sem.obj")) and pid.isdigit() and not _alive(int(pid)):
+        if name.startswith(("sem.hdr", "sem.obj")) and pid.isdigit() and not alive(int(pid)):
             os.unlink(os.path.join("/dev/shm", name))
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":
