@@ -9,6 +9,8 @@ because numpy's pool is sized at import and Ray reuses worker processes.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import ray
 from threadpoolctl import threadpool_limits
@@ -35,16 +37,9 @@ class Worker:
         threadpool_limits(BLAS_THREADS)
         self.board, self.maps = board, Maps()
         self.rows = None if board is None else Rows(board, self.maps, Layout(tuple(layers)).size, dtype)
-        self.filled: Block | None = None  # with a board: the rows the last call filled
-        self.call_step: int | None = None
-        self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch,
-                                 allocate=None if board is None else self._allocate)
+        self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch)
         self.fault: tuple[str, float] | None = None  # armed by --fault-injection for the next compute
         self.flat: np.ndarray | None = None  # the joined weight ranges with --servers S > 1
-
-    def _allocate(self, rows: int) -> np.ndarray:
-        self.filled, out = self.rows.take(self.call_step, rows)
-        return out
 
     def node_id(self) -> str:
         return _node_id()
@@ -71,12 +66,12 @@ class Worker:
         if self.fault is not None:
             action, seconds, self.fault = *self.fault, None
             strike(action, seconds)
-        self.call_step = step
+        allocate = None if self.rows is None else functools.partial(self.rows.take, step)
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver, by step
-            values, losses, seconds = self.state.compute(self._weights(weight_ranges), batch, ids)
+            values, losses, seconds = self.state.compute(self._weights(weight_ranges), batch, ids, allocate)
         S = len(weight_ranges)
         if self.board is not None:  # each server reads its columns of the rows in place
-            parts = [self.filled] * S
+            parts = [self.rows.last] * S
         elif S == 1:
             parts = [values]
         else:

@@ -56,10 +56,7 @@ class WorkerState:
     """A worker's data and buffers; ``compute`` is its whole job."""
 
     def __init__(self, layers, activation: str, loss: str, dtype, X: np.ndarray, Y: np.ndarray,
-                 micro_batch: int, allocate: Callable[[int], np.ndarray] | None = None):
-        """``allocate(rows)`` gives the ``(rows, P)`` array a call's node values are computed
-        into: rows of a shared file for actors on one machine (actors.py, shm.py), else a
-        buffer reused from call to call."""
+                 micro_batch: int):
         self.layout = Layout(tuple(layers))
         self.activation, self.loss = activation, loss
         self.dtype = np.dtype(dtype)
@@ -67,7 +64,6 @@ class WorkerState:
         self.micro_batch = micro_batch
         self.pool = BufferPool(self.layout.size, self.dtype)
         self.workspaces: dict[int, Workspace] = {}
-        self.allocate = allocate or self._reuse
         self.out = np.empty((0, self.layout.size), dtype=self.dtype)
         # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
         self.spans: deque[tuple[float, float, float]] = deque(maxlen=4096)
@@ -107,10 +103,13 @@ class WorkerState:
             np.add(dst, tmp, out=dst)
             self.pool.give(tmp)
 
-    def compute(self, weights: np.ndarray, batch: np.ndarray, ids: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
+    def compute(self, weights: np.ndarray, batch: np.ndarray, ids: list[int],
+                allocate: Callable[[int], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """Gradients of micro-batches ``ids`` of ``batch``, as the tree nodes they cover.
 
-        Returns ``(values, losses, seconds)``: ``values[r]`` is the r-th node of
+        ``allocate(rows)`` gives the ``(rows, P)`` array the node values are computed into:
+        rows of a shared file for actors on one machine (actors.py, shm.py); by default a
+        buffer reused from call to call.  Returns ``(values, losses, seconds)``: ``values[r]`` is the r-th node of
         ``tree.blocks(ids, n)`` (shape ``(nodes, P)``), ``losses[i]`` the summed error of
         micro-batch ``ids[i]`` (float64), and the compute time.
         """
@@ -118,7 +117,7 @@ class WorkerState:
         W = self.layout.views(weights)
         ranges = micro_batches(len(batch), self.micro_batch)
         nodes = tree.blocks(ids, len(ranges))
-        out = self.allocate(len(nodes))
+        out = (allocate or self._reuse)(len(nodes))
         losses = np.empty(len(ranges), dtype=np.float64)
         for r, node in enumerate(nodes):
             self.node(W, batch, ranges, node, out[r], losses)  # each node straight into its row
@@ -150,9 +149,8 @@ class ServerState:
         """``weights`` are this range's starting values; ``out``, if given, is where the server
         keeps and updates them (its range of the shared weights: shm.py)."""
         self.lo, self.hi = lo, hi
-        self.weights = np.array(weights, copy=True) if out is None else out  # owned and writable
-        if out is not None:
-            np.copyto(out, weights)
+        self.weights = np.empty_like(weights) if out is None else out  # owned and writable
+        np.copyto(self.weights, weights)
         self.hyper = hyper
         self.state = init_state(hyper.optimizer, len(self.weights), self.weights.dtype)
         self.decay_mask = decay_mask

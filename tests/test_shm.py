@@ -43,17 +43,18 @@ def test_a_block_written_in_one_mapping_is_read_in_another(board):
 def test_rows_of_one_step_are_distinct_and_a_new_step_reuses_them(board):
     maps = shm.Maps()
     rows = shm.Rows(board, maps, width=5, dtype=np.float64)
-    a, va = rows.take(step=0, rows=1)
-    b, vb = rows.take(step=0, rows=2)  # a second call of the same step (a backup): the file grows
+    va, a = rows.take(step=0, rows=1), rows.last
+    vb, b = rows.take(step=0, rows=2), rows.last  # a second call of the same step (a backup): the file grows
     va[:] = 1.0
     vb[:] = 2.0
     reader = shm.Maps()
     assert (reader.view(a) == 1.0).all() and (reader.view(b) == 2.0).all()  # neither overwrote the other
     assert a.path != b.path and os.path.exists(a.path)  # the first file is kept while its step lasts
-    c, vc = rows.take(step=1, rows=2)  # a new step: the servers are done with step 0
+    vc, c = rows.take(step=1, rows=2), rows.last  # a new step: the servers are done with step 0
     assert not os.path.exists(a.path)  # the outgrown file is removed...
     assert (c.path, c.offset) == (b.path, 0)  # ...and the current one reused from row 0
-    d, _ = rows.take(step=1, rows=1)
+    rows.take(step=1, rows=1)
+    d = rows.last
     assert d.path != c.path or d.offset >= c.offset + 2 * 5  # rows taken in a step are never handed out twice
     assert vc.dtype == np.float64 and vc.shape == (2, 5)
 
