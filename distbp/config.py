@@ -15,9 +15,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from . import faults
 from .errors import DataError, UsageError
-from .network import ACTIVATIONS, DTYPES, LOSSES
-from .optim import OPTIMIZERS
-from .schedule import SCHEDULES, parse_milestones
+from .lecture.network import ACTIVATIONS, DTYPES, LOSSES
+from .lecture.optim import OPTIMIZERS
+from .lecture.schedule import SCHEDULES, parse_milestones
 
 
 def opt(default, help: str, choices=None, metavar=None):
@@ -28,7 +28,7 @@ def opt(default, help: str, choices=None, metavar=None):
 class Config:
     dataset: str = opt("spirals", "spirals | fashion-mnist | random:N,D,C | npz:PATH", metavar="NAME")
     data_dir: str | None = opt(None, "where the Fashion-MNIST IDX files are "
-                                     "(default /usr/share/datasets/fashion-mnist)", metavar="DIR")
+                                     "(default: /usr/share/datasets/fashion-mnist)", metavar="DIR")
     val_fraction: float = opt(0.0, "hold out this fraction of the training set for validation", metavar="F")
     layers: str | None = opt(None, "layer sizes d^0,...,d^L (default: the data's input size,64,64,its classes)",
                              metavar="D0,...,DL")
@@ -59,7 +59,7 @@ class Config:
     seed: int = opt(0, "seed for weights, data and sampling", metavar="S")
     address: str | None = opt(None, "Ray address: 'auto' joins a running cluster "
                                     "(default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1)", metavar="ADDR")
-    out: str | None = opt(None, "directory for results (default runs/<timestamp>)", metavar="DIR")
+    out: str | None = opt(None, "directory for results (default: runs/<timestamp>)", metavar="DIR")
     checkpoint_every: int = opt(0, "also write checkpoint.npz every N steps (it is always written at the end "
                                    "of each epoch); a lost server restarts from the latest one", metavar="N")
     fault_injection: str | None = opt(None, "faults to inject on purpose, comma-separated: kill-worker:K@S, "
@@ -70,8 +70,8 @@ class Config:
     mode: str = opt("sync", "sync: exact, the same bits for any K and S; async (push when done, pull the latest "
                             "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",
                     choices=("sync", "async", "ssp"))
-    staleness: int | None = opt(None, "with --mode ssp: how many steps a worker may run ahead of the slowest "
-                                      "(Ho et al. 2013; default 2)", metavar="s")
+    staleness: int | None = opt(None, "with --mode ssp: how many steps a worker may run ahead of the slowest, "
+                                      "as in Ho et al. 2013 (default: 2)", metavar="s")
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad option; checks that need the data come later."""
@@ -146,21 +146,32 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _type_of(f) -> type:
+def option_type(f) -> type:
+    """The Python type of a Config field's values (None aside)."""
     default = f.default if f.default is not MISSING else None
     if f.name in ("steps", "base_batch", "staleness"):
         return int
     return type(default) if default is not None else str
 
 
+def help_text(f) -> str:
+    """A field's help for ``--help``: its text, then ``(default: X)`` unless the default is None."""
+    text = f.metadata["help"] if f.default is None else f"{f.metadata['help']} (default: {f.default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field; defaults are left to Config so the file can fill them."""
+    """One flag per Config field; defaults are left to Config so the file can fill them.
+
+    Each flag's help shows its default once: ``(default: X)`` is appended from the field, except
+    for a None default (unset), whose help says itself what happens then.
+    """
     parser.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file; flags override it")
     for f in fields(Config):
-        kind = _type_of(f)
+        kind = option_type(f)
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
-                            help=f"{f.metadata['help']} (default: {f.default})")
+                            help=help_text(f))
 
 
 def load_toml(path: str) -> dict:
@@ -178,7 +189,7 @@ def load_toml(path: str) -> dict:
         name = key.replace("-", "_")
         if name not in known:
             raise UsageError(f"--config {path}: unknown key {key!r}")
-        kind = _type_of(known[name])
+        kind = option_type(known[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind is str and name in ("layers", "lr_step_epochs") and isinstance(value, list):
@@ -220,7 +231,7 @@ def for_resume(stored: dict, options: dict, directory: str) -> Config:
         raise DataError(f"{directory}/checkpoint.npz: its config has options this distbp does not know "
                         f"({', '.join(unknown)}); it was written by another version")
     for name, value in stored.items():
-        kind = _type_of(known[name])
+        kind = option_type(known[name])
         if kind is float and isinstance(value, int):
             value = stored[name] = float(value)
         if not (value is None or isinstance(value, kind)) or isinstance(value, bool):

@@ -21,6 +21,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 from .errors import UsageError
 
@@ -31,6 +32,13 @@ _FORMS = {
 }
 
 
+class Action(Enum):
+    """What an actor does when its fault strikes."""
+
+    KILL = "kill"
+    DELAY = "delay"
+
+
 @dataclass(frozen=True)
 class Fault:
     kind: str  # "kill-worker", "delay-worker" or "kill-server"
@@ -39,9 +47,9 @@ class Fault:
     seconds: float = 0.0
 
     @property
-    def action(self) -> str:
-        """What the actor does when the fault strikes: ``kill`` or ``delay``."""
-        return "delay" if self.kind == "delay-worker" else "kill"
+    def action(self) -> Action:
+        """What the actor does when the fault strikes."""
+        return Action.DELAY if self.kind == "delay-worker" else Action.KILL
 
     def __str__(self) -> str:
         if self.kind == "kill-server":
@@ -63,8 +71,11 @@ def parse(spec: str | None, workers: int) -> list[Fault]:
             raise UsageError(f"--fault-injection: cannot read {item!r}; expected kill-worker:K@S, "
                              "delay-worker:K@S:SECONDS or kill-server@S")
         fields = match.groupdict()
-        fault = Fault(kind, int(fields["step"]), int(fields["target"]) if "target" in fields else None,
-                      float(fields.get("seconds") or 0.0))
+        try:
+            seconds = float(fields.get("seconds") or 0.0)
+        except ValueError:
+            raise UsageError(f"--fault-injection {item}: the delay must be a number of seconds") from None
+        fault = Fault(kind, int(fields["step"]), int(fields["target"]) if "target" in fields else None, seconds)
         if fault.step < 1:
             raise UsageError(f"--fault-injection {item}: steps count from 1")
         if fault.target is not None and fault.target >= workers:
@@ -75,9 +86,9 @@ def parse(spec: str | None, workers: int) -> list[Fault]:
     return faults
 
 
-def strike(action: str, seconds: float = 0.0) -> None:
+def strike(action: Action, seconds: float = 0.0) -> None:
     """Run inside the actor: die the way a crashed or OOM-killed process dies, or stall."""
-    if action == "kill":
+    if action is Action.KILL:
         os.kill(os.getpid(), signal.SIGKILL)
-    elif action == "delay":
+    else:
         time.sleep(seconds)

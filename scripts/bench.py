@@ -6,15 +6,16 @@
 
 For each config (dtype, global batch B) and each round, one after the other:
 
-- ``numpy``: ``../shared/bench/numpy_baseline.py`` with every core (and with K threads when
-  K is less than the cores: each distbp worker runs BLAS on one thread, so with K=1 the
-  fair comparison is numpy on one thread);
-- ``ddp``: ``../shared/bench/ddp_baseline.py``, K processes over gloo (only when torch imports);
-- ``distbp``: the real ``distbp.trainer.train`` on random data (SGD, mean reduction), its
+- ``numpy``: ``scripts/baselines/numpy_baseline.py``, the plain single-process step, with every
+  core (and with K threads when K is less than the cores: each distbp worker runs BLAS on one
+  thread, so with K=1 the fair comparison is numpy on one thread);
+- ``ddp``: ``scripts/baselines/ddp_baseline.py``, K processes of one thread over gloo (only when
+  torch imports; skipped otherwise);
+- ``distbp``: the real ``distbp.loops.sync.train`` on random data (SGD, mean reduction), its
   samples/s from the step times in ``metrics.jsonl``;
-- the breakdown: the trainer's step loop (``Crew`` and ``Servers``, without metrics and
-  checkpoints) with wall-clock timestamps from the workers and the server, and the CPU time
-  and page faults of every process per step;
+- the breakdown: the sync loop's steps on a ``Session`` (``Crew`` and ``Servers`` as
+  ``loops/sync.py`` drives them, without metrics and checkpoints) with wall-clock timestamps
+  from the workers and the server, and the CPU time and page faults of every process per step;
 - once per round, the Ray call floor: the same pattern of actor calls with no compute and no
   data (``floor_run``), the least a step costs while each step goes through Ray's task calls.
 
@@ -22,6 +23,7 @@ Every figure is the median over the steps after warm-up; with ``--rounds R`` the
 the median over rounds of each figure and of each ratio.  The machine may be shared, so only
 ratios measured side by side mean much.  The baselines run at Ray's worker niceness
 (``--baseline-nice``), so that on a busy machine every contender computes at the same priority.
+The baselines import nothing from distbp, so that a change in distbp cannot move its yardsticks.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+BASELINES = REPO / "scripts" / "baselines"  # numpy_baseline.py and ddp_baseline.py
 LAYERS = "784,1024,1024,10"
 RAY_WORKER_NICENESS = 15  # Ray's default (RAY_worker_niceness): its worker processes run at nice 15
 PHASES = ("compute", "broadcast", "grad_transfer", "server_sum", "update", "other")
@@ -70,20 +73,21 @@ def make_config(dtype: str, batch: int, args, out: str | None):
 
 
 def trainer_run(config, warmup: int) -> dict:
-    """``distbp.trainer.train`` itself: samples/s from the times of metrics.jsonl."""
-    from distbp.trainer import train
+    """``distbp.loops.sync.train`` itself: samples/s from the times of metrics.jsonl."""
+    from distbp.loops.sync import train
+    from distbp.run import metrics
 
     summary = train(config)
-    with open(os.path.join(config.out, "metrics.jsonl")) as fh:
-        times = [r["time"] for r in map(json.loads, fh) if "loss" in r]
+    times = [r["time"] for r in metrics.steps(metrics.read(os.path.join(config.out, metrics.NAME)))]
     step = float(np.median(np.diff(times)[warmup:-1]))
     return {"step_ms": step * 1e3, "samples_per_second": config.batch_size / step,
             "micro_batch": config.micro_batch, "weights_sha256": summary["weights_sha256"]}
 
 
 def breakdown_run(config, warmup: int) -> dict:
-    """The trainer's step loop (``Crew`` and ``Servers``, as ``trainer.train`` drives them) with
-    per-step timestamps from the actors, split into phases, and the CPU time of each process.
+    """The sync loop's steps (``Crew`` and ``Servers`` on a ``Session``, as ``loops/sync.py``
+    drives them) with per-step timestamps from the actors, split into phases, and the CPU time
+    of each process.
 
     For step t, with ``S_end(t-1)`` the time the server returned the weights and ``k`` the
     worker that finished last, the critical path is: broadcast ``S_end(t-1) -> start_k``
@@ -95,66 +99,51 @@ def breakdown_run(config, warmup: int) -> dict:
     """
     import ray
 
-    from distbp import shm
-    from distbp.actors import ParameterServer, Worker
-    from distbp.crew import Crew
-    from distbp.network import Layout, Network
-    from distbp.optim import Hyper
-    from distbp.runtime import board_for, in_bundle, place
-    from distbp.shards import Servers, merge_reports
-    from distbp.trainer import prepare
+    from distbp.data.problem import prepare
+    from distbp.distributed.crew import Crew
+    from distbp.distributed.session import Session
+    from distbp.lecture.network import Network
+    from distbp.step.server import merge_reports
 
     problem = prepare(config)
-    K, M, sampler = config.workers, config.micro_batch, problem.sampler
-    layout, dtype = Layout(problem.layers), np.dtype(config.dtype)
-    net = Network(problem.layers, config.activation, config.loss, dtype, config.seed)
-    hyper, mask = Hyper(config.optimizer, config.momentum, config.weight_decay), layout.bias_mask(dtype)
-    pg = place(K + 1)
-    board = board_for(pg, layout.size, dtype)  # as train() does
-    try:
-        X_ref, Y_ref = ray.put(problem.X), ray.put(problem.Y)
-        crew = Crew(lambda: Servers(lambda s, lo, hi: ParameterServer.options(**in_bundle(pg, K)).remote(
-                        net.flat[lo:hi], lo, hi, hyper, mask[lo:hi], board), layout.size, 1),
-                    lambda k: Worker.options(**in_bundle(pg, k)).remote(
-                        problem.layers, config.activation, config.loss, dtype, X_ref, Y_ref, M, board),
-                    K, M)
-        server = crew.server.actors[0]
-        pids = {"server": [ray.get(server.pid.remote())], "workers": ray.get([w.pid.remote() for w in crew.workers]),
+    K, sampler, total = config.workers, problem.sampler, problem.total_steps
+    net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
+    # The CPU counters are read before step ``first`` (after warm-up) and before step ``total``,
+    # each time with nothing in flight: they cover steps first..total-1.
+    first = warmup + 2
+    with Session(config, problem, servers=1) as session:
+        servers = session.start_servers(net.flat)
+        pool = session.start_workers()
+        pool.wait_started()
+        crew = Crew(pool, servers, config.micro_batch)
+        pids = {"server": ray.get([a.pid.remote() for a in servers.actors]),
+                "workers": ray.get([w.pid.remote() for w in pool.actors]),
                 "driver": [os.getpid()], "raylet": _ray_pids("raylet")}
-        weights = crew.server.weights()
+        weights = servers.weights()
         pending: deque = deque()
         reports: dict[int, dict] = {}
+        usage: dict[int, dict] = {}
 
         def drain(keep: int) -> None:
             while len(pending) > keep:
-                reports.update(merge_reports(ray.get(pending.popleft())))
+                reports.update(merge_reports(servers.get(pending.popleft())))
 
-        for t in range(problem.total_steps):
-            if t in (warmup + 1, problem.total_steps - 1):  # CPU seconds of each process, between two drains
-                ray.get(weights)
+        for step in range(1, total + 1):
+            if step in (first, total):  # between two drains: nothing of another step is in flight
+                servers.get(weights)
                 drain(0)
-                cpu = {role: sum(_cpu_seconds(p) for p in ps) for role, ps in pids.items()}
-                cpu.update({f"{role}_faults": sum(_minor_faults(p) for p in ps) for role, ps in pids.items()})
-                if t == warmup + 1:
-                    cpu0, t0 = cpu, t
-                else:
-                    cpu_ms = {role: (cpu[role] - cpu0[role]) / (t - t0) * (1 if "faults" in role else 1e3)
-                              for role in cpu}
-            batch = sampler.batch(t)
-            done = crew.compute(t, batch, weights)
-            weights = crew.server.step(done.n, done.nodes, config.lr, t + 1, len(batch), done.values)
-            pending.append(crew.server.report())
-            drain(1)
+                usage[step] = _usage(pids)
+            batch = sampler.batch(step)
+            done = crew.compute(step, batch, weights)
+            scale = len(batch) if config.reduction == "mean" else None
+            weights = servers.step(done.n, done.nodes, config.lr, step, scale, done.values)
+            pending.append(servers.report())
+            drain(1)  # as the sync loop does: a step's report is read one step late
         drain(0)
-        spans = sorted(span for w in crew.workers for span in ray.get(w.spans.remote()))
-    finally:
-        from ray.util.placement_group import remove_placement_group
-        remove_placement_group(pg)
-        if board is not None:
-            shm.close_board(board)
+        spans = sorted(span for w in pool.actors for span in ray.get(w.spans.remote()))
 
     rows = []
-    for t in range(warmup + 2, problem.total_steps + 1):
+    for t in range(first, total + 1):
         prev, cur = reports[t - 1], reports[t]
         T = cur["end"] - prev["end"]
         mine = [span for span in spans if prev["end"] <= span[0] and span[1] <= cur["start"]]  # step t's calls
@@ -165,8 +154,11 @@ def breakdown_run(config, warmup: int) -> dict:
         row["idle"] = T - sum(e - s for s, e, _ in mine) / K
         rows.append(row)
     med = {key: float(np.median([r[key] for r in rows])) * 1e3 for key in rows[0]}
+    # Per step: CPU milliseconds, and page faults as they are.
+    cpu_ms = {role: (usage[total][role] - usage[first][role]) / (total - first) * (1 if "faults" in role else 1e3)
+              for role in usage[first]}
     # Of the CPU time per step: the workers' in compute() (backprop, tree), the server's in step().
-    steps = [t for t in range(t0 + 1, problem.total_steps) if t in reports]
+    steps = [t for t in range(first, total) if t in reports]
     cpu_ms["workers_compute"] = sum(c for s, e, c in spans if reports[steps[0] - 1]["end"] <= s
                                     and e <= reports[steps[-1]]["start"]) / len(steps) * 1e3
     cpu_ms["server_step"] = sum(reports[t]["cpu"] for t in steps) / len(steps) * 1e3
@@ -175,7 +167,7 @@ def breakdown_run(config, warmup: int) -> dict:
 
 
 def floor_run(K: int, steps: int, warmup: int) -> float:
-    """Milliseconds per step of the trainer's pattern of Ray calls with nothing in them: K worker
+    """Milliseconds per step of the sync loop's pattern of Ray calls with nothing in them: K worker
     actors each answering a compute call that waits on the server's last result, the driver
     waiting for every answer, then one server call and one report call.  No computation and
     no data (what shared memory leaves of the transfers: a few dozen bytes a call).  The
@@ -184,11 +176,13 @@ def floor_run(K: int, steps: int, warmup: int) -> float:
 
     @ray.remote(num_cpus=1)
     class Echo:
-        @ray.method(num_returns=2)
-        def compute(self, batch, ids, weights, step=None):
-            return ("values", step), (np.zeros(len(ids)), 0.0)
+        """The signatures of ``Worker`` and ``ParameterServer`` (one server range), doing nothing."""
 
-        def step(self, t, *values):
+        @ray.method(num_returns=2)
+        def compute(self, step, batch, nodes, *weights):
+            return ("values", step), (np.zeros(len(nodes)), 0.0)
+
+        def step(self, n, nodes, lr, t, scale, *values):
             return ("weights", t)
 
         def report(self):
@@ -196,22 +190,29 @@ def floor_run(K: int, steps: int, warmup: int) -> float:
 
     workers, server = [Echo.remote() for _ in range(K)], Echo.remote()
     batch, weights, pending, times = np.arange(256), ray.put(("weights", 0)), deque(), []
-    for t in range(warmup + steps):
+    for t in range(1, warmup + steps + 1):  # steps count from 1, as everywhere in distbp
         start = time.perf_counter()
-        tasks = [w.compute.remote(batch, [k], weights, step=t) for k, w in enumerate(workers)]
+        tasks = [w.compute.remote(t, batch, [k], weights) for k, w in enumerate(workers)]
         waiting = [info for _, info in tasks]
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)
             ray.get(ready)
-        weights = server.step.remote(t + 1, *(values for values, _ in tasks))
+        weights = server.step.remote(K, None, 0.01, t, len(batch), *(values for values, _ in tasks))
         pending.append(server.report.remote())
-        while len(pending) > 1:  # reports are read one step late, as the trainer does
+        while len(pending) > 1:  # reports are read one step late, as the sync loop does
             ray.get(pending.popleft())
         times.append(time.perf_counter() - start)
     ray.get(weights)
     for actor in (*workers, server):
         ray.kill(actor)
     return float(np.median(times[warmup:])) * 1e3
+
+
+def _usage(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds and minor page faults so far of each role's processes."""
+    usage = {role: sum(_cpu_seconds(p) for p in ps) for role, ps in pids.items()}
+    usage.update({f"{role}_faults": sum(_minor_faults(p) for p in ps) for role, ps in pids.items()})
+    return usage
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -278,29 +279,30 @@ def main(argv=None) -> int:
                     help="untimed steps first: until Ray's processes have touched the object-store pages "
                          "that steps reuse, every step takes thousands of page faults (docs/performance.md)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every measurement, report medians")
-    ap.add_argument("--baselines", default=str(REPO.parent / "shared" / "bench"),
-                    help="directory of numpy_baseline.py and ddp_baseline.py")
     ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP baseline")
     ap.add_argument("--baseline-nice", type=int, default=RAY_WORKER_NICENESS,
                     help="run the baselines at this niceness: Ray runs its workers at 15, so on a busy "
                          "machine every contender computes at the same priority")
     ap.add_argument("--out", metavar="FILE.json", help="write every figure here")
     args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error("--steps must be at least 2: the breakdown times the steps between two readings")
 
-    from distbp.trainer import keep_local_ray_on_loopback
+    from distbp.distributed.loopback import keep_local_ray_on_loopback
 
     keep_local_ray_on_loopback(None)  # this script always starts its own local Ray
     import ray
 
-    from distbp.runtime import connect
+    from distbp.distributed.runtime import connect
 
-    baselines = Path(args.baselines)
     cores = os.cpu_count() or 1
     K = args.workers
     numpy_threads = sorted({cores, min(K, cores)}, reverse=True)
     ddp = not args.no_ddp and torch_available()
     configs = [(d, int(b)) for d, b in (c.split(":") for c in args.configs.split(","))]
 
+    # Ray once for the whole run: each Session (train's and the breakdown's) finds it
+    # initialized, so it places its actors in it and leaves it up when it closes.
     started = connect(None, cpus_wanted=K + 1)
 
     @ray.remote(num_cpus=0)
@@ -322,9 +324,9 @@ def main(argv=None) -> int:
                 run = {"round": r, "dtype": dtype, "batch_size": batch, "workers": K}
                 common = dict(layers=args.layers, batch_size=batch, dtype=dtype, steps=args.steps)
                 nice = args.baseline_nice
-                run["numpy"] = {str(n): baseline(baselines / "numpy_baseline.py", nice, threads=n, **common)
+                run["numpy"] = {str(n): baseline(BASELINES / "numpy_baseline.py", nice, threads=n, **common)
                                 for n in numpy_threads}
-                run["ddp"] = baseline(baselines / "ddp_baseline.py", nice, workers=K, **common) if ddp else None
+                run["ddp"] = baseline(BASELINES / "ddp_baseline.py", nice, workers=K, **common) if ddp else None
                 with tempfile.TemporaryDirectory() as tmp:
                     run["distbp"] = trainer_run(make_config(dtype, batch, args, os.path.join(tmp, "run")),
                                                 args.warmup)

@@ -3,12 +3,12 @@
 
     python scripts/cgraph_probe.py
 
-With the vectors in shared memory (distbp/shm.py), what is left of a step's transport is
-Ray's task-call latency.  Compiled Graphs replace task calls by shared-memory channels with
-"less than 50us system overhead" (Ray's docs).  This script runs the shape of a distbp step,
-K worker actors then one server actor that takes their results, three ways over the same
-actors: plain Ray task calls, and a compiled graph, each with no compute and with each worker
-doing a fixed single-thread matrix product per step (about 15 ms here).  It prints the
+With the vectors in shared memory (distbp/distributed/shm.py), what is left of a step's
+transport is Ray's task-call latency.  Compiled Graphs replace task calls by shared-memory
+channels with "less than 50us system overhead" (Ray's docs).  This script runs the shape of a
+distbp step, K worker actors then one server actor that takes their results, three ways over
+the same actors: plain Ray task calls, and a compiled graph, each with no compute and with each
+worker doing a fixed single-thread matrix product per step (about 15 ms here).  It prints the
 median milliseconds per step and the CPU the actors burn while the graph sits idle.
 """
 
@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from distbp.shm import alive
-    from distbp.trainer import keep_local_ray_on_loopback
+    from distbp.distributed.loopback import keep_local_ray_on_loopback
+    from distbp.distributed.shm import alive  # no Ray in it: still before Ray's first import
 
     keep_local_ray_on_loopback(None)
     import ray

@@ -5,28 +5,30 @@
 For each run: the final weights_sha256, whether every step's summed-gradient hash equals the
 fault-free run's (the same samples, each counted once), the longest and the median step time
 (from metrics.jsonl), and what the crew did.  "delay, no stealing" is the same delayed run
-with backups switched off (crew.LATE_FACTOR raised), for the cost of waiting for a straggler.
-The figures in docs/reliability.md come from this script.
+with backups switched off (``distbp.distributed.crew.LATE_FACTOR`` raised), for the cost of
+waiting for a straggler.  The figures in docs/reliability.md come from this script.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 
-from distbp import Config, crew, resume
-from distbp.trainer import keep_local_ray_on_loopback, train
+from distbp import Config
+from distbp.distributed.loopback import keep_local_ray_on_loopback
+from distbp.run import metrics, resume
 
 keep_local_ray_on_loopback("local")  # before Ray is imported: its local Ray listens on 127.0.0.1 only
 import ray  # noqa: E402
 
+from distbp.distributed import crew  # noqa: E402  (imports Ray)
+from distbp.loops.sync import train  # noqa: E402  (imports Ray)
+
 
 def step_lines(out: str) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [e for e in map(json.loads, fh) if "loss" in e]
+    return metrics.steps(metrics.read(os.path.join(out, metrics.NAME)))
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
     python scripts/scaling.py --out /tmp/scaling                  # the sweeps of docs/scaling.md
     python scripts/scaling.py --address auto --workers 1,2,4,8 --out /tmp/scaling   # on a cluster
 
-Every run is the real ``distbp.trainer.train`` (random data, SGD); its per-step times come
+Every run is the real ``distbp.loops.sync.train`` (random data, SGD); its per-step times come
 from ``metrics.jsonl`` (``time`` for the step period, ``worker_compute``, ``server_sum``,
 ``update``; ``other`` is what is left of the period: transfers, Ray, the driver), each the
 median over the steps after ``--warmup``.
@@ -14,7 +14,7 @@ median over the steps after ``--warmup``.
 - weak scaling: per-worker batch b fixed, B = b * K;
 - servers: K = the largest --workers, S = each of --servers: bytes each server receives per step;
 - modes: sync, async and ssp on the same data, loss against wall-clock time and samples seen;
-- the cost model (distbp/costmodel.py) fitted to the strong, weak and servers runs, plotted
+- the cost model (distbp/tools/costmodel.py) fitted to the strong, weak and servers runs, plotted
   against them, and extrapolated to 8-64 nodes at --bandwidth-gbit (an assumed network).
 
 Writes to --out: ``results.csv`` and ``results.json`` (one row per run), ``modes.csv``,
@@ -157,14 +157,14 @@ def config_for(run: Run, out: str):
 
 def execute(run: Run, out_dir: str, warmup: int) -> tuple[dict, list[dict]]:
     """Train ``run``; return its row and its metrics lines."""
-    from distbp.network import Layout
-    from distbp.trainer import train
+    from distbp.lecture.network import Layout
+    from distbp.loops.sync import train
+    from distbp.run import metrics
 
     config = config_for(run, os.path.join(out_dir, "runs", run.name))
     with contextlib.redirect_stderr(io.StringIO()):  # the trainer's epoch lines would break the sweep's bar
         summary = train(config)
-    with open(os.path.join(config.out, "metrics.jsonl")) as fh:
-        lines = [m for m in map(json.loads, fh) if "loss" in m]
+    lines = metrics.steps(metrics.read(os.path.join(config.out, metrics.NAME)))
     row = {"sweep": run.sweep, "layers": run.layers, "params": Layout(tuple(ints(run.layers))).size,
            "workers": run.workers, "servers": run.servers, "batch_size": run.batch_size,
            "per_worker_batch": run.extra.get("per_worker_batch", run.batch_size / run.workers),
@@ -216,7 +216,7 @@ def write_table(path: str, rows: list[dict]) -> None:
 
 def fit_cost_model(rows: list[dict], bandwidth_gbit: float) -> dict | None:
     """The cost model fitted to the timed runs, with its predictions; None if too few runs."""
-    from distbp import costmodel
+    from distbp.tools import costmodel
 
     timed = [r for r in rows if "step_s" in r]
     X = np.array([costmodel.features(r["workers"], r["servers"], r["params"], r["batch_size"], r["micro_batch"])
@@ -389,14 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scaling.py: error: --out {args.out} exists and is not empty", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    from distbp.trainer import keep_local_ray_on_loopback
+    from distbp.distributed.loopback import keep_local_ray_on_loopback
 
     keep_local_ray_on_loopback(args.address)
     import ray
     from tqdm import tqdm
 
+    from distbp.distributed.runtime import connect
     from distbp.errors import UsageError
-    from distbp.runtime import connect
 
     try:
         started = connect(args.address, cpus_wanted=max(args.workers) + max(args.servers))
@@ -407,9 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
         runs = plan(args, cpus)
-        for run in tqdm(runs, desc="scaling runs", unit="run", file=sys.stderr):
+        # A bar on a terminal; in a log (stderr redirected, CI) one plain line per run instead,
+        # since a bar's \r-joined redraws make one unreadable line of the whole sweep.
+        tty = sys.stderr.isatty()
+        for i, run in enumerate(tqdm(runs, desc="scaling runs", unit="run", file=sys.stderr, disable=not tty), 1):
             if run.workers + run.servers > cpus:  # would wait for a placement that never comes
                 skipped.append(f"{run.name}: needs {run.workers + run.servers} CPUs, the cluster has {cpus:g}")
+                if not tty:
+                    print(f"scaling run {i}/{len(runs)} {run.name}: skipped", file=sys.stderr, flush=True)
                 continue
             if run.key in measured:
                 row, lines = dict(measured[run.key][0]), measured[run.key][1]
@@ -417,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row, lines = measured[run.key] = execute(run, args.out, args.warmup)
             rows.append(row)
+            if not tty:
+                print(f"scaling run {i}/{len(runs)} {run.name}: {outcome(row)}", file=sys.stderr, flush=True)
             if run.sweep == "mode":
                 mode_lines[run.mode + (f" s={run.staleness}" if run.staleness is not None else "")] = lines
     finally:
@@ -443,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     written = plots(args.out, rows, mode_lines, model)
     summarize(rows, model, skipped, written)
     return 0
+
+
+def outcome(row: dict) -> str:
+    """One run's result in a few words, for the log line of a sweep without a terminal."""
+    if "step_s" in row:
+        return f"{row['step_s'] * 1e3:.2f} ms per step, {row['samples_per_s']:.0f} samples/s"
+    return f"final loss {row['final_loss']:.4f}, wall {row['wall_time_s']:.1f} s"
 
 
 def summarize(rows: list[dict], model: dict | None, skipped: list[str], written: list[str]) -> None:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from distbp.trainer import keep_local_ray_on_loopback
+from distbp.distributed.loopback import keep_local_ray_on_loopback
 
 # Before any test module imports Ray: the session's Ray, and every local Ray a test starts,
 # listen on 127.0.0.1 only.  (test_cluster.py gives its cluster's processes no RAY_* variable.)

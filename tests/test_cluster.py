@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import train_config
 
-from distbp.trainer import train
+from distbp.loops.sync import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "local_cluster.sh"

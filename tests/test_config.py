@@ -32,7 +32,7 @@ def test_every_option_can_come_from_a_file_or_a_flag(tmp_path: Path) -> None:
     """Both derive from Config's fields; a value for each field goes through each path unchanged."""
     toml, argv, expected = [], [], {}
     for f in fields(Config):
-        kind = cfg._type_of(f)
+        kind = cfg.option_type(f)
         value, literal = SAMPLE[kind]
         if f.metadata.get("choices"):
             value = f.metadata["choices"][-1]

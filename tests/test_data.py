@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from distbp.cli import main
-from distbp.data import Sampler, fashion_mnist, hold_out, load, load_npz, random_data, spirals
+from distbp.data.datasets import fashion_mnist, hold_out, load, load_npz, random_data, spirals
+from distbp.data.idx import load_fashion_mnist
+from distbp.data.sampler import Sampler
 from distbp.errors import DataError
-from distbp.idx import load_fashion_mnist
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 rng = np.random.default_rng(0)
@@ -173,7 +174,7 @@ def test_fashion_mnist_standardised_with_training_statistics_only() -> None:
 
 def indexed(n: int = 100):
     """A dataset whose single feature is the row number, so rows can be traced."""
-    from distbp.data import Dataset
+    from distbp.data.datasets import Dataset
 
     X = np.arange(n, dtype=np.float64).reshape(n, 1)
     return Dataset("rows", X, np.arange(n) % 3, X + 1000, np.zeros(n, dtype=np.int64), n_classes=3)
@@ -209,7 +210,7 @@ def test_each_epoch_is_a_permutation_cut_into_batches() -> None:
     assert s.steps_per_epoch == 11
     epochs = []
     for e in range(3):
-        batches = [s.batch(e * 11 + j) for j in range(11)]
+        batches = [s.batch(e * 11 + j) for j in range(1, 12)]  # steps count from 1
         assert [len(b) for b in batches] == [10] * 10 + [3]
         order = np.concatenate(batches)
         assert sorted(order.tolist()) == list(range(103))
@@ -219,20 +220,20 @@ def test_each_epoch_is_a_permutation_cut_into_batches() -> None:
 
 def test_sampler_is_a_pure_function_of_the_step() -> None:
     # Random access (as after a resume) gives the batches a run in order gives.
-    in_order = [Sampler(50, 8, seed=2).batch(t) for t in range(21)]
+    in_order = {step: Sampler(50, 8, seed=2).batch(step) for step in range(1, 22)}  # steps count from 1
     s = Sampler(50, 8, seed=2)
-    for t in [20, 3, 14, 0, 7, 20, 9]:
-        np.testing.assert_array_equal(s.batch(t), in_order[t])
-    assert not np.array_equal(Sampler(50, 8, seed=3).batch(0), in_order[0])
+    for step in [21, 4, 15, 1, 8, 21, 10]:
+        np.testing.assert_array_equal(s.batch(step), in_order[step])
+    assert not np.array_equal(Sampler(50, 8, seed=3).batch(1), in_order[1])
 
 
 def test_batches_do_not_depend_on_the_worker_count(tmp_path: Path) -> None:
     from conftest import train_config
 
-    from distbp.trainer import prepare
+    from distbp.data.problem import prepare
 
     samplers = [prepare(train_config(tmp_path, workers=k, micro_batch=m)).sampler for k, m in ((1, 8), (3, 8), (7, 5))]
-    for t in range(30):
-        first = samplers[0].batch(t)
+    for step in range(1, 31):
+        first = samplers[0].batch(step)
         for s in samplers[1:]:
-            np.testing.assert_array_equal(s.batch(t), first)
+            np.testing.assert_array_equal(s.batch(step), first)

@@ -16,8 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from distbp import checkpoint, cli
-from distbp.network import Layout
+from distbp import cli
+from distbp.lecture.network import Layout
+from distbp.run import checkpoint
 
 SMALL = ["--dataset", "spirals", "--layers", "2,16,16,3", "--batch-size", "60", "--micro-batch", "8", "--steps", "2"]
 
@@ -235,7 +236,7 @@ def ray_head_with_token():
 def test_cluster_with_another_token_is_refused_quickly(tmp_path, ray_head_with_token):
     address, token = ray_head_with_token
     # the same check with the right token passes: it is the token that is refused, not the address
-    probe = [sys.executable, "-c", f"from distbp.runtime import probe; probe({address!r})"]
+    probe = [sys.executable, "-c", f"from distbp.distributed.runtime import probe; probe({address!r})"]
     right = subprocess.run(probe, capture_output=True, text=True, timeout=60,
                            env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     assert right.returncode == 0, right.stderr

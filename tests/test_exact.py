@@ -9,12 +9,15 @@ import pytest
 from conftest import train_config
 from threadpoolctl import threadpool_limits
 
-from distbp import Network, cli, schedule, tree
-from distbp.checkpoint import sha256_le
-from distbp.network import encode_targets
-from distbp.optim import Hyper
-from distbp.step import ServerState, WorkerState, micro_batches, split_even
-from distbp.trainer import prepare, train
+from distbp import Network, cli
+from distbp.data.problem import prepare
+from distbp.lecture import cuts, schedule, tree
+from distbp.lecture.network import encode_targets
+from distbp.lecture.optim import Hyper
+from distbp.loops.sync import train
+from distbp.run.checkpoint import sha256_le
+from distbp.step.server import ServerState
+from distbp.step.worker import WorkerState, micro_batches
 
 # B = 61 is prime: no K > 1 divides it; M = 5 leaves a one-row last micro-batch (13 in all),
 # and spirals' 1500 samples end each epoch with a batch of 36 (8 micro-batches).
@@ -43,17 +46,18 @@ def replay(config):
     net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
     worker = WorkerState(problem.layers, config.activation, config.loss, config.dtype, problem.X, problem.Y,
                          config.micro_batch)
-    server = ServerState(net.flat, 0, net.layout.size, Hyper(config.optimizer, config.momentum,
-                                                               config.weight_decay),
+    server = ServerState(net.flat.copy(), Hyper(config.optimizer, config.momentum, config.weight_decay),
                          net.layout.bias_mask(net.dtype))
     grad_hashes = []
     with threadpool_limits(1):  # what the worker actors run with
-        for t in range(problem.total_steps):
-            batch = problem.sampler.batch(t)
+        for step in range(1, problem.total_steps + 1):
+            batch = problem.sampler.batch(step)
             n = math.ceil(len(batch) / config.micro_batch)
-            values, _, _ = worker.compute(server.weights, batch, list(range(n)))
-            server.step(n, [tree.blocks(range(n), n)], [values], lr_at(t + 1), t + 1, len(batch))
-            grad_hashes.append(server.report()[t + 1]["grad_sha256"])
+            nodes = tree.blocks(range(n), n)
+            values = np.empty((len(nodes), net.layout.size), dtype=net.dtype)
+            worker.compute(server.weights, batch, nodes, values)
+            server.step(n, [nodes], [values], lr_at(step), step, len(batch))
+            grad_hashes.append(server.report()[step]["grad_sha256"])
     return sha256_le(server.weights), grad_hashes
 
 
@@ -95,17 +99,21 @@ def test_one_batch_equals_accumulated_micro_batches_bitwise(problem, dtype):
     ranges = micro_batches(B, M)
     n = len(ranges)
     with threadpool_limits(1):
-        leaves = [flat(net.gradient(X[batch[lo:hi]], y[batch[lo:hi]])) for lo, hi in ranges]
+        leaves = [flat(net.gradient(X[batch[r.start:r.stop]], y[batch[r.start:r.stop]])) for r in ranges]
         expected = tree_reference(leaves, tree.top_level(n), 0)
         Y = encode_targets(y, "cross-entropy", 4, dtype)
         worker = WorkerState(net.layers, "tanh", "cross-entropy", dtype, X, Y, M)
-        one_batch, _, _ = worker.compute(net.flat, batch, list(range(n)))
+        root = tree.blocks(range(n), n)
+        one_batch = np.empty((len(root), net.layout.size), dtype=dtype)
+        worker.compute(net.flat, batch, root, one_batch)
         assert np.array_equal(one_batch[0], expected)
         for N in (2, 3, 5, n):
             table = {}
-            for ids in split_even(n, N):  # N steps, one after another, on the same worker
-                values, _, _ = worker.compute(net.flat, batch, ids)
-                table.update(zip(tree.blocks(ids, n), values.copy()))
+            for ids in cuts.even(n, N):  # N steps, one after another, on the same worker
+                nodes = tree.blocks(ids, n)
+                values = np.empty((len(nodes), net.layout.size), dtype=dtype)
+                worker.compute(net.flat, batch, nodes, values)
+                table.update(zip(nodes, values))
             assert np.array_equal(tree.combine(table, n, np.add), expected), f"N={N}"
     # Not trivially so: one GEMM over the whole batch rounds differently.
     assert not np.array_equal(flat(net.gradient(X[batch], y[batch])), expected)
@@ -120,9 +128,9 @@ def test_shard_gradients_sum_to_the_single_process_gradient(problem, activation,
     whole = flat(net.gradient(X, y))
     rng = np.random.default_rng(4)
     for K in range(1, 6):
-        cuts = np.sort(rng.integers(0, B + 1, size=K - 1))
-        uneven = [(a, b) for a, b in zip([0, *cuts], [*cuts, B])]
-        even = [(s[0], s[-1] + 1) for s in split_even(B, K)]
+        points = np.sort(rng.integers(0, B + 1, size=K - 1))
+        uneven = [(a, b) for a, b in zip([0, *points], [*points, B])]
+        even = [(s.start, s.stop) for s in cuts.even(B, K)]
         for shares in (even, uneven):
             total = np.zeros_like(whole)
             for lo, hi in shares:
@@ -164,13 +172,13 @@ def test_verify_bad_options_exit_2(capsys):
 def test_the_server_sums_and_updates_in_chunks_as_in_one_pass(monkeypatch, optimizer):
     """ServerState works through the vector in cache-sized chunks: the weights, the optimizer
     state and the gradient hash are those of whole-vector arithmetic."""
-    import distbp.step as step
-    from distbp.optim import init_state, update
+    import distbp.step.server as server_module
+    from distbp.lecture.optim import init_state, update
 
-    monkeypatch.setattr(step, "CHUNK_BYTES", 8 * 7)  # 7 float64 a chunk: many chunks, ragged last one
+    monkeypatch.setattr(server_module, "CHUNK_BYTES", 8 * 7)  # 7 float64 a chunk: many chunks, ragged last one
     net = Network((2, 16, 16, 3), dtype="float64", seed=3)
     hyper, mask = Hyper(optimizer, 0.9, 0.01), net.layout.bias_mask(net.dtype)
-    server = ServerState(net.flat, 0, net.layout.size, hyper, mask)
+    server = ServerState(net.flat.copy(), hyper, mask)
     assert len(server.chunks) > 20
     rng = np.random.default_rng(0)
     w, state = net.flat.copy(), init_state(optimizer, net.layout.size, net.dtype)

@@ -16,13 +16,18 @@ import pytest
 import ray
 from conftest import train_config
 
-from distbp import checkpoint, cli, crew, tree
-from distbp.actors import ParameterServer, Worker
-from distbp.faults import parse
-from distbp.network import Layout, Network
-from distbp.optim import Hyper
-from distbp.step import NonFiniteGradient, ServerState
-from distbp.trainer import train
+from distbp import cli
+from distbp.distributed import crew
+from distbp.distributed.actors import ParameterServer, Worker
+from distbp.distributed.servers import ServerFailed, Servers
+from distbp.distributed.transport import ObjectStore
+from distbp.faults import Action, parse
+from distbp.lecture import tree
+from distbp.lecture.network import Layout, Network
+from distbp.lecture.optim import Hyper
+from distbp.loops.sync import train
+from distbp.run import checkpoint
+from distbp.step.server import NonFiniteGradient, ServerState
 
 STEPS = 30
 
@@ -102,15 +107,18 @@ def test_lost_inputs_on_a_live_server_resume_from_its_own_step_count(clean, tmp_
     the driver asks the server how many steps it holds and goes on from there.  Had it sent a
     step again, the server would refuse it (ServerState.step) and the run would fail."""
     calls = {"n": 0}
-    original = getattr(crew.Crew, "get" if where == "report" else "compute")
+    # the servers' results (reports, snapshots) are fetched by Servers.get; the weights a step
+    # computes on reach the workers through Crew.compute
+    owner, name = (Servers, "get") if where == "report" else (crew.Crew, "compute")
+    original = getattr(owner, name)
 
     def fails_once(self, *args):
         calls["n"] += 1
         if calls["n"] == 8:
-            raise crew.ServerFailed(f"simulated: {where} lost")
+            raise ServerFailed(f"simulated: {where} lost")
         return original(self, *args)
 
-    monkeypatch.setattr(crew.Crew, "get" if where == "report" else "compute", fails_once)
+    monkeypatch.setattr(owner, name, fails_once)
     summary = train(train_config(tmp_path, workers=2, steps=STEPS))
     assert calls["n"] > 8
     assert_same_run(summary, clean)
@@ -153,7 +161,7 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(ray_ses
 
 def test_server_refuses_a_non_finite_gradient_and_a_replayed_step():
     net = Network((2, 3, 2), seed=0)
-    server = ServerState(net.flat, 0, net.flat.size, Hyper("adam"), net.layout.bias_mask(net.dtype))
+    server = ServerState(net.flat.copy(), Hyper("adam"), net.layout.bias_mask(net.dtype))
     good = np.ones((1, net.flat.size))
     server.step(1, [[(0, 0)]], [good], 0.1, 1, None)
     after_one = server.weights.copy()
@@ -173,16 +181,19 @@ def test_a_refused_step_reaches_the_workers_as_divergence(ray_session):
     layers = (2, 3, 2)
     net = Network(layers, seed=0)
     layout = Layout(layers)
-    server = ParameterServer.remote(net.flat, 0, layout.size, Hyper("sgd"), layout.bias_mask(net.dtype))
+    transport = ObjectStore(layout.size, net.dtype, servers=1)
+    server = ParameterServer.remote(0, net.flat, Hyper("sgd"), layout.bias_mask(net.dtype), transport)
     X = np.zeros((4, 2))
-    worker = Worker.remote(layers, "tanh", "cross-entropy", net.dtype, X, np.zeros(4, dtype=np.int64), 2)
+    worker = Worker.remote(layers, "tanh", "cross-entropy", net.dtype, X, np.zeros(4, dtype=np.int64), 2,
+                           transport)
     nan = np.full((1, layout.size), np.nan)
     refused = server.step.remote(1, [[(0, 0)]], 0.1, 1, None, nan)
-    values, info = worker.compute.remote(np.arange(4), [0, 1], refused)
+    nodes = tree.blocks([0, 1], 2)
+    values, info = worker.compute.options(num_returns=2).remote(2, np.arange(4), nodes, refused)
     with pytest.raises(Exception) as caught:
         ray.get(info)
-    assert crew._cause(caught.value) == "diverged"
-    after = server.step.remote(2, [tree.blocks([0, 1], 2)], 0.1, 1, None, values)  # depends on the failure
+    assert crew._cause(caught.value) is crew.Cause.DIVERGED
+    after = server.step.remote(2, [nodes], 0.1, 1, None, values)  # depends on the failure
     with pytest.raises(NonFiniteGradient):
         ray.get(after)
     assert ray.get(server.step_count.remote()) == 0
@@ -194,5 +205,5 @@ def test_a_refused_step_reaches_the_workers_as_divergence(ray_session):
 def test_fault_spec():
     faults = parse("kill-worker:1@5, delay-worker:0@7:2.5,kill-server@9", workers=2)
     assert [str(f) for f in faults] == ["kill-worker:1@5", "delay-worker:0@7:2.5", "kill-server@9"]
-    assert [f.action for f in faults] == ["kill", "delay", "kill"]
+    assert [f.action for f in faults] == [Action.KILL, Action.DELAY, Action.KILL]
     assert parse(None, 2) == [] and parse("", 2) == []

@@ -1,4 +1,4 @@
-"""Tests for distbp.idx: IDX parsing (raw and gzipped) and the Fashion-MNIST loader."""
+"""Tests for distbp.data.idx: IDX parsing (raw and gzipped) and the Fashion-MNIST loader."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distbp.data.idx import FASHION_MNIST_FILES, load_fashion_mnist, read_idx
 from distbp.errors import DataError
-from distbp.idx import FASHION_MNIST_FILES, load_fashion_mnist, read_idx
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from distbp import Network
-from distbp.network import ACTIVATIONS, LOSSES
+from distbp.lecture.network import ACTIVATIONS, LOSSES
 
 
 def problem(activation, loss, dtype="float64", n=7, layers=(3, 5, 4, 3), seed=1):

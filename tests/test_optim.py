@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distbp.optim import Hyper, init_state, update
+from distbp.lecture.optim import Hyper, init_state, update
 
 
 def textbook(optimizer, w, grads, lr, mu=0.9, wd=0.0, scale=None, mask=None):

@@ -11,7 +11,7 @@ from conftest import train_config
 
 from distbp.cli import main
 from distbp.errors import DataError
-from distbp.plot import MISSING_MATPLOTLIB, read_run, smooth
+from distbp.tools.plot import MISSING_MATPLOTLIB, read_run, smooth
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,7 +32,7 @@ def fake_run(path: Path, steps: int = 12, spe: int = 4, extra: str = "", summary
 
 
 def test_plot_of_real_runs_writes_a_png(ray_session, tmp_path: Path, capsys) -> None:
-    from distbp.trainer import train
+    from distbp.loops.sync import train
 
     runs = [train(train_config(tmp_path, steps=None, epochs=2, batch_size=b, val_fraction=0.2))["out"]
             for b in (60, 150)]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import train_config
 
-from distbp import checkpoint, cli
-from distbp.trainer import train
+from distbp import cli
+from distbp.loops.sync import train
+from distbp.run import checkpoint
 
 SMALL = ["--dataset", "spirals", "--layers", "2,16,16,3", "--batch-size", "60", "--micro-batch", "8"]
 

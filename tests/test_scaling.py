@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from conftest import train_config
 
-from distbp import Network, checkpoint, costmodel
+from distbp import Network
 from distbp.cli import main as distbp_main
-from distbp.data import spirals
-from distbp.trainer import train
+from distbp.data.datasets import spirals
+from distbp.loops.sync import train
+from distbp.run import checkpoint
+from distbp.tools import costmodel
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "scaling.py"
 

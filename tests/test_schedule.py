@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import train_config
 
-from distbp import checkpoint
 from distbp.config import Config
 from distbp.errors import UsageError
-from distbp.network import Network
-from distbp.optim import Hyper, update
-from distbp.schedule import Schedule, from_config, parse_milestones, scaled_lr
+from distbp.lecture.network import Network
+from distbp.lecture.optim import Hyper, update
+from distbp.lecture.schedule import Schedule, from_config, parse_milestones, scaled_lr
+from distbp.run import checkpoint
 
 PEAK = 0.4
 
@@ -109,19 +109,19 @@ def test_bad_schedule_options(options, words) -> None:
 
 def reference_weights(config: Config, lrs: list[float]) -> np.ndarray:
     """A single-process SGD loop, written without actors, tree or trainer: the same batches."""
-    from distbp.trainer import prepare
+    from distbp.data.problem import prepare
 
     problem = prepare(config)
     net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
-    for t, lr in enumerate(lrs):
-        batch = problem.sampler.batch(t)
+    for step, lr in enumerate(lrs, start=1):
+        batch = problem.sampler.batch(step)
         g = np.concatenate([G.ravel() for G in net.gradient(problem.X[batch], problem.data.y[batch])])
-        update(net.flat, g, {}, Hyper("sgd"), lr, t + 1, scale=len(batch))
+        update(net.flat, g, {}, Hyper("sgd"), lr, step, scale=len(batch))
     return net.flat
 
 
 def test_trainer_applies_and_records_the_scheduled_rate(ray_session, tmp_path) -> None:
-    from distbp.trainer import train
+    from distbp.loops.sync import train
 
     config = train_config(tmp_path, optimizer="sgd", lr=2.0, steps=12, batch_size=300,
                           lr_schedule="cosine", warmup_steps=4, base_batch=600)

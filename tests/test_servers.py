@@ -6,21 +6,21 @@ import numpy as np
 import pytest
 from conftest import train_config
 
-from distbp import checkpoint
 from distbp.errors import UsageError
-from distbp.network import Layout
-from distbp.shards import ranges
-from distbp.step import micro_batches, split_even
-from distbp.trainer import train
-from distbp.tree import blocks
+from distbp.lecture import cuts
+from distbp.lecture.network import Layout
+from distbp.lecture.tree import blocks
+from distbp.loops.sync import train
+from distbp.run import checkpoint
+from distbp.step.worker import micro_batches
 
 
 def test_ranges_tile_the_vector():
     for size, count in [(10, 1), (10, 3), (7, 7), (1000, 4)]:
-        got = ranges(size, count)
-        assert got[0][0] == 0 and got[-1][1] == size and len(got) == count
-        assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
-        assert max(hi - lo for lo, hi in got) - min(hi - lo for lo, hi in got) <= 1
+        got = cuts.even(size, count)
+        assert got[0].start == 0 and got[-1].stop == size and len(got) == count
+        assert all(a.stop == b.start for a, b in zip(got, got[1:]))
+        assert max(len(r) for r in got) - min(len(r) for r in got) <= 1
 
 
 def test_any_number_of_servers_gives_the_same_bits(ray_session, tmp_path):
@@ -47,17 +47,17 @@ def test_each_server_receives_only_its_range(ray_session, tmp_path):
     got = [m["server_bytes_in"] for m in lines if "loss" in m]
     # Independently: each worker sends the tree nodes covering its share, restricted to the range.
     n = len(micro_batches(B, M))
-    nodes = sum(len(blocks(share, n)) for share in split_even(n, K) if share)
+    nodes = sum(len(blocks(share, n)) for share in cuts.even(n, K) if share)
     size = Layout(config.layer_sizes()).size
-    bounds = ranges(size, S)
-    want = [nodes * (hi - lo) * 8 for lo, hi in bounds]  # float64
+    bounds = cuts.even(size, S)
+    want = [nodes * len(r) * 8 for r in bounds]  # float64
     assert sum(want) == nodes * size * 8  # together: what one server would receive
     if not summary["faults"].get("backups"):
         assert got == [want] * 3
     else:  # a late share was redone in other pieces on a loaded machine: other nodes, still only the range
         for step in got:
-            sent = step[0] // ((bounds[0][1] - bounds[0][0]) * 8)  # nodes sent this step
-            assert step == [sent * (hi - lo) * 8 for lo, hi in bounds]
+            sent = step[0] // (len(bounds[0]) * 8)  # nodes sent this step
+            assert step == [sent * len(r) * 8 for r in bounds]
 
 
 def test_a_killed_server_among_several_recovers_to_the_same_bits(ray_session, tmp_path):

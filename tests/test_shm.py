@@ -1,4 +1,4 @@
-"""Shared memory (shm.py): the per-step vectors of a run on one machine, without copies.
+"""Shared memory (distributed/shm.py): the per-step vectors of a run on one machine, without copies.
 
 What it must keep: the same bits as the object store, rows of one step never shared by two
 calls, and no file left behind.
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import train_config
 
-from distbp import shm
-from distbp.trainer import train
+from distbp.distributed import shm
+from distbp.loops.sync import train
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no /dev/shm")
 
@@ -43,18 +43,17 @@ def test_a_block_written_in_one_mapping_is_read_in_another(board):
 def test_rows_of_one_step_are_distinct_and_a_new_step_reuses_them(board):
     maps = shm.Maps()
     rows = shm.Rows(board, maps, width=5, dtype=np.float64)
-    va, a = rows.take(step=0, rows=1), rows.last
-    vb, b = rows.take(step=0, rows=2), rows.last  # a second call of the same step (a backup): the file grows
+    a, va = rows.take(step=1, rows=1)
+    b, vb = rows.take(step=1, rows=2)  # a second call of the same step (a backup): the file grows
     va[:] = 1.0
     vb[:] = 2.0
     reader = shm.Maps()
     assert (reader.view(a) == 1.0).all() and (reader.view(b) == 2.0).all()  # neither overwrote the other
     assert a.path != b.path and os.path.exists(a.path)  # the first file is kept while its step lasts
-    vc, c = rows.take(step=1, rows=2), rows.last  # a new step: the servers are done with step 0
+    c, vc = rows.take(step=2, rows=2)  # a new step: the servers are done with step 1
     assert not os.path.exists(a.path)  # the outgrown file is removed...
     assert (c.path, c.offset) == (b.path, 0)  # ...and the current one reused from row 0
-    rows.take(step=1, rows=1)
-    d = rows.last
+    d, _ = rows.take(step=2, rows=1)
     assert d.path != c.path or d.offset >= c.offset + 2 * 5  # rows taken in a step are never handed out twice
     assert vc.dtype == np.float64 and vc.shape == (2, 5)
 

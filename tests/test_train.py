@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 from conftest import train_config
 
-from distbp import Network, checkpoint
-from distbp.data import Sampler, spirals
-from distbp.optim import Hyper, init_state, update
-from distbp.step import ServerState, WorkerState
-from distbp.trainer import train
-from distbp.tree import blocks
+from distbp import Network
+from distbp.data.datasets import spirals
+from distbp.data.sampler import Sampler
+from distbp.distributed.transport import ObjectStore
+from distbp.lecture.optim import Hyper, init_state, update
+from distbp.lecture.tree import blocks
+from distbp.loops.sync import train
+from distbp.run import checkpoint
+from distbp.step.server import ServerState
+from distbp.step.worker import WorkerState
 
 
 def single_process(config, steps):
@@ -26,11 +30,11 @@ def single_process(config, steps):
     state = init_state(config.optimizer, net.flat.size, net.dtype)
     sampler = Sampler(len(X), config.batch_size, config.seed)
     mask = net.layout.bias_mask(net.dtype)
-    for t in range(steps):
-        batch = sampler.batch(t)
+    for step in range(1, steps + 1):
+        batch = sampler.batch(step)
         g = np.concatenate([G.ravel() for G in net.gradient(X[batch], data.y[batch])])
         scale = len(batch) if config.reduction == "mean" else None
-        update(net.flat, g, state, hyper, config.lr, t + 1, scale, mask)
+        update(net.flat, g, state, hyper, config.lr, step, scale, mask)
     return net.flat
 
 
@@ -59,13 +63,17 @@ def test_float32_end_to_end(ray_session, tmp_path):
     data = spirals()
     worker = WorkerState((2, 16, 16, 3), "tanh", "cross-entropy", "float32", data.X.astype(np.float32),
                          data.y, micro_batch=8)
-    first, _, _ = worker.compute(ckpt["weights"], np.arange(40), [0, 1, 2])
-    first = first.copy()  # compute reuses its output buffer
-    second, _, _ = worker.compute(ckpt["weights"], np.arange(40), [3, 4])
-    assert first.dtype == second.dtype == np.float32
-    server = ServerState(ckpt["weights"], 0, ckpt["weights"].size, Hyper("adam"),
-                         np.ones(ckpt["weights"].size, np.float32))
-    new = server.step(5, [blocks([0, 1, 2], 5), blocks([3, 4], 5)], [first, second], 0.01, 1, 40)
+    end = ObjectStore(ckpt["weights"].size, "float32", servers=1).worker_end()  # rows as the actor takes them
+    nodes = [blocks([0, 1, 2], 5), blocks([3, 4], 5)]
+    first, parts = end.rows(1, len(nodes[0]))
+    worker.compute(ckpt["weights"], np.arange(40), nodes[0], first)
+    assert all(p.dtype == np.float32 for p in parts)  # what goes to the server
+    first = first.copy()  # the transport reuses its output buffer
+    second, _ = end.rows(1, len(nodes[1]))
+    losses, _ = worker.compute(ckpt["weights"], np.arange(40), nodes[1], second)
+    assert first.dtype == second.dtype == np.float32 and len(losses) == 2
+    server = ServerState(ckpt["weights"].copy(), Hyper("adam"), np.ones(ckpt["weights"].size, np.float32))
+    new = server.step(5, nodes, [first, second], 0.01, 1, 40)
     assert new.dtype == np.float32 and all(b.dtype == np.float32 for b in server.state.values())
 
 

@@ -1,9 +1,9 @@
-"""The fixed binary tree (distbp/tree.py): any split of the leaves gives the bits of the full tree."""
+"""The fixed binary tree (distbp/lecture/tree.py): any split of the leaves gives the bits of the full tree."""
 
 import numpy as np
 import pytest
 
-from distbp import tree
+from distbp.lecture import tree
 
 
 def reference(leaves: list[np.ndarray], level: int, i: int) -> np.ndarray:

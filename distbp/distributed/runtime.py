@@ -15,8 +15,7 @@ from ray.exceptions import AuthenticationError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from . import shm
-from .errors import UsageError
+from ..errors import UsageError
 
 PLACEMENT_TIMEOUT_S = 60
 
@@ -130,13 +129,3 @@ def place(bundles: int):
 def in_bundle(pg, index: int) -> dict:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=index)}
-
-
-def board_for(pg, size: int, dtype) -> shm.Board | None:
-    """Shared files for a run's per-step vectors (shm.py) when the driver and every bundle of
-    ``pg`` are on this one Ray node; None when they span nodes (the object store carries them)."""
-    from ray.util.placement_group import placement_group_table
-
-    here = ray.get_runtime_context().get_node_id()
-    nodes = set(placement_group_table(pg)["bundles_to_node_id"].values())
-    return shm.open_board(size, dtype) if nodes == {here} and shm.available() else None

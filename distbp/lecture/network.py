@@ -115,7 +115,6 @@ class Workspace:
     """
 
     def __init__(self, layers: tuple[int, ...], rows: int, dtype):
-        self.rows = rows
         self.x = [np.empty((rows, d + 1), dtype=dtype) for d in layers]
         for xa in self.x:
             xa[:, 0] = 1
@@ -229,12 +228,88 @@ class Network:
         return self._workspaces[rows]
 
     def _inputs(self, X, y=None):
+        """The public boundary: ``X`` as ``(N, d^0)`` in the network's dtype, and ``y`` checked and
+        encoded the way ``backprop`` wants it.  ``backprop`` and ``encode_targets`` trust their
+        inputs (the trainer validates its data once); a bad label must stop here, as a ValueError
+        that names it, not as an IndexError deep in ``output_delta`` or a silently wrong error."""
         X = np.asarray(X, dtype=self.dtype)
         if X.ndim != 2 or X.shape[1] != self.layers[0]:
             raise ValueError(f"X must have shape (N, {self.layers[0]}), got {X.shape}")
         if y is None:
             return X
-        return X, encode_targets(y, self.loss_name, self.layers[-1], self.dtype)
+        return X, self._targets(y, len(X))
+
+    def _targets(self, y, rows: int) -> np.ndarray:
+        """``y`` for ``rows`` samples: class ids in ``0..d^L-1`` (shape ``(N,)``) for either loss, or
+        for squared error also real targets of shape ``(N, d^L)``."""
+        y = np.asarray(y)
+        d_out = self.layers[-1]
+        if y.ndim not in (1, 2):
+            raise ValueError(f"y must be class ids of shape (N,) or targets of shape (N, {d_out}), "
+                             f"got shape {y.shape}")
+        if len(y) != rows:
+            raise ValueError(f"y has {len(y)} labels but X has {rows} rows; they must match")
+        if y.ndim == 2:
+            if self.loss_name == "cross-entropy":
+                raise ValueError(f"cross-entropy wants integer class ids of shape (N,), got y of shape {y.shape}; "
+                                 "for one-hot rows pass y.argmax(axis=1)")
+            if y.shape[1] != d_out:
+                raise ValueError(f"squared-error targets must have shape (N, {d_out}) = (N, d^L), got {y.shape}")
+            if y.dtype.kind not in "biuf":
+                raise ValueError(f"squared-error targets must be numbers, got dtype {y.dtype}")
+            return y.astype(self.dtype, copy=False)
+        # 1-D: class ids.  Floats holding whole numbers (2.0, as from a float npz) are ids too;
+        # anything else (1.5, nan, strings) is not, and would be truncated or crash in the cast.
+        if y.dtype.kind == "f":
+            if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+                bad = y[~np.isfinite(y) | (y != np.round(y))][0]
+                raise ValueError(f"class ids must be integers, got non-integer value {bad} in y"
+                                 + ("; for real-valued targets pass shape (N, d^L)"
+                                    if self.loss_name == "squared" else ""))
+        elif y.dtype.kind not in "biu":
+            raise ValueError(f"class ids must be integers, got y of dtype {y.dtype}")
+        # Range checks on the values themselves, before the int64 cast could wrap a huge float.
+        if y.size and y.min() < 0:
+            raise ValueError(f"class ids must be >= 0, got negative class id {y.min()}")
+        if y.size and y.max() >= d_out:
+            raise ValueError(f"class ids must be < d^L = {d_out} (the number of outputs), got class id {y.max()}")
+        return encode_targets(y.astype(np.int64, copy=False), self.loss_name, d_out, self.dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str) -> Network:
+        """The network saved in a distbp ``checkpoint.npz``: its config's layers ``d^0..d^L``,
+        activation, loss and dtype, with the stored weights as ``flat``.
+
+        A damaged file is a DataError (from ``checkpoint.load``); a checkpoint whose config or
+        weights do not describe a network of this module is a ValueError.
+        """
+        from ..run import checkpoint  # here, not at the top: the math module needs no file format to import
+
+        saved = checkpoint.load(path)
+        config = saved["config"]
+        missing = [k for k in ("layers", "activation", "loss", "dtype") if k not in config]
+        if missing:
+            raise ValueError(f"{path}: the checkpoint's config lacks {', '.join(missing)}")
+        if config["layers"] is None:
+            # The trainer then chose (d^0, 64, 64, classes) from the data, which the file does not hold,
+            # and the weight count alone does not pin down the layer sizes.
+            raise ValueError(f"{path}: the checkpoint's config does not name its layers (layers = None), "
+                             "so the network cannot be rebuilt from it")
+        try:
+            layers = tuple(int(d) for d in str(config["layers"]).split(","))
+        except ValueError:
+            raise ValueError(f"{path}: the checkpoint's config has layers {config['layers']!r}; "
+                             "expected comma-separated sizes like 2,64,64,3") from None
+        net = cls(layers, config["activation"], config["loss"], config["dtype"])
+        weights = saved["weights"]
+        if weights.size != net.layout.size:
+            raise ValueError(f"{path}: the checkpoint holds {weights.size} weights but layers {layers} "
+                             f"need {net.layout.size}")
+        if weights.dtype.newbyteorder("=") != net.dtype:
+            # A cast would change the bits; a run writes its weights in the dtype it trains in.
+            raise ValueError(f"{path}: the checkpoint's weights are {weights.dtype} but its config says {net.dtype}")
+        net.flat = np.array(weights, dtype=net.dtype)  # own, contiguous, native byte order
+        return net
 
     def forward(self, X) -> np.ndarray:
         """``h(x_n)`` for each row of ``X``: shape ``(N, d^L)``."""
@@ -268,8 +343,19 @@ class Network:
                  self.layout.views(np.empty(self.layout.size, dtype=self.dtype)))
         return [np.einsum("ni,nj->nij", ws.x[l - 1], ws.delta[l]) for l in range(1, len(self.layers))]
 
-    def accuracy(self, X, y) -> float:
-        """Fraction of rows whose largest output is the label (class ids or one-hot targets)."""
-        pred = self.forward(X).argmax(axis=1)
-        y = np.asarray(y)
-        return float(np.mean(pred == (y.argmax(axis=1) if y.ndim == 2 else y)))
+
+def evaluate(net: Network, X: np.ndarray, y: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
+    """Mean error and accuracy of ``net`` on ``(X, y)`` (class ids or one-hot targets), in chunks
+    to bound memory."""
+    X, y = np.asarray(X), np.asarray(y)
+    if y.ndim == 0:
+        raise ValueError("y must be class ids of shape (N,) or targets of shape (N, d^L), got a scalar")
+    if len(y) != len(X):  # each chunk's check would miss surplus labels after X's last row
+        raise ValueError(f"y has {len(y)} labels but X has {len(X)} rows; they must match")
+    total, correct = 0.0, 0
+    for lo in range(0, len(X), chunk):
+        Xc, yc = X[lo:lo + chunk], y[lo:lo + chunk]
+        total += net.loss(Xc, yc)
+        pred = net.forward(Xc).argmax(axis=1)
+        correct += int(np.sum(pred == (yc.argmax(axis=1) if yc.ndim == 2 else yc)))
+    return total / len(X), correct / len(X)

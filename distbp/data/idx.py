@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distbp.errors import DataError
+from ..errors import DataError
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -8,21 +8,19 @@ the uninterrupted run would have done, so both end with the same ``weights_sha25
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 
 import numpy as np
 
-from . import checkpoint
-from . import config as cfg
-from .config import Config
-from .errors import DataError, UsageError
-from .network import Layout
-from .optim import init_state
-
-CHECKPOINT = "checkpoint.npz"
+from .. import config as cfg
+from ..config import Config
+from ..errors import DataError, UsageError
+from ..lecture.network import Layout
+from ..lecture.optim import init_state
+from . import checkpoint, metrics
+from .outdir import CHECKPOINT
 
 
 def load(directory: str, options: dict) -> tuple[Config, dict]:
@@ -33,6 +31,9 @@ def load(directory: str, options: dict) -> tuple[Config, dict]:
     if not os.path.isfile(path):
         raise UsageError(f"--resume {directory}: there is no {CHECKPOINT} in it to continue from")
     state = checkpoint.load(path)
+    log = os.path.join(directory, metrics.NAME)
+    if os.path.lexists(log):
+        metrics.read(log)  # a damaged log is refused before anything starts (resume trims it)
     return cfg.for_resume(state["config"], options, directory), state
 
 
@@ -52,30 +53,6 @@ def check_fits(state: dict, layers: tuple[int, ...], config: Config, path: str) 
                         f"(expected {sorted(wanted)} of {size} {dtype})")
     if state["step"] < 1:
         raise DataError(f"{path}: corrupt checkpoint (step {state['step']})")
-
-
-def trim_metrics(path: str, step: int) -> tuple[float, dict[int, str]]:
-    """Keep the lines of ``metrics.jsonl`` up to ``step``, so that the file reads as one run.
-
-    Returns the ``time`` of the last line kept (the resumed run's clock goes on from there)
-    and the gradient hashes of the steps dropped, to check the redone steps against.
-    """
-    kept, dropped, offset = [], {}, 0.0
-    if os.path.exists(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    entry = json.loads(line)
-                    entry_step = int(entry["step"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short when the run died
-                if entry_step <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-                    offset = max(offset, float(entry.get("time", 0.0)))
-                elif "grad_sha256" in entry:
-                    dropped[entry_step] = entry["grad_sha256"]
-    checkpoint.atomic_write(path, lambda fh: fh.writelines(kept), mode="w")
-    return offset, dropped
 
 
 class StopSignals:

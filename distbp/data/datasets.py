@@ -1,4 +1,4 @@
-"""Datasets and the sampler that picks each step's global batch.  Pure numpy.
+"""The datasets: spirals, random, Fashion-MNIST (IDX), npz, and a held-out validation split.  Pure numpy.
 
 Every loader returns a ``Dataset`` whose arrays are validated here, at the boundary, so the
 core can trust them: finite features, labels in range, matching lengths.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .idx import DEFAULT_DATA_DIR, load_fashion_mnist
 
 
@@ -89,14 +89,23 @@ def load_npz(path: str) -> Dataset:
     extra = set(arrays) - {"X", "y", "X_test", "y_test"}
     if extra:
         raise DataError(f"{path}: unexpected arrays {sorted(extra)}; expected X, y, X_test, y_test")
-    X, y = arrays["X"], arrays["y"]
-    classification = y.ndim == 1 and y.dtype.kind in "iub"
-    n_classes = None
-    if classification:
-        labels = [y] + ([arrays["y_test"]] if "y_test" in arrays else [])
+    return from_arrays(f"npz:{path}", arrays["X"], arrays["y"], arrays.get("X_test"), arrays.get("y_test"),
+                       source=path)
+
+
+def from_arrays(name: str, X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None,
+                y_test: np.ndarray | None = None, n_classes: int | None = None, source: str | None = None) -> Dataset:
+    """A validated Dataset of in-memory arrays: ``y`` (N,) integer class ids or (N, C) float targets.
+
+    ``n_classes`` defaults to the largest class id + 1 (of both splits).
+    """
+    X, y = np.asarray(X), np.asarray(y)
+    X_test, y_test = (None, None) if X_test is None else (np.asarray(X_test), np.asarray(y_test))
+    if n_classes is None and y.ndim == 1 and y.dtype.kind in "iub":
+        labels = [y] + ([y_test] if y_test is not None else [])
         n_classes = int(max(int(v.max()) for v in labels if v.size)) + 1 if y.size else 0
-    data = Dataset(f"npz:{path}", X, y, arrays.get("X_test"), arrays.get("y_test"), n_classes=n_classes)
-    validate(data, source=path)
+    data = Dataset(name, X, y, X_test, y_test, n_classes=n_classes)
+    validate(data, source=source)
     return data
 
 
@@ -171,25 +180,3 @@ def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:
     val, train = perm[:n_val], np.sort(perm[n_val:])
     return Dataset(data.name, data.X[train], data.y[train], data.X[val], data.y[val],
                    data.n_classes, test_name="validation")
-
-
-class Sampler:
-    """Step ``t``'s global batch, a pure function of (seed, N, B, t): it never depends on K.
-
-    Each epoch is a fresh seeded permutation of ``range(N)`` cut into ``ceil(N / B)`` batches
-    (the last may be smaller).  The only state to checkpoint is the step counter.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.steps_per_epoch = -(-n // batch_size)
-        self._epoch, self._perm = -1, None
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
-    def batch(self, step: int) -> np.ndarray:
-        epoch, j = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]

@@ -1,12 +1,9 @@
-"""One distributed step, as plain numpy objects the Ray actors hold: no Ray here.
+"""What the parameter server does in a step, as a plain numpy object the Ray actor holds: no Ray here.
 
-A step's global batch (``B`` sample indices) is cut into ``n = ceil(B / M)`` micro-batches
-of ``M`` rows (the last one shorter), whose boundaries depend on the batch alone.  A
-``WorkerState`` backpropagates the micro-batches it is given and returns the tree nodes
-they cover (``tree.blocks``); a ``ServerState`` adds the nodes of all workers into the
-batch gradient in the tree's fixed order and applies the optimizer to its range of the
-flat parameter vector.  Any split of the micro-batches, over any number of workers, gives
-the same bits.
+``ServerState.step`` adds the tree nodes of every worker's share into the batch gradient in
+the tree's fixed order (tree.py), checks it is finite, hashes it, and applies the optimizer
+to the server's range of the flat parameter vector.  The sum and the update are elementwise,
+so a range's entries get the same bits whichever server owns them (``--servers S``).
 """
 
 from __future__ import annotations
@@ -14,117 +11,13 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
 
 import numpy as np
 
-from . import tree
-from .network import Layout, Workspace, backprop
-from .optim import Hyper, init_state, update
-
-
-def micro_batches(batch_size: int, micro_batch: int) -> list[tuple[int, int]]:
-    """Row ranges ``[lo, hi)`` of the micro-batches of a batch: fixed by ``B`` and ``M`` alone."""
-    return [(lo, min(lo + micro_batch, batch_size)) for lo in range(0, batch_size, micro_batch)]
-
-
-def split_even(n: int, k: int) -> list[list[int]]:
-    """Contiguous shares of ``range(n)`` for ``k`` workers, sizes differing by at most one.
-
-    With ``k > n`` some shares are empty: those workers sit the step out.
-    """
-    bounds = [i * n // k for i in range(k + 1)]
-    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-class BufferPool:
-    """Reusable flat buffers, so a step does not allocate a gradient-sized array per micro-batch."""
-
-    def __init__(self, size: int, dtype):
-        self.size, self.dtype, self.free = size, dtype, []
-
-    def take(self) -> np.ndarray:
-        return self.free.pop() if self.free else np.empty(self.size, dtype=self.dtype)
-
-    def give(self, buf: np.ndarray) -> None:
-        self.free.append(buf)
-
-
-class WorkerState:
-    """A worker's data and buffers; ``compute`` is its whole job."""
-
-    def __init__(self, layers, activation: str, loss: str, dtype, X: np.ndarray, Y: np.ndarray,
-                 micro_batch: int):
-        self.layout = Layout(tuple(layers))
-        self.activation, self.loss = activation, loss
-        self.dtype = np.dtype(dtype)
-        self.X, self.Y = X, Y  # read-only views of the object store: never written
-        self.micro_batch = micro_batch
-        self.pool = BufferPool(self.layout.size, self.dtype)
-        self.workspaces: dict[int, Workspace] = {}
-        self.out = np.empty((0, self.layout.size), dtype=self.dtype)
-        # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
-        self.spans: deque[tuple[float, float, float]] = deque(maxlen=4096)
-
-    def _reuse(self, rows: int) -> np.ndarray:
-        if len(self.out) < rows:
-            self.out = np.empty((rows, self.layout.size), dtype=self.dtype)
-        return self.out[:rows]
-
-    def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> float:
-        """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error."""
-        ws = self.workspaces.get(len(rows))
-        if ws is None:
-            ws = self.workspaces[len(rows)] = Workspace(self.layout.layers, len(rows), self.dtype)
-        # Gather the rows straight into the workspace: no per-micro-batch allocation.
-        np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
-        return backprop(W, None, self.Y[rows], self.activation, self.loss, ws, self.layout.views(g))
-
-    def node(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[tuple[int, int]], node: tree.Node,
-             dst: np.ndarray, losses: np.ndarray) -> None:
-        """Tree node ``node``'s value into ``dst``: a leaf's gradient, else ``left + right``.
-
-        The same additions, with the same operands, as ``tree.combine``: an inner node whose
-        right child starts at or past ``n`` is its left child.  Depth-first, so a worker holds
-        at most one scratch buffer per tree level, whatever its share.
-        """
-        level, i = node
-        if level == 0:
-            lo, hi = ranges[i]
-            losses[i] = self.leaf(W, batch[lo:hi], dst)
-            return
-        self.node(W, batch, ranges, (level - 1, 2 * i), dst, losses)
-        right = (level - 1, 2 * i + 1)
-        if tree.span(right, len(ranges))[0] < len(ranges):
-            tmp = self.pool.take()
-            self.node(W, batch, ranges, right, tmp, losses)
-            np.add(dst, tmp, out=dst)
-            self.pool.give(tmp)
-
-    def compute(self, weights: np.ndarray, batch: np.ndarray, ids: list[int],
-                allocate: Callable[[int], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-        """Gradients of micro-batches ``ids`` of ``batch``, as the tree nodes they cover.
-
-        ``allocate(rows)`` gives the ``(rows, P)`` array the node values are computed into:
-        rows of a shared file for actors on one machine (actors.py, shm.py); by default a
-        buffer reused from call to call.  Returns ``(values, losses, seconds)``: ``values[r]`` is the r-th node of
-        ``tree.blocks(ids, n)`` (shape ``(nodes, P)``), ``losses[i]`` the summed error of
-        micro-batch ``ids[i]`` (float64), and the compute time.
-        """
-        start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
-        W = self.layout.views(weights)
-        ranges = micro_batches(len(batch), self.micro_batch)
-        nodes = tree.blocks(ids, len(ranges))
-        out = (allocate or self._reuse)(len(nodes))
-        losses = np.empty(len(ranges), dtype=np.float64)
-        for r, node in enumerate(nodes):
-            self.node(W, batch, ranges, node, out[r], losses)  # each node straight into its row
-        seconds = time.perf_counter() - start
-        self.spans.append((wall, wall + seconds, time.thread_time() - cpu))
-        return out, losses[ids], seconds
-
+from ..lecture import cuts, tree
+from ..lecture.optim import Hyper, init_state, update
 
 # The server sums, checks and updates the vector this many bytes at a time, so that a chunk's
 # operands stay in cache between those passes (ServerState._sum).
@@ -133,8 +26,7 @@ CHUNK_BYTES = 1 << 20
 
 def chunks(size: int, itemsize: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` cuts of ``range(size)`` of at most ``CHUNK_BYTES`` each."""
-    step = max(1, CHUNK_BYTES // itemsize)
-    return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+    return [(r.start, r.stop) for r in cuts.fixed(size, max(1, CHUNK_BYTES // itemsize))]
 
 
 class NonFiniteGradient(ArithmeticError):
@@ -142,15 +34,13 @@ class NonFiniteGradient(ArithmeticError):
 
 
 class ServerState:
-    """Weights and optimizer state for the range ``[lo, hi)`` of the flat parameter vector."""
+    """Weights and optimizer state for one range of the flat parameter vector (all of it with
+    one server; ``--servers S``: the range the transport gives server s)."""
 
-    def __init__(self, weights: np.ndarray, lo: int, hi: int, hyper: Hyper, decay_mask: np.ndarray,
-                 out: np.ndarray | None = None):
-        """``weights`` are this range's starting values; ``out``, if given, is where the server
-        keeps and updates them (its range of the shared weights: shm.py)."""
-        self.lo, self.hi = lo, hi
-        self.weights = np.empty_like(weights) if out is None else out  # owned and writable
-        np.copyto(self.weights, weights)
+    def __init__(self, weights: np.ndarray, hyper: Hyper, decay_mask: np.ndarray | None):
+        """``weights`` holds this range's starting values; the server owns it and updates it in
+        place (an array of its own, or its range of the shared weights file: transport.py)."""
+        self.weights = weights
         self.hyper = hyper
         self.state = init_state(hyper.optimizer, len(self.weights), self.weights.dtype)
         self.decay_mask = decay_mask
@@ -246,8 +136,8 @@ class ServerState:
         self.t = t
         done = time.perf_counter()
         # start and end are wall-clock times, comparable with the workers' spans (scripts/bench.py)
-        self.timings[t] = {"server_sum": summed - waited, "update": done - summed, "hash_wait": waited - start,
-                           "start": wall, "end": wall + done - start, "cpu": time.thread_time() - cpu,
+        self.timings[t] = {"server_sum": summed - waited, "update": done - summed, "start": wall,
+                           "end": wall + done - start, "cpu": time.thread_time() - cpu,
                            "bytes_in": sum(v.nbytes for v in values)}  # what the workers sent this server
         return self.weights
 
@@ -265,9 +155,39 @@ class ServerState:
             self._hashing.join()
             self._hashing = None
 
+    def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
+        """This range's weights and optimizer buffers of a checkpoint taken after step ``t``."""
+        self.wait_hashes()
+        self.weights[:] = arrays["weights"]
+        for name, buf in self.state.items():
+            buf[:] = arrays[name]
+        self.t = t
+
     def report(self) -> dict[int, dict]:
         """Gradient hash and timings of every step since the last report."""
         self.wait_hashes()
         out = {t: {"grad_sha256": self.hashes.pop(t), **self.timings.pop(t)} for t in list(self.timings)}
         return out
 
+
+def merge_reports(reports: list[dict[int, dict]]) -> dict[int, dict]:
+    """One report per step from the S servers' ``report()``: the steps every server has.
+
+    The servers run side by side, so a step's ``server_sum`` and ``update`` are the slowest
+    server's.  ``bytes_in`` becomes the list of each server's received bytes.  With S > 1 the
+    ``grad_sha256`` is the sha256 of the S range digests joined: stable for a given S, but not
+    the same string as with one server (the weights hash is the same for every S).
+    """
+    if len(reports) == 1:
+        return {t: {**entry, "bytes_in": [entry["bytes_in"]]} for t, entry in reports[0].items()}
+    merged = {}
+    for t in set.intersection(*(set(r) for r in reports)):
+        entries = [r[t] for r in reports]
+        timings = set(entries[0]) - {"grad_sha256", "bytes_in", "start"}  # durations and end times
+        merged[t] = {
+            **{key: max(e[key] for e in entries) for key in timings},
+            "start": min(e["start"] for e in entries),
+            "grad_sha256": hashlib.sha256("".join(e["grad_sha256"] for e in entries).encode()).hexdigest(),
+            "bytes_in": [e["bytes_in"] for e in entries],
+        }
+    return merged

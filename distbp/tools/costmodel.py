@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .step import micro_batches, split_even
-from .tree import blocks
+from ..lecture import cuts
+from ..lecture.tree import blocks
+from ..step.worker import micro_batches
 
 FLOPS_PER_WEIGHT_SAMPLE = 6  # 2 flops per multiply-add, three GEMMs per layer (forward, delta, gradient)
 
@@ -37,7 +38,7 @@ FLOPS_PER_WEIGHT_SAMPLE = 6  # 2 flops per multiply-add, three GEMMs per layer (
 def features(N: int, S: int, P: int, B: int, M: int, itemsize: int = 8) -> np.ndarray:
     """``[1, rows * P, bytes]`` of one step, as in the module docstring (shape ``(3,)``)."""
     n = len(micro_batches(B, M))
-    shares = [ids for ids in split_even(n, N) if ids]
+    shares = [part for part in cuts.even(n, N) if part]
     rows = max(min(ids[-1] * M + M, B) - ids[0] * M for ids in shares)
     nodes = sum(len(blocks(ids, n)) for ids in shares)
     moved = (nodes + len(shares)) * math.ceil(P / S) * itemsize

@@ -1,6 +1,6 @@
 """``distbp verify``: the batch gradient is the sum of the per-sample gradients, however it is split.
 
-The runnable answer to ``background/question-and-answers.txt`` (how do the lecture's
+The runnable answer to the question in ``docs/exactness.md`` (how do the lecture's
 backpropagation equations change for mini-batches?): ``grad E = sum_n grad e_n``.  On a small
 network and batch it computes that gradient several ways and prints how far apart they are:
 
@@ -33,12 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import tree
-from .checkpoint import sha256_le
-from .errors import UsageError
-from .network import ACTIVATIONS, DTYPES, LOSSES, Network, encode_targets
-from .optim import Hyper
-from .step import ServerState, WorkerState, micro_batches, split_even
+from ..errors import UsageError
+from ..lecture import cuts, tree
+from ..lecture.network import ACTIVATIONS, DTYPES, LOSSES, Network, encode_targets
+from ..lecture.optim import Hyper
+from ..run.checkpoint import sha256_le
+from ..step.server import ServerState
+from ..step.worker import WorkerState, micro_batches
 
 # Largest accepted max|g - g_b| / max|g_b| between differently ordered sums: a few hundred
 # units in the last place, far below any real error (a wrong row or a missing sample is O(1)).
@@ -137,13 +138,18 @@ class Exact:
             if k not in workers:
                 workers[k] = WorkerState(net.layers, net.activation, net.loss_name, net.dtype,
                                          self.X, self.Y, self.M)
-            value, _, _ = workers[k].compute(net.flat, self.batch, ids)
-            value = value.copy()  # compute reuses its output buffer on the next call
-            value.setflags(write=False)
             nodes.append(tree.blocks(ids, self.n))
+            value = np.empty((len(nodes[-1]), net.layout.size), dtype=net.dtype)
+            workers[k].compute(net.flat, self.batch, nodes[-1], value)
+            value.setflags(write=False)  # read-only, as Ray's object store hands it over
             values.append(value)
-        server = ServerState(net.flat, 0, net.layout.size, Hyper(), net.layout.bias_mask(net.dtype))
+        server = ServerState(net.flat.copy(), Hyper(), net.layout.bias_mask(net.dtype))
         return np.array(server.gradient(self.n, nodes, values))
+
+
+def split_even(n: int, k: int) -> list[list[int]]:
+    """``cuts.even`` as lists of micro-batch ids, which the rows below edit."""
+    return [list(part) for part in cuts.even(n, k)]
 
 
 def shares_text(shares: list[list[int]]) -> str:
@@ -157,8 +163,8 @@ def exact_assignments(n: int, rng: np.random.Generator) -> list[tuple[str, list[
         shares = split_even(n, K)
         label = f"K=1, all {n} micro-batches on one worker" if K == 1 else f"K={K}, even shares {shares_text(shares)}"
         out.append((label, list(enumerate(shares))))
-    cuts = np.sort(rng.integers(0, n + 1, size=2))
-    uneven = [list(range(0, cuts[0])), list(range(cuts[0], cuts[1])), list(range(cuts[1], n))]
+    points = np.sort(rng.integers(0, n + 1, size=2))
+    uneven = [list(range(0, points[0])), list(range(points[0], points[1])), list(range(points[1], n))]
     out.append((f"K=3, uneven random shares {shares_text(uneven)}", list(enumerate(uneven))))
     idle = split_even(n, 3)
     idle.insert(1, [])
@@ -268,7 +274,7 @@ def run(ns: argparse.Namespace) -> int:
         rows = compute_rows(layers, B, M, ns.activation, ns.loss, ns.dtype, ns.seed)
     n = len(micro_batches(B, M))
     print("distbp verify: is the mini-batch gradient the sum of the per-sample gradients, however the batch "
-          "is split?\n(the question in background/question-and-answers.txt)")
+          "is split?\n(the question in docs/exactness.md)")
     print(f"network {'-'.join(map(str, layers))}, {ns.activation}, {ns.loss}, {ns.dtype}; B={B} random samples "
           f"in micro-batches of M={M} ({n} micro-batches); seed {ns.seed}\n")
     lines, ok = report(rows, ns.dtype)

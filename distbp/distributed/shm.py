@@ -171,11 +171,11 @@ class Rows:
         self.used = 0  # its rows taken in step ``self.step``
         self.step: int | None = None
         self.retired: list[str] = []  # files filled earlier in this step: the servers may still read them
-        self.last: Block | None = None  # the rows the last call took, as the servers will read them
 
-    def take(self, step: int | None, rows: int) -> np.ndarray:
-        """``rows`` fresh rows for a call of step ``step``, as a writable view (``self.last``: their Block)."""
-        if step is None or step != self.step:
+    def take(self, step: int, rows: int) -> tuple[Block, np.ndarray]:
+        """``rows`` fresh rows for a call of step ``step``: their Block (what the servers read) and
+        a writable view of them."""
+        if step != self.step:
             self.step, self.used = step, 0
             for path in self.retired:
                 os.unlink(path)
@@ -187,6 +187,6 @@ class Rows:
                 capacity = max(rows, 2 * self.file.shape[0])
             self.file, self.used = self.board.new("nodes-", (capacity, self.width), self.dtype), 0
             self.maps.retain({self.file.path, self.board.weights.path})
-        self.last = Block(self.file.path, (rows, self.width), self.file.dtype, self.used * self.width)
+        block = Block(self.file.path, (rows, self.width), self.file.dtype, self.used * self.width)
         self.used += rows
-        return self.maps.view(self.last, writable=True)
+        return block, self.maps.view(block, writable=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 FORMAT = 1
 

@@ -14,8 +14,9 @@ import math
 import os
 from dataclasses import dataclass
 
-from .checkpoint import atomic_write
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
+from ..run import metrics
+from ..run.checkpoint import atomic_write
 
 MISSING_MATPLOTLIB = "distbp plot needs matplotlib: pip install matplotlib (or the extra: pip install -e '.[plot]')"
 
@@ -38,27 +39,12 @@ def read_run(run_dir: str) -> Curves:
     """Parse ``run_dir/metrics.jsonl``; a step logged twice (a resumed run) keeps its last line."""
     if not os.path.isdir(run_dir):
         raise DataError(f"{run_dir}: no such run directory")
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir, metrics.NAME)
     if not os.path.isfile(path):
         raise DataError(f"{run_dir}: not a distbp run directory (no metrics.jsonl)")
-    steps: dict[int, dict] = {}
-    evals: dict[int, dict] = {}
-    with open(path) as fh:
-        lines = fh.read().split("\n")
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            entry = json.loads(text)
-            step = int(entry["step"])
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines):  # no newline yet: a line still being written by a live run
-                break
-            raise DataError(f"{path}: line {number} is not a metrics record") from None
-        if "loss" in entry:
-            steps[step] = entry
-        elif any(k.endswith("_accuracy") for k in entry):
-            evals[step] = entry
+    records = metrics.read(path)
+    steps = {r["step"]: r for r in metrics.steps(records)}
+    evals = {r["step"]: r for r in records if "loss" not in r and any(k.endswith("_accuracy") for k in r)}
     if not steps:
         raise DataError(f"{path}: no training steps recorded yet")
     spe = _steps_per_epoch(run_dir, steps)

@@ -1,0 +1,119 @@
+"""The Ray actors: thin shells over ``step.WorkerState`` and ``step.ServerState``.
+
+Each actor gets the run's transport (transport.py) and makes its own end of it; what a
+step's vectors look like on the wire is the transport's business, not the actors'.
+
+Each worker runs BLAS on one thread.  That is not only to keep K workers from
+oversubscribing the cores: OpenBLAS splits a GEMM differently over 1 and 2 threads and
+the bits change, so a fixed thread count is part of what makes a micro-batch's gradient
+the same on every worker.  Thread limits are set inside the process with threadpoolctl
+because numpy's pool is sized at import and Ray reuses worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray
+from threadpoolctl import threadpool_limits
+
+from ..faults import Action, strike
+from ..lecture import tree
+from ..lecture.optim import Hyper
+from ..step.server import ServerState
+from ..step.worker import WorkerState
+from .transport import Transport
+
+BLAS_THREADS = 1
+
+
+class _Actor:
+    """What every actor answers: where it runs, for the summary and the benchmark."""
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(num_cpus=1)
+class Worker(_Actor):
+    """Holds the training data (zero-copy from the object store) and backpropagates micro-batches."""
+
+    def __init__(self, layers, activation, loss, dtype, X, Y, micro_batch, transport: Transport):
+        threadpool_limits(BLAS_THREADS)
+        self.end = transport.worker_end()
+        self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch)
+        self.fault: tuple[Action, float] | None = None  # armed by --fault-injection for the next compute
+
+    def arm(self, action: Action, seconds: float = 0.0) -> None:
+        """--fault-injection: die now, whether or not a share comes (``kill``), or stall in the
+        next ``compute`` call (``delay``); see ``faults.strike``."""
+        if action is Action.KILL:
+            strike(action)
+        self.fault = (action, seconds)
+
+    def compute(self, step: int, batch, nodes: list[tree.Node], *weights):
+        """The values of tree ``nodes`` of step ``step``'s ``batch``, computed on ``weights`` (what
+        the S servers returned).
+
+        Called with ``num_returns=S + 1``: one object of node values for each server, then
+        (per-micro-batch errors, seconds) for the driver.
+        """
+        if self.fault is not None:
+            action, seconds, self.fault = *self.fault, None
+            strike(action, seconds)
+        values, parts = self.end.rows(step, len(nodes))
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver, by step
+            info = self.state.compute(self.end.weights(weights), batch, nodes, values)
+        return (*parts, info)
+
+    def spans(self) -> list[tuple[float, float, float]]:
+        """Wall-clock (start, end) and CPU seconds of the recent compute calls, oldest first (scripts/bench.py)."""
+        return list(self.state.spans)
+
+
+@ray.remote(num_cpus=1)
+class ParameterServer(_Actor):
+    """Server ``s``: owns its range of the flat weights (``transport.bounds[s]``) and its optimizer
+    state; sums the workers' tree nodes and updates."""
+
+    def __init__(self, s: int, weights, hyper: Hyper, decay_mask, transport: Transport):
+        """``weights`` and ``decay_mask`` are whole vectors; the server keeps its range of them."""
+        threadpool_limits(BLAS_THREADS)
+        self.end = transport.server_end(s)
+        lo, hi = transport.bounds[s].start, transport.bounds[s].stop
+        self.state = ServerState(self.end.hold(weights), hyper, None if decay_mask is None else decay_mask[lo:hi])
+        self.fault: Action | None = None  # armed by --fault-injection for the next step
+
+    def weights(self):
+        """The weights as the workers take them."""
+        return self.end.publish(self.state.weights)
+
+    def arm(self, action: Action) -> None:
+        """The next ``step`` call dies (``faults.strike``): --fault-injection."""
+        self.fault = action
+
+    def step(self, n, nodes, lr, t, scale, *values):
+        """Add the workers' nodes into the batch gradient, update, return the new weights."""
+        if self.fault is not None:
+            strike(self.fault)
+        self.state.step(n, nodes, self.end.receive(values), lr, t, scale)
+        return self.weights()
+
+    def step_count(self) -> int:
+        """Steps applied so far: after a failure the driver resumes from here, never applying one twice."""
+        return self.state.t
+
+    def report(self) -> dict[int, dict]:
+        return self.state.report()
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Weights and optimizer buffers, for a checkpoint."""
+        return {"weights": self.state.weights, **self.state.state}
+
+    def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
+        """This range of the weights and optimizer buffers of a checkpoint taken after step ``t``."""
+        self.state.restore(arrays, t)

@@ -1,0 +1,110 @@
+"""``--servers S``: the flat parameter vector cut into S contiguous ranges, one server actor each.
+
+Li et al. (OSDI 2014) shard a parameter server by key range, so that the bytes each server
+receives per step fall as servers are added.  Here a key range is ``[lo, hi)`` of the flat
+vector.  A worker sends server ``s`` only the columns ``lo:hi`` of its tree-node values
+(``Worker.compute`` returns them as S separate objects) and reads the S weight ranges back
+into one buffer.  The tree sum and the optimizer are elementwise (optim.py), so every entry
+goes through the same additions and the same update whichever server owns it: the weights
+are bitwise identical for any S.
+
+The ranges are decided once, by the run's transport (``transport.bounds``).  ``Servers`` is
+the driver's handle on the S actors: each method starts the same call on every server and
+returns one ObjectRef per server, in range order.  It also brings them back after a failure
+(``recover``): a live group says how many steps it holds; a lost one restarts from the
+latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
+
+from ..errors import Diverged, RunFailed
+from ..faults import Action
+from ..step.server import NonFiniteGradient
+
+SERVER_TIMEOUT_S = 30.0  # a live server answers step_count within this, whatever it is doing
+
+
+class ServerFailed(RunFailed):
+    """A server died or a step's inputs were lost; ``Servers.recover`` brings the servers back."""
+
+
+class Servers:
+    """The S ``ParameterServer`` actors of a run; server ``s`` owns ``bounds[s]`` of the flat vector."""
+
+    def __init__(self, spawn: Callable[[int], object], bounds: list[range]):
+        """``spawn(s)`` starts the actor of server ``s``."""
+        self.spawn, self.bounds = spawn, bounds
+        self.actors = [spawn(s) for s in range(len(bounds))]
+        self.restarts = 0
+
+    def weights(self) -> list:
+        """The current weights, one ref per range: pass them on as ``Worker.compute(..., *refs)``."""
+        return [a.weights.remote() for a in self.actors]
+
+    def step(self, n: int, nodes: list, lr: float, t: int, scale: float | None, values: list[list]) -> list:
+        """Step ``t`` on every server; ``values[task][s]`` is that task's columns for server ``s``.
+
+        Returns the refs of the new weight ranges.
+        """
+        return [a.step.remote(n, nodes, lr, t, scale, *[v[s] for v in values]) for s, a in enumerate(self.actors)]
+
+    def report(self) -> list:
+        return [a.report.remote() for a in self.actors]
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The weights and optimizer buffers the servers hold, as full-length arrays."""
+        parts = self.get([a.snapshot.remote() for a in self.actors])
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
+        """Load full-length buffers (weights, optimizer state) of step ``t``: each server its range."""
+        ray.get([a.restore.remote({k: v[r.start:r.stop] for k, v in arrays.items()}, t)
+                 for a, r in zip(self.actors, self.bounds)])
+
+    def node_ids(self) -> list[str]:
+        return ray.get([a.node_id.remote() for a in self.actors])
+
+    def arm(self, action: Action) -> None:
+        """--fault-injection kill-server: the first server dies; the run recovers them all."""
+        self.actors[0].arm.remote(action)
+
+    def get(self, refs):
+        """``ray.get`` of server results: ServerFailed if a server is gone, Diverged if it refused."""
+        try:
+            return ray.get(refs)
+        except NonFiniteGradient as exc:
+            raise Diverged(f"training diverged: {_message(exc)} (the server did not apply it)") from None
+        except (RayActorError, ObjectLostError) as exc:
+            raise ServerFailed(str(type(exc).__name__)) from exc
+
+    def recover(self, latest: Callable[[], tuple[dict[str, np.ndarray], int]]) -> int:
+        """After ServerFailed: the number of steps the (possibly new) servers hold.
+
+        Live servers that agree have applied exactly that many steps, so nothing is applied
+        twice.  Otherwise (any of them dead, or servers that disagree) all are replaced and
+        loaded with ``latest()``: the arrays and step of the latest checkpoint.
+        """
+        try:
+            counts = ray.get([a.step_count.remote() for a in self.actors], timeout=SERVER_TIMEOUT_S)
+            if len(set(counts)) == 1:
+                return counts[0]
+        except (RayActorError, GetTimeoutError):
+            pass
+        for actor in self.actors:  # all of them, so that they restart from one checkpoint
+            ray.kill(actor, no_restart=True)
+        self.restarts += 1
+        self.actors = [self.spawn(s) for s in range(len(self.bounds))]
+        arrays, step = latest()
+        self.restore(arrays, step)
+        return step
+
+
+def _message(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    return str(cause if cause is not None else exc).strip().splitlines()[-1]

@@ -1,0 +1,148 @@
+"""How a step's vectors travel: the one module that knows their shape on the wire.
+
+Per step, each server sends the workers its range of the new weights, and each worker task
+sends each server that server's columns of its tree-node values (``(nodes, hi - lo)``).
+Two transports carry them, with the same methods, so that actors and the crew never ask
+which one runs:
+
+- ``ObjectStore`` (the actors span nodes): the vectors are numpy arrays that Ray copies
+  through its object store; a worker joins the S weight ranges into one buffer and returns
+  S column blocks of its node values.
+- ``SharedMemory`` (driver and actors on one node): the vectors live in files under
+  ``/dev/shm`` (shm.py); the servers update their ranges of one weights file in place, the
+  workers compute into rows of their own files, and only ``shm.Block`` handles (a path, a
+  shape, a dtype) go through Ray.  No vector is copied.
+
+A transport is made by the driver (``Session``) and handed to every actor, which makes its
+own end with ``worker_end()`` or ``server_end(s)``.  The transport holds ``bounds``, the
+servers' ranges of the flat vector: the one place they are decided (``cuts.even``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..lecture import cuts
+from . import shm
+
+
+class ObjectStore:
+    """The vectors as arrays through Ray's object store: works across nodes."""
+
+    name = "object-store"
+
+    def __init__(self, size: int, dtype, servers: int):
+        self.size, self.dtype = size, np.dtype(dtype)
+        self.bounds = cuts.even(size, servers)  # server s owns bounds[s] of the flat vector
+
+    def worker_end(self) -> _StoreWorker:
+        return _StoreWorker(self)
+
+    def server_end(self, s: int) -> _StoreServer:
+        return _StoreServer(self.bounds[s])
+
+    def close(self) -> None:
+        pass
+
+
+class _StoreWorker:
+    def __init__(self, transport: ObjectStore):
+        self.bounds, self.dtype = transport.bounds, transport.dtype
+        self.flat = np.empty(transport.size, transport.dtype) if len(self.bounds) > 1 else None
+        self.out = np.empty((0, transport.size), dtype=transport.dtype)
+
+    def weights(self, parts: tuple) -> np.ndarray:
+        """The whole weight vector from what the S servers returned."""
+        if self.flat is None:
+            return parts[0]
+        return np.concatenate(parts, out=self.flat)  # one buffer, reused from call to call
+
+    def rows(self, step: int, count: int) -> tuple[np.ndarray, list]:
+        """``count`` rows to compute node values into, and what to return to the S servers.
+
+        The rows are a buffer reused from call to call: Ray copies a returned array into the
+        object store when the call returns.
+        """
+        if len(self.out) < count:
+            self.out = np.empty((count, self.out.shape[1]), dtype=self.dtype)
+        values = self.out[:count]
+        if len(self.bounds) == 1:
+            return values, [values]
+        return values, [values[:, r.start:r.stop] for r in self.bounds]  # server s: its columns
+
+
+class _StoreServer:
+    def __init__(self, bounds: range):
+        self.bounds = bounds
+
+    def hold(self, weights: np.ndarray) -> np.ndarray:
+        """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
+        return np.array(weights[self.bounds.start:self.bounds.stop])
+
+    def publish(self, held: np.ndarray) -> np.ndarray:
+        """What a step returns for the workers: the range itself."""
+        return held
+
+    def receive(self, parts: tuple) -> list[np.ndarray]:
+        """Each task's node values for this server's columns."""
+        return list(parts)
+
+
+class SharedMemory:
+    """The vectors in shared files under ``/dev/shm``: only when every process is on one node."""
+
+    name = "shared-memory"
+
+    def __init__(self, size: int, dtype, servers: int):
+        self.size, self.dtype = size, np.dtype(dtype)
+        self.bounds = cuts.even(size, servers)
+        self.board = shm.open_board(size, dtype)
+
+    def worker_end(self) -> _SharedWorker:
+        return _SharedWorker(self)
+
+    def server_end(self, s: int) -> _SharedServer:
+        return _SharedServer(self.board, self.bounds[s])
+
+    def close(self) -> None:
+        """Remove the run's files (the driver calls it at the end of the run)."""
+        shm.close_board(self.board)
+
+
+class _SharedWorker:
+    def __init__(self, transport: SharedMemory):
+        self.maps = shm.Maps()
+        self.servers = len(transport.bounds)
+        self.out = shm.Rows(transport.board, self.maps, transport.size, transport.dtype)
+
+    def weights(self, parts: tuple) -> np.ndarray:
+        """The shared weights file, read in place: every server updates its range of it."""
+        return self.maps.view(parts[0])
+
+    def rows(self, step: int, count: int) -> tuple[np.ndarray, list]:
+        """Rows of a shared file of this worker's; each server reads its columns of them in place."""
+        block, values = self.out.take(step, count)
+        return values, [block] * self.servers
+
+
+class _SharedServer:
+    def __init__(self, board: shm.Board, bounds: range):
+        self.board, self.bounds, self.maps = board, bounds, shm.Maps()
+
+    def hold(self, weights: np.ndarray) -> np.ndarray:
+        """This server's range of the shared weights file, filled from ``weights`` (the whole vector)."""
+        held = self.maps.view(self.board.weights, writable=True)[self.bounds.start:self.bounds.stop]
+        np.copyto(held, weights[self.bounds.start:self.bounds.stop])
+        return held
+
+    def publish(self, held: np.ndarray) -> shm.Block:
+        """The weights file's handle: the workers read every range of it in place."""
+        return self.board.weights
+
+    def receive(self, parts: tuple) -> list[np.ndarray]:
+        """Each task's rows, this server's columns of them, read in place."""
+        self.maps.retain({block.path for block in parts} | {self.board.weights.path})
+        return [self.maps.view(block)[:, self.bounds.start:self.bounds.stop] for block in parts]
+
+
+Transport = ObjectStore | SharedMemory

@@ -1,0 +1,126 @@
+"""The sync loop's record of its steps: what it sent, what the servers reported, what it wrote.
+
+A step's report (gradient hash, server timings) is fetched one step later, so that waiting
+for it never stalls the workers: ``StepLog`` holds the steps sent but not yet written
+(``pending``), writes their lines to metrics.jsonl in order, and passes each record to the
+callbacks and the progress bar.  It also checks steps computed twice (after a failure, or
+by a resumed run) against the gradient hash logged the first time: the same sum must give
+the same bits (``redo``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..data.problem import Problem
+from ..run.outdir import RunFiles
+from ..run.progress import Progress
+from ..step.server import merge_reports
+
+
+@dataclass
+class Sent:
+    """A step handed to the servers whose line is not written yet."""
+
+    step: int
+    batch_size: int
+    loss: float
+    seconds: float  # the slowest worker task's compute time
+    report: list  # refs of the servers' reports
+    weights: list  # refs of the step's new weights: fetching them raises why the step failed
+
+
+class StepLog:
+    """Pending reports, redo checks and the lines of metrics.jsonl, in step order."""
+
+    def __init__(self, files: RunFiles, problem: Problem, lr_at: Callable[[int], float], get: Callable,
+                 progress: Progress, callbacks: Sequence = (), compare: bool = True):
+        """``get`` fetches server results (``Servers.get``); ``compare=False``: the logged hashes
+        came from another number of servers, so a resumed run does not check against them."""
+        self.files, self.problem, self.lr_at, self.get = files, problem, lr_at, get
+        self.progress, self.callbacks = progress, list(callbacks)
+        offset, logged = files.open_log()
+        self.logged: dict[int, str] = logged if compare else {}  # step -> grad_sha256 of its first computation
+        self.pending: deque[Sent] = deque()
+        self.written = files.saved_step  # metrics.jsonl has the lines of the steps up to here
+        self.redo = {"steps_redone": 0, "redo_mismatches": 0}
+        self.last: dict = {"loss": float("nan")}  # the last step's record, and the last evaluation's figures
+        self.seen = 0  # samples trained on by this process, for samples/s
+        self.stop_requested = False  # a callback asked the run to end after this step
+        self.t0 = time.perf_counter()
+        self.offset = offset  # a resumed run's clock goes on from its last line
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def sent(self, entry: Sent) -> None:
+        """Step ``entry.step`` is with the servers: write every earlier step's line."""
+        self.pending.append(entry)
+        self.write(keep=1)
+
+    def write(self, keep: int = 0) -> None:
+        """Write the lines of the pending steps but the last ``keep``."""
+        while len(self.pending) > keep:
+            self._write(self.pending[0])
+            self.pending.popleft()  # only once written: after a failure the step is still there
+
+    def _write(self, sent: Sent) -> None:
+        reports = merge_reports(self.get(sent.report))
+        if sent.step not in reports:
+            self.get(sent.weights)  # the step failed: raises why
+        report = reports[sent.step]
+        if sent.step in self.logged:  # computed before a failure or an interruption: it must be the same sum
+            self.redo["steps_redone"] += 1
+            self.redo["redo_mismatches"] += self.logged[sent.step] != report["grad_sha256"]
+        self.logged[sent.step] = report["grad_sha256"]
+        if sent.step <= self.written:
+            return
+        self.written = sent.step
+        self.seen += sent.batch_size
+        record = {"step": sent.step, "epoch": self.problem.sampler.epoch_of(sent.step), "loss": sent.loss,
+                  "lr": self.lr_at(sent.step), "time": round(self.elapsed() + self.offset, 6),
+                  "grad_sha256": report["grad_sha256"], "worker_compute": sent.seconds,
+                  "server_sum": report["server_sum"], "update": report["update"],
+                  "server_bytes_in": report["bytes_in"]}
+        self.last.update(record)
+        self.files.log.write(record)
+        self.progress.step(**self.bar())
+        self._notify("on_step", record)
+
+    def evaluated(self, step: int, loss: float, accuracy: float) -> None:
+        """The evaluation after step ``step``: its line (unless a step redone after a failure
+        already has one), the bar, the callbacks."""
+        name = self.problem.test_name
+        self.last.update(test_loss=loss, test_accuracy=accuracy)
+        record = {"step": step, "epoch": self.problem.sampler.epoch_of(step), f"{name}_loss": loss,
+                  f"{name}_accuracy": accuracy}
+        if step > self.files.saved_step:
+            self.files.log.write(record)
+        self._notify("on_evaluation", record)
+
+    def _notify(self, method: str, record: dict) -> None:
+        """Call ``method`` of each callback that has it with a copy of ``record``; True asks to stop."""
+        for callback in self.callbacks:
+            hook = getattr(callback, method, None)
+            if hook is not None and hook(dict(record)):
+                self.stop_requested = True
+
+    def forget_after(self, step: int) -> None:
+        """The servers hold ``step`` steps (after a recovery): the later ones sent are redone."""
+        while self.pending and self.pending[-1].step > step:
+            self.pending.pop()
+
+    def saved(self) -> None:
+        """A checkpoint is on disk: steps up to it are never redone now."""
+        for step in [s for s in self.logged if s <= self.files.saved_step]:
+            del self.logged[step]
+
+    def bar(self) -> dict:
+        shown = {"loss": f"{self.last['loss']:.4f}"}
+        if "test_accuracy" in self.last:  # the last evaluation's
+            shown[f"{self.problem.test_name}_acc"] = f"{self.last['test_accuracy']:.4f}"
+        shown["samples/s"] = f"{self.seen / self.elapsed():.0f}"
+        return shown

@@ -1,0 +1,170 @@
+"""``distbp train`` (``--mode sync``): the story of a run, top to bottom.
+
+1. Load and check the data and the options (nothing is written before they pass).
+2. Start or join Ray, place the actors: S parameter servers, each owning a range of the
+   weights, and K workers (``Session``).
+3. Each step (counted from 1): the sampler picks the global batch (independent of K), it is
+   cut into micro-batches, the workers backpropagate contiguous shares of them, the servers
+   add their tree nodes into the batch gradient and update.  Object references flow from the
+   servers to the workers and back without the driver touching the weights.  A dead or late
+   worker's share is redone by the others, a lost server restarts from the latest checkpoint
+   (crew.py, servers.py); the bits do not change.
+4. Every epoch (and every --checkpoint-every steps): evaluate, checkpoint.  Ctrl-C or
+   SIGTERM: checkpoint and stop, to go on with --resume.  At the end: summary.json.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from .. import faults
+from ..config import Config
+from ..data.datasets import Dataset
+from ..data.problem import Problem, prepare
+from ..distributed.loopback import keep_local_ray_on_loopback
+from ..errors import Diverged, Interrupted, UsageError
+from ..lecture import schedule
+from ..lecture.network import Network, evaluate
+from ..lecture.optim import init_state
+from ..run import resume, summary
+from ..run.outdir import CHECKPOINT, RunFiles
+from ..run.progress import Progress
+from .steplog import Sent, StepLog
+
+
+def train(config: Config, resumed: dict | None = None, data: Dataset | None = None, callbacks=()) -> dict:
+    """Run ``config`` to the end and return the summary (also written to ``<out>/summary.json``).
+
+    ``resumed`` is the checkpoint (``checkpoint.load``) of the run in ``config.out`` to continue;
+    ``data`` replaces ``config.dataset`` (``distbp.fit``); ``callbacks`` get each step's record.
+    """
+    if config.mode != "sync":  # not split-invariant: its own loop, over the same actors
+        from .async_ import train_async
+        return train_async(config, resumed, data, callbacks)
+    config.validate()
+    problem = prepare(config, data)
+    start = _check_resume(config, problem, resumed)
+    files = RunFiles.reopen(config.out, start) if resumed else RunFiles.create(config.out)
+    keep_local_ray_on_loopback(config.address)  # before Ray is first imported, just below
+    from ..distributed.crew import Crew
+    from ..distributed.servers import ServerFailed
+    from ..distributed.session import Session
+
+    net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
+    # Where the run starts: what a server lost before the first checkpoint is restarted from.
+    initial = resumed or {"weights": net.flat.copy(), "step": 0,
+                          "optimizer": init_state(config.optimizer, net.layout.size, net.dtype)}
+    sampler, total = problem.sampler, problem.total_steps
+    lr_at = schedule.from_config(config, total, sampler.steps_per_epoch)  # step (from 1) -> lr
+    try:
+        with Session(config, problem, config.servers) as session:
+            servers = session.start_servers(initial["weights"])
+            if resumed:
+                servers.restore(*files.latest(initial))
+            server_nodes = servers.node_ids()
+            pool = session.start_workers()
+            pool.wait_started()  # every worker up before the clock starts
+            crew = Crew(pool, servers, config.micro_batch, faults.parse(config.fault_injection, config.workers))
+            progress = Progress(total, initial=start)
+            if resumed:
+                progress.resuming(config.out, start, total)
+            log = StepLog(files, problem, lr_at, servers.get, progress, callbacks,
+                          compare=not resumed or resumed["config"].get("servers", 1) == config.servers)
+            applied, weights = start, servers.weights()  # steps the servers hold, and their weights
+            with resume.StopSignals() as stop:
+                while applied < total and stop.signum is None and not log.stop_requested:
+                    step = applied + 1
+                    batch = sampler.batch(step)
+                    try:
+                        # Every micro-batch of the step, whichever workers die or lag on the way.
+                        done = crew.compute(step, batch, weights)
+                        loss = math.fsum(done.losses) / len(batch)
+                        if not math.isfinite(loss):  # caught before the servers apply anything
+                            raise Diverged(f"training diverged at step {step}: the loss is {loss}")
+                        scale = len(batch) if config.reduction == "mean" else None
+                        weights = servers.step(done.n, done.nodes, lr_at(step), step, scale, done.values)
+                        log.sent(Sent(step, len(batch), loss, done.seconds, servers.report(), weights))
+                        if sampler.ends_epoch(step) or step == total:
+                            end_of_epoch(step, net, problem, servers, files, log, config)
+                        elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                            save(step, servers.snapshot(), files, log, config)
+                        applied = step
+                    except ServerFailed:
+                        # Live servers say how many steps they hold; lost ones restart from the
+                        # latest checkpoint.  Either way the loop goes on from there: steps are
+                        # redone (to the same bits), never applied twice.
+                        applied = servers.recover(lambda: files.latest(initial))
+                        weights = servers.weights()
+                        log.forget_after(applied)
+            if stop.signum is not None:
+                _stopped(stop, applied, total, servers, files, log, config)
+            if log.stop_requested:  # a callback ended the run early: keep the weights it stopped at
+                stopped_early(applied, net, servers, files, log, config)
+            elapsed = log.elapsed()
+            progress.close()
+    except Diverged as exc:
+        kept = f"the last good checkpoint is {files.checkpoint} (step {files.saved_step})" if files.saved_step \
+            else "no checkpoint was written"
+        raise Diverged(f"{exc}; {kept}") from None
+    finally:
+        files.close()
+    return summary.sync(config, problem, files, net, log, elapsed, start, applied,
+                        crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
+                        worker_nodes=pool.nodes(), server_nodes=server_nodes, transport=session.transport_name)
+
+
+def _check_resume(config: Config, problem: Problem, resumed: dict | None) -> int:
+    """The step a resumed run goes on from (0 for a new run); UsageError if it has nothing to do."""
+    if resumed is None:
+        return 0
+    resume.check_fits(resumed, problem.layers, config, os.path.join(config.out, CHECKPOINT))
+    if resumed["step"] >= problem.total_steps:
+        raise UsageError(f"--resume {config.out}: the run already has its {problem.total_steps} steps; "
+                         "ask for more with --steps or --epochs")
+    return resumed["step"]
+
+
+def save(step: int, snapshot: dict[str, np.ndarray], files: RunFiles, log: StepLog, config: Config) -> None:
+    """checkpoint.npz after step ``step``, every line before it written first."""
+    log.write()
+    files.save(step, snapshot, config.to_dict())
+    log.saved()
+
+
+def end_of_epoch(step: int, net: Network, problem: Problem, servers, files: RunFiles, log: StepLog,
+                 config: Config) -> None:
+    """Evaluate the weights after ``step`` on the test (or validation) split, log it, checkpoint."""
+    log.write()
+    snapshot = servers.snapshot()
+    net.flat[:] = snapshot["weights"]
+    line = f"epoch {problem.sampler.epoch_of(step)} step {step}/{problem.total_steps} loss {log.last['loss']:.4f}"
+    if problem.test_name is not None:
+        test_loss, test_acc = evaluate(net, problem.data.X_test, problem.data.y_test)
+        log.evaluated(step, test_loss, test_acc)
+        line += f" {problem.test_name}_acc {test_acc:.4f}"
+    log.progress.log(line + f" lr {log.last['lr']:.3g} samples/s {log.seen / log.elapsed():.0f}")
+    log.progress.note(**log.bar())
+    save(step, snapshot, files, log, config)
+
+
+def stopped_early(step: int, net: Network, servers, files: RunFiles, log: StepLog, config: Config) -> None:
+    """A callback asked to stop after ``step``: the driver's network takes those weights, checkpointed."""
+    snapshot = servers.snapshot()
+    net.flat[:] = snapshot["weights"]
+    if step > files.saved_step:
+        save(step, snapshot, files, log, config)
+
+
+def _stopped(stop: resume.StopSignals, step: int, total: int, servers, files: RunFiles, log: StepLog,
+             config: Config) -> None:
+    """Ctrl-C or SIGTERM after step ``step``: checkpoint it and raise Interrupted saying how to go on."""
+    if step > files.saved_step:
+        save(step, servers.snapshot(), files, log, config)
+    log.progress.close()
+    if not files.saved_step:
+        raise Interrupted(f"stopped by {stop.name} before the first step; nothing to resume", stop.signum)
+    raise Interrupted(f"stopped by {stop.name} after step {step} of {total}; checkpoint {files.checkpoint} "
+                      f"(step {files.saved_step}); continue with: distbp train --resume {files.path}", stop.signum)

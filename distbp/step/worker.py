@@ -1,0 +1,101 @@
+"""What a worker does in a step, as a plain numpy object the Ray actor holds: no Ray here.
+
+A step's global batch (``B`` sample indices) is cut into ``n = ceil(B / M)`` micro-batches
+of ``M`` rows (the last one shorter), whose boundaries depend on the batch alone.  The driver
+gives a worker some tree nodes over those micro-batches (``tree.blocks`` of its share,
+computed once by the driver and handed to the server too); ``WorkerState.compute``
+backpropagates the micro-batches they cover into the nodes' values.  The server adds the
+nodes of all workers into the batch gradient in the tree's fixed order (server.py), so any
+split of the micro-batches, over any number of workers, gives the same bits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from ..lecture import cuts, tree
+from ..lecture.network import Layout, Workspace, backprop
+
+
+def micro_batches(batch_size: int, micro_batch: int) -> list[range]:
+    """Row ranges of the micro-batches of a batch: fixed by ``B`` and ``M`` alone."""
+    return cuts.fixed(batch_size, micro_batch)
+
+
+class BufferPool:
+    """Reusable flat buffers, so a step does not allocate a gradient-sized array per micro-batch."""
+
+    def __init__(self, size: int, dtype):
+        self.size, self.dtype, self.free = size, dtype, []
+
+    def take(self) -> np.ndarray:
+        return self.free.pop() if self.free else np.empty(self.size, dtype=self.dtype)
+
+    def give(self, buf: np.ndarray) -> None:
+        self.free.append(buf)
+
+
+class WorkerState:
+    """A worker's data and buffers; ``compute`` is its whole job."""
+
+    def __init__(self, layers, activation: str, loss: str, dtype, X: np.ndarray, Y: np.ndarray,
+                 micro_batch: int):
+        self.layout = Layout(tuple(layers))
+        self.activation, self.loss = activation, loss
+        self.dtype = np.dtype(dtype)
+        self.X, self.Y = X, Y  # read-only views of the object store: never written
+        self.micro_batch = micro_batch
+        self.pool = BufferPool(self.layout.size, self.dtype)
+        self.workspaces: dict[int, Workspace] = {}
+        # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
+        self.spans: deque[tuple[float, float, float]] = deque(maxlen=4096)
+
+    def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> float:
+        """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error."""
+        ws = self.workspaces.get(len(rows))
+        if ws is None:
+            ws = self.workspaces[len(rows)] = Workspace(self.layout.layers, len(rows), self.dtype)
+        # Gather the rows straight into the workspace: no per-micro-batch allocation.
+        np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
+        return backprop(W, None, self.Y[rows], self.activation, self.loss, ws, self.layout.views(g))
+
+    def node(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[range], node: tree.Node,
+             dst: np.ndarray, losses: dict[int, float]) -> None:
+        """Tree node ``node``'s value into ``dst``: a leaf's gradient, else ``left + right``.
+
+        The same additions, with the same operands, as ``tree.combine``: an inner node whose
+        right child starts at or past ``n`` is its left child.  Depth-first, so a worker holds
+        at most one scratch buffer per tree level, whatever its share.
+        """
+        level, i = node
+        if level == 0:
+            losses[i] = self.leaf(W, batch[ranges[i].start:ranges[i].stop], dst)
+            return
+        self.node(W, batch, ranges, (level - 1, 2 * i), dst, losses)
+        right = (level - 1, 2 * i + 1)
+        if tree.span(right, len(ranges))[0] < len(ranges):
+            tmp = self.pool.take()
+            self.node(W, batch, ranges, right, tmp, losses)
+            np.add(dst, tmp, out=dst)
+            self.pool.give(tmp)
+
+    def compute(self, weights: np.ndarray, batch: np.ndarray, nodes: list[tree.Node],
+                out: np.ndarray) -> tuple[np.ndarray, float]:
+        """The values of tree ``nodes`` over the micro-batches of ``batch``, into ``out`` (shape
+        ``(len(nodes), P)``: row r is node r's summed gradient).
+
+        Returns ``(losses, seconds)``: the summed error of each micro-batch the nodes cover, in
+        micro-batch order (float64), and the compute time.
+        """
+        start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
+        W = self.layout.views(weights)
+        ranges = micro_batches(len(batch), self.micro_batch)
+        losses: dict[int, float] = {}
+        for r, node in enumerate(nodes):
+            self.node(W, batch, ranges, node, out[r], losses)  # each node straight into its row
+        seconds = time.perf_counter() - start
+        self.spans.append((wall, wall + seconds, time.thread_time() - cpu))
+        return np.array([losses[i] for i in sorted(losses)], dtype=np.float64), seconds

@@ -1,0 +1,2 @@
+"""The tools around training: ``distbp verify``, ``distbp plot`` and the cost model that
+scripts/scaling.py fits."""
