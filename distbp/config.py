@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from . import faults
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, one_line
 from .lecture.network import ACTIVATIONS, DTYPES, LOSSES
 from .lecture.optim import OPTIMIZERS
 from .lecture.schedule import SCHEDULES, parse_milestones
@@ -82,10 +82,17 @@ class Config:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise UsageError(f"--epochs must be a positive number, got {self.epochs}")
-        for name in ("lr", "momentum", "weight_decay"):
+        for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UsageError(f"--{flag(name)} must be a finite number >= 0, got {value}")
+        if not 0 <= self.momentum < 1:  # v <- mu v + g grows without bound for mu >= 1 (also refuses nan)
+            raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.seed < 0:  # numpy's generators take only seeds >= 0
+            raise UsageError(f"--seed must be >= 0, got {self.seed}")
+        for name in ("out", "data_dir", "address"):
+            if getattr(self, name) == "":  # would silently mean the default
+                raise UsageError(f"--{flag(name)} must not be empty")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0:
@@ -181,14 +188,20 @@ def load_toml(path: str) -> dict:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 text
+        raise UsageError(f"--config {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                         f"at offset {exc.start})") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"--config {path}: {exc}") from None
+        raise UsageError(f"--config {path}: {one_line(exc)}") from None
     known = {f.name: f for f in fields(Config)}
-    values = {}
+    values, keys = {}, {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:
             raise UsageError(f"--config {path}: unknown key {key!r}")
+        if name in keys:  # batch-size and batch_size are one option: neither may silently win
+            raise UsageError(f"--config {path}: {keys[name]!r} and {key!r} are the same option; give it once")
+        keys[name] = key
         kind = option_type(known[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -237,6 +250,10 @@ def for_resume(stored: dict, options: dict, directory: str) -> Config:
         if not (value is None or isinstance(value, kind)) or isinstance(value, bool):
             raise DataError(f"{directory}/checkpoint.npz: corrupt config ({name} = {value!r})")
     values = {f.name: f.default for f in fields(Config)} | stored
+    try:  # the stored options alone: a bad one is a damaged file, not a bad flag
+        Config(**(values | {"out": directory})).validate()
+    except UsageError as exc:
+        raise DataError(f"{directory}/checkpoint.npz: corrupt config ({exc})") from None
     for name, value in options.items():
         if name == "out":
             if os.path.abspath(value) != os.path.abspath(directory):

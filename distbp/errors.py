@@ -1,6 +1,7 @@
 """The errors the command line turns into one line on stderr: bad input exits 2, a failed run 1.
 
 All are ``DistbpError``s, so Python callers (``distbp.fit``) can catch them in one clause.
+``one_line`` and ``size_text`` word the messages, for every module that raises them.
 """
 
 
@@ -31,3 +32,24 @@ class Interrupted(DistbpError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message for an error line, which is one line: its first non-empty line
+    with the whitespace collapsed (numpy's and tomllib's messages can run to several), or the
+    exception's type where the message is empty."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return " ".join(line.split())
+    return type(exc).__name__
+
+
+def size_text(nbytes: float) -> str:
+    """``7.3 TiB``: a byte count for a message."""
+    if nbytes >= 1024 ** 6:  # beyond PiB (and maybe beyond a float): the order of magnitude says it
+        return f"10^{len(str(int(nbytes))) - 1} bytes"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")

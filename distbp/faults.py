@@ -60,7 +60,7 @@ class Fault:
 
 def parse(spec: str | None, workers: int) -> list[Fault]:
     """The faults of ``spec``; a malformed item or a worker index >= ``workers`` is a UsageError."""
-    faults = []
+    faults, planned = [], {}
     for item in (spec or "").split(","):
         item = item.strip()
         if not item:
@@ -82,8 +82,23 @@ def parse(spec: str | None, workers: int) -> list[Fault]:
             raise UsageError(f"--fault-injection {item}: there are only {workers} workers (0..{workers - 1})")
         if not (math.isfinite(fault.seconds) and fault.seconds >= 0):
             raise UsageError(f"--fault-injection {item}: the delay must be a finite number of seconds >= 0")
+        # One fault per actor and step: arming an actor twice keeps only the later fault, and
+        # the earlier one would silently never strike.
+        actor = "the server" if fault.target is None else f"worker {fault.target}"
+        if (actor, fault.step) in planned:
+            raise UsageError(f"--fault-injection {item}: {planned[actor, fault.step]} already strikes {actor} "
+                             f"at step {fault.step}; give one fault per actor and step")
+        planned[actor, fault.step] = item
         faults.append(fault)
     return faults
+
+
+def check_steps(faults: list[Fault], total_steps: int) -> None:
+    """UsageError for a fault planned after the run's last step: it would silently never strike."""
+    for fault in faults:
+        if fault.step > total_steps:
+            raise UsageError(f"--fault-injection {fault}: step {fault.step} is after the run's last step "
+                             f"({total_steps})")
 
 
 def strike(action: Action, seconds: float = 0.0) -> None:

@@ -135,7 +135,7 @@ def contents(directory) -> dict:
 
 @pytest.mark.parametrize("damage, fragment", [
     ("garbage", "corrupt checkpoint (not an .npz file)"),
-    ("truncated", "corrupt or truncated checkpoint"),
+    ("truncated", "corrupt checkpoint: not a readable .npz file"),
     ("other-architecture", "a checkpoint of another architecture"),
 ])
 def test_bad_checkpoint_on_resume_touches_nothing(tmp_path, capsys, damage, fragment):

@@ -171,3 +171,20 @@ def test_sigterm_to_a_real_process_then_resume(whole, tmp_path):
     assert cli.main(["train", "--resume", run_dir, "--workers", "2"]) == 0
     assert summary(run_dir)["weights_sha256"] == whole["weights_sha256"]
     assert_one_run(run_dir, 12)
+
+
+def test_resume_of_a_finished_run_without_its_summary_writes_it(ray_session, tmp_path, capsys):
+    """A driver that dies after its last checkpoint leaves no summary.json; --resume writes it from
+    the checkpoint (same weights) instead of answering that the run is done."""
+    done = train(train_config(tmp_path, steps=8))
+    os.unlink(os.path.join(done["out"], "summary.json"))
+    assert cli.main(["train", "--resume", done["out"]]) == 0
+    rebuilt = json.loads(capsys.readouterr().out)
+    assert rebuilt["weights_sha256"] == done["weights_sha256"] and rebuilt["steps"] == 8
+    on_disk = summary(done["out"])
+    assert on_disk["summary_rebuilt"] and on_disk["final_loss"] == done["final_loss"]
+    assert_one_run(done["out"], 8)
+    assert cli.main(["train", "--resume", done["out"]]) == 2  # now it has its summary: nothing to do
+    assert "already has its 8 steps" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", done["out"], "--steps", "5"]) == 2
+    assert "already has 8 steps, more than the 5 asked for" in capsys.readouterr().err

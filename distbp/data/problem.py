@@ -1,16 +1,23 @@
-"""What the options and the data decide before any process starts: checked, nothing written."""
+"""What the options and the data decide before any process starts: checked, nothing written.
+
+``prepare`` runs before the run directory is made and before any large allocation, so every
+refusal here (a size that cannot fit in memory included) leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import faults
 from ..config import Config
 from ..errors import DataError, UsageError
 from ..lecture.network import Layout, encode_targets
 from . import datasets
+from .npydir import Rows, finite
 from .sampler import Sampler
 
 
@@ -52,15 +59,69 @@ def prepare(config: Config, data: datasets.Dataset | None = None) -> Problem:
     if config.batch_size > len(data.X):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the training set "
                          f"({len(data.X)} samples)")
+    sampler = Sampler(len(data.X), config.batch_size, config.seed)
+    steps = config.epochs * sampler.steps_per_epoch
+    if config.steps is None and not math.isfinite(steps):
+        raise UsageError(f"--epochs {config.epochs} is more steps than can be counted; give fewer")
+    total = config.steps or max(1, math.ceil(steps))
+    faults.check_steps(faults.parse(config.fault_injection, config.workers), total)
+    _check_memory(config, data, layers)
     dtype = np.dtype(config.dtype)
     with np.errstate(over="ignore"):
-        X = np.ascontiguousarray(data.X, dtype=dtype)
+        # Memory-mapped features stay on disk: each worker casts the rows it gathers (npydir.py).
+        X = data.X if isinstance(data.X, Rows) else np.ascontiguousarray(data.X, dtype=dtype)
         Y = encode_targets(data.y, config.loss, layers[-1], dtype)
+    if isinstance(X, Rows) and not finite(X, dtype, progress=f"checking {data.name} in {dtype}"):
+        raise DataError(f"{data.name}: features overflow {dtype}; scale the data or use --dtype float64")
     for name, values in (("features", X), ("targets", Y)):
+        if isinstance(values, Rows):
+            continue  # checked just above, in chunks
         if not np.isfinite(values).all():  # finite in the file, but not in the run's dtype
             raise DataError(f"{data.name}: {name} overflow {dtype} (largest magnitude "
                             f"{np.nanmax(np.abs(data.X if name == 'features' else data.y)):.3g}); "
                             "scale the data or use --dtype float64")
-    sampler = Sampler(len(X), config.batch_size, config.seed)
-    total = config.steps or max(1, math.ceil(config.epochs * sampler.steps_per_epoch))
     return Problem(data, layers, X, Y, sampler, total)
+
+
+EVAL_CHUNK = 4096  # rows lecture.network.evaluate works on at once
+
+
+def memory_needed(config: Config, data: datasets.Dataset, layers: tuple[int, ...]) -> int:
+    """A lower bound on the bytes a run of ``config`` still allocates on this machine, the data
+    already loaded aside.
+
+    The driver holds the weights, their initial copy and up to two optimizer buffers (4 vectors)
+    and evaluates in chunks; each worker holds the weights and at least one gradient node (2
+    vectors) and a micro-batch's activations; the servers together at least the weights and the
+    gradient sum (2 vectors).  On a cluster the actors are spread over machines: this one must
+    hold the driver and at least one of them.
+    """
+    itemsize = np.dtype(config.dtype).itemsize
+    vector = Layout(layers).size * itemsize
+    per_row = (sum(d + 1 for d in layers) + 3 * sum(layers[1:]) + 1) * itemsize  # network.Workspace
+    n_test = 0 if data.X_test is None else len(data.X_test)
+    driver = 4 * vector + min(EVAL_CHUNK, max(len(data.X), n_test)) * per_row
+    in_memory = 0 if isinstance(data.X, Rows) else data.X.size * itemsize  # memory-mapped: read by row
+    if data.X.dtype != np.dtype(config.dtype):
+        driver += in_memory  # the features in the run's dtype
+    targets = len(data.y) * 8
+    if config.loss == "squared" and data.y.ndim == 1:
+        targets = len(data.y) * layers[-1] * itemsize  # one-hot rows
+    driver += targets + in_memory + len(data.X) * 8  # + the object store's copy, a permutation
+    worker = 2 * vector + min(config.micro_batch, config.batch_size) * per_row
+    servers = 2 * vector
+    local = (config.address or os.environ.get("RAY_ADDRESS") or None) in (None, "local")
+    return driver + (config.workers * worker + servers if local else max(worker, servers))
+
+
+def _check_memory(config: Config, data: datasets.Dataset, layers: tuple[int, ...]) -> None:
+    """UsageError, before anything is allocated, for a network or data that cannot fit in memory."""
+    size = Layout(layers).size
+    what = f"--layers {','.join(map(str, layers))}"
+    if config.layers is None:
+        what += (f" (the default for {data.name}: its labels go up to {data.n_classes - 1}, so {data.n_classes} "
+                 "outputs)" if data.n_classes else f" (the default for {data.name})")
+    actors = f"{config.workers} worker{'s' if config.workers != 1 else ''} and {config.servers} " \
+             f"server{'s' if config.servers != 1 else ''}"
+    datasets.check_memory(memory_needed(config, data, layers),
+                          f"{what}: {size} weights in {config.dtype} with {actors}", UsageError)

@@ -24,6 +24,14 @@ class Sampler:
     def ends_epoch(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0
 
+    def samples(self, first: int, last: int) -> int:
+        """How many samples steps ``first`` to ``last`` (from 1, inclusive) train on: without a loop,
+        since every epoch holds each sample once and all its batches but the last have B."""
+        def upto(step: int) -> int:
+            epochs, j = divmod(step, self.steps_per_epoch)
+            return epochs * self.n + j * self.batch_size
+        return upto(last) - upto(first - 1) if last >= first else 0
+
     def batch(self, step: int) -> np.ndarray:
         """The sample indices of step ``step`` (from 1)."""
         epoch, j = divmod(step - 1, self.steps_per_epoch)  # the permutation of epoch e is seeded [seed, e - 1]

@@ -23,9 +23,10 @@ from ..data.problem import Problem
 from ..errors import UsageError
 from ..lecture.network import Layout
 from ..lecture.optim import Hyper
+from ..run import signals
 from . import shm
 from .actors import ParameterServer, Worker
-from .runtime import connect, in_bundle, place
+from .runtime import connect, disconnect, in_bundle, place
 from .servers import Servers
 from .transport import ObjectStore, SharedMemory, Transport
 from .workers import WorkerPool
@@ -94,13 +95,19 @@ class Session:
             self.transport), self.workers)
 
     def close(self) -> None:
-        """Remove what the session made; safe to call twice."""
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
-        if self.started_ray:
-            ray.shutdown()
-            self.started_ray = False
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        """Remove what the session made; safe to call twice.  A stop signal waits for the end
+        of it (signals.shielded): cut in the middle, it would leave Ray or the shared files."""
+        with signals.shielded():
+            try:
+                if self.pg is not None:
+                    pg, self.pg = self.pg, None
+                    remove_placement_group(pg)
+            finally:
+                try:
+                    if self.started_ray:
+                        self.started_ray = False
+                        disconnect()
+                finally:
+                    if self.transport is not None:
+                        transport, self.transport = self.transport, None
+                        transport.close()

@@ -346,8 +346,9 @@ class Network:
 
 def evaluate(net: Network, X: np.ndarray, y: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
     """Mean error and accuracy of ``net`` on ``(X, y)`` (class ids or one-hot targets), in chunks
-    to bound memory."""
-    X, y = np.asarray(X), np.asarray(y)
+    to bound memory.  ``X`` may be anything that slices into row arrays (memory-mapped rows too)."""
+    X = X if hasattr(X, "__len__") and hasattr(X, "shape") else np.asarray(X)
+    y = np.asarray(y)
     if y.ndim == 0:
         raise ValueError("y must be class ids of shape (N,) or targets of shape (N, d^L), got a scalar")
     if len(y) != len(X):  # each chunk's check would miss surplus labels after X's last row

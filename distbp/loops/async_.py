@@ -44,6 +44,7 @@ from ..lecture import cuts, schedule
 from ..lecture.network import Network
 from ..lecture.tree import blocks
 from ..run import summary
+from ..run.checkpoint import fingerprint
 from ..run.outdir import RunFiles
 from ..run.progress import Progress
 from ..step.worker import micro_batches
@@ -161,12 +162,12 @@ def train_async(config: Config, resumed: dict | None = None, data: Dataset | Non
     from ..step.server import NonFiniteGradient
 
     problem = prepare(config, data)
-    files = RunFiles.create(config.out)
     net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
     staleness = (2 if config.staleness is None else config.staleness) if config.mode == "ssp" else None
     clocks = Clocks(problem, config, staleness)
     failed = f"--mode {config.mode}: a worker or the server failed (%s); this mode has no fault handling " \
              "(use --mode sync)"
+    files = RunFiles.create(config.out, fingerprint(problem.X, problem.Y))  # locked until the summary is written
     try:
         with Session(config, problem, servers=1, shared_memory=False) as session:
             server = session.start_servers(net.flat).actors[0]
@@ -200,6 +201,7 @@ def train_async(config: Config, resumed: dict | None = None, data: Dataset | Non
             pushes.progress.close()
             worker_nodes = pool.nodes()
         files.save(problem.total_steps, snap, config.to_dict())
+        return summary.asynchronous(config, problem, files, net, pushes, elapsed, staleness, worker_nodes,
+                                    server_nodes)
     finally:
         files.close()
-    return summary.asynchronous(config, problem, files, net, pushes, elapsed, staleness, worker_nodes, server_nodes)

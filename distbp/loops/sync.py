@@ -30,8 +30,10 @@ from ..lecture import schedule
 from ..lecture.network import Network, evaluate
 from ..lecture.optim import init_state
 from ..run import resume, summary
-from ..run.outdir import CHECKPOINT, RunFiles
+from ..run.checkpoint import fingerprint
+from ..run.outdir import CHECKPOINT, SUMMARY, RunFiles
 from ..run.progress import Progress
+from ..run.signals import StopSignals
 from .steplog import Sent, StepLog
 
 
@@ -46,85 +48,98 @@ def train(config: Config, resumed: dict | None = None, data: Dataset | None = No
         return train_async(config, resumed, data, callbacks)
     config.validate()
     problem = prepare(config, data)
-    start = _check_resume(config, problem, resumed)
-    files = RunFiles.reopen(config.out, start) if resumed else RunFiles.create(config.out)
+    data_id = fingerprint(problem.X, problem.Y)  # kept in each checkpoint: a resume on other data is refused
+    start = _check_resume(config, problem, resumed, data_id)
+    net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
+    files = RunFiles.reopen(config.out, start, data_id) if resumed else RunFiles.create(config.out, data_id)
+    with files:  # the run directory is locked until the summary is written
+        if start >= problem.total_steps:  # a finished run whose summary was never written: write it
+            return summary.rebuilt(config, problem, files, net, resumed)
+        try:
+            return _run(config, problem, files, net, resumed, callbacks)
+        except Diverged as exc:
+            kept = f"the last good checkpoint is {files.checkpoint} (step {files.saved_step})" \
+                if files.saved_step else "no checkpoint was written"
+            raise Diverged(f"{exc}; {kept}") from None
+
+
+def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resumed: dict | None, callbacks) -> dict:
+    """Steps ``files.saved_step + 1`` to the last on Ray; returns the summary, written to summary.json."""
     keep_local_ray_on_loopback(config.address)  # before Ray is first imported, just below
     from ..distributed.crew import Crew
     from ..distributed.servers import ServerFailed
     from ..distributed.session import Session
 
-    net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
     # Where the run starts: what a server lost before the first checkpoint is restarted from.
     initial = resumed or {"weights": net.flat.copy(), "step": 0,
                           "optimizer": init_state(config.optimizer, net.layout.size, net.dtype)}
-    sampler, total = problem.sampler, problem.total_steps
+    sampler, total, start = problem.sampler, problem.total_steps, files.saved_step
     lr_at = schedule.from_config(config, total, sampler.steps_per_epoch)  # step (from 1) -> lr
-    try:
-        with Session(config, problem, config.servers) as session:
-            servers = session.start_servers(initial["weights"])
-            if resumed:
-                servers.restore(*files.latest(initial))
-            server_nodes = servers.node_ids()
-            pool = session.start_workers()
-            pool.wait_started()  # every worker up before the clock starts
-            crew = Crew(pool, servers, config.micro_batch, faults.parse(config.fault_injection, config.workers))
-            progress = Progress(total, initial=start)
-            if resumed:
-                progress.resuming(config.out, start, total)
-            log = StepLog(files, problem, lr_at, servers.get, progress, callbacks,
-                          compare=not resumed or resumed["config"].get("servers", 1) == config.servers)
-            applied, weights = start, servers.weights()  # steps the servers hold, and their weights
-            with resume.StopSignals() as stop:
-                while applied < total and stop.signum is None and not log.stop_requested:
-                    step = applied + 1
-                    batch = sampler.batch(step)
-                    try:
-                        # Every micro-batch of the step, whichever workers die or lag on the way.
-                        done = crew.compute(step, batch, weights)
-                        loss = math.fsum(done.losses) / len(batch)
-                        if not math.isfinite(loss):  # caught before the servers apply anything
-                            raise Diverged(f"training diverged at step {step}: the loss is {loss}")
-                        scale = len(batch) if config.reduction == "mean" else None
-                        weights = servers.step(done.n, done.nodes, lr_at(step), step, scale, done.values)
-                        log.sent(Sent(step, len(batch), loss, done.seconds, servers.report(), weights))
-                        if sampler.ends_epoch(step) or step == total:
-                            end_of_epoch(step, net, problem, servers, files, log, config)
-                        elif config.checkpoint_every and step % config.checkpoint_every == 0:
-                            save(step, servers.snapshot(), files, log, config)
-                        applied = step
-                    except ServerFailed:
-                        # Live servers say how many steps they hold; lost ones restart from the
-                        # latest checkpoint.  Either way the loop goes on from there: steps are
-                        # redone (to the same bits), never applied twice.
-                        applied = servers.recover(lambda: files.latest(initial))
-                        weights = servers.weights()
-                        log.forget_after(applied)
-            if stop.signum is not None:
-                _stopped(stop, applied, total, servers, files, log, config)
-            if log.stop_requested:  # a callback ended the run early: keep the weights it stopped at
-                stopped_early(applied, net, servers, files, log, config)
-            elapsed = log.elapsed()
-            progress.close()
-    except Diverged as exc:
-        kept = f"the last good checkpoint is {files.checkpoint} (step {files.saved_step})" if files.saved_step \
-            else "no checkpoint was written"
-        raise Diverged(f"{exc}; {kept}") from None
-    finally:
-        files.close()
+    with Session(config, problem, config.servers) as session:
+        servers = session.start_servers(initial["weights"])
+        if resumed:
+            servers.restore(*files.latest(initial))
+        server_nodes = servers.node_ids()
+        pool = session.start_workers()
+        pool.wait_started()  # every worker up before the clock starts
+        crew = Crew(pool, servers, config.micro_batch, faults.parse(config.fault_injection, config.workers))
+        progress = Progress(total, initial=start)
+        if resumed:
+            progress.resuming(config.out, start, total)
+        log = StepLog(files, problem, lr_at, servers.get, progress, callbacks,
+                      compare=not resumed or resumed["config"].get("servers", 1) == config.servers)
+        applied, weights = start, servers.weights()  # steps the servers hold, and their weights
+        with StopSignals() as stop:
+            while applied < total and stop.signum is None and not log.stop_requested:
+                step = applied + 1
+                batch = sampler.batch(step)
+                try:
+                    # Every micro-batch of the step, whichever workers die or lag on the way.
+                    done = crew.compute(step, batch, weights)
+                    loss = math.fsum(done.losses) / len(batch)
+                    if not math.isfinite(loss):  # caught before the servers apply anything
+                        raise Diverged(f"training diverged at step {step}: the loss is {loss}")
+                    scale = len(batch) if config.reduction == "mean" else None
+                    weights = servers.step(done.n, done.nodes, lr_at(step), step, scale, done.values)
+                    log.sent(Sent(step, len(batch), loss, done.seconds, servers.report(), weights))
+                    if sampler.ends_epoch(step) or step == total:
+                        end_of_epoch(step, net, problem, servers, files, log, config)
+                    elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                        save(step, servers.snapshot(), files, log, config)
+                    applied = step
+                except ServerFailed:
+                    # Live servers say how many steps they hold; lost ones restart from the
+                    # latest checkpoint.  Either way the loop goes on from there: steps are
+                    # redone (to the same bits), never applied twice.
+                    applied = servers.recover(lambda: files.latest(initial))
+                    weights = servers.weights()
+                    log.forget_after(applied)
+        if stop.signum is not None:
+            _stopped(stop, applied, total, servers, files, log, config)
+        if log.stop_requested:  # a callback ended the run early: keep the weights it stopped at
+            stopped_early(applied, net, servers, files, log, config)
+        elapsed = log.elapsed()
+        progress.close()
     return summary.sync(config, problem, files, net, log, elapsed, start, applied,
                         crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
                         worker_nodes=pool.nodes(), server_nodes=server_nodes, transport=session.transport_name)
 
 
-def _check_resume(config: Config, problem: Problem, resumed: dict | None) -> int:
-    """The step a resumed run goes on from (0 for a new run); UsageError if it has nothing to do."""
+def _check_resume(config: Config, problem: Problem, resumed: dict | None, data_id: str) -> int:
+    """The step a resumed run goes on from (0 for a new run); UsageError if it has nothing to do.
+
+    A run that has all its steps but no summary.json (it died after its last checkpoint) is
+    not refused: the loop writes its summary.
+    """
     if resumed is None:
         return 0
-    resume.check_fits(resumed, problem.layers, config, os.path.join(config.out, CHECKPOINT))
-    if resumed["step"] >= problem.total_steps:
-        raise UsageError(f"--resume {config.out}: the run already has its {problem.total_steps} steps; "
-                         "ask for more with --steps or --epochs")
-    return resumed["step"]
+    resume.check_fits(resumed, problem.layers, config, os.path.join(config.out, CHECKPOINT), data_id)
+    done, total = resumed["step"], problem.total_steps
+    if done >= total and os.path.exists(os.path.join(config.out, SUMMARY)):
+        asked = f"it already has {done} steps, more than the {total} asked for" if done > total else \
+            f"it already has its {total} steps"
+        raise UsageError(f"--resume {config.out}: {asked}; ask for more with --steps or --epochs")
+    return done
 
 
 def save(step: int, snapshot: dict[str, np.ndarray], files: RunFiles, log: StepLog, config: Config) -> None:
@@ -158,7 +173,7 @@ def stopped_early(step: int, net: Network, servers, files: RunFiles, log: StepLo
         save(step, snapshot, files, log, config)
 
 
-def _stopped(stop: resume.StopSignals, step: int, total: int, servers, files: RunFiles, log: StepLog,
+def _stopped(stop: StopSignals, step: int, total: int, servers, files: RunFiles, log: StepLog,
              config: Config) -> None:
     """Ctrl-C or SIGTERM after step ``step``: checkpoint it and raise Interrupted saying how to go on."""
     if step > files.saved_step:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 
 from ..errors import DataError
 from .checkpoint import atomic_write
@@ -25,6 +26,8 @@ def read(path: str) -> list[dict]:
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not a metrics file")
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            raise DataError(f"{path}: not a regular file, not a metrics file")
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().split("\n")
     except UnicodeDecodeError:
@@ -55,6 +58,8 @@ def _check(entry: dict) -> None:
         raise ValueError("bad time")
     if "loss" in entry and (isinstance(entry["loss"], bool) or not isinstance(entry["loss"], int | float)):
         raise ValueError("bad loss")
+    if not isinstance(entry.get("grad_sha256", ""), str):  # a resumed run compares its redone steps with it
+        raise ValueError("bad grad_sha256")
 
 
 def steps(records: list[dict]) -> list[dict]:

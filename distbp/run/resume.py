@@ -1,4 +1,4 @@
-"""Stopping a run cleanly and continuing it later with ``--resume DIR``.
+"""Continuing a run later with ``--resume DIR`` (stopping one cleanly: signals.py).
 
 A checkpoint holds everything the rest of the run depends on: the weights, the optimizer
 buffers, the step counter (the sampler is a pure function of the seed and the step, so the
@@ -9,8 +9,6 @@ the uninterrupted run would have done, so both end with the same ``weights_sha25
 from __future__ import annotations
 
 import os
-import signal
-import threading
 
 import numpy as np
 
@@ -20,25 +18,37 @@ from ..errors import DataError, UsageError
 from ..lecture.network import Layout
 from ..lecture.optim import init_state
 from . import checkpoint, metrics
-from .outdir import CHECKPOINT
+from .outdir import CHECKPOINT, holder
 
 
 def load(directory: str, options: dict) -> tuple[Config, dict]:
     """The config (stored, plus the ``options`` given again) and the checkpoint of the run in ``directory``."""
     if not os.path.isdir(directory):
         raise UsageError(f"--resume {directory}: no such directory")
+    live = holder(directory)  # a run still going: say so, whatever else its files would say now
+    if live:
+        raise UsageError(f"--resume {directory} is in use by {live}")
     path = os.path.join(directory, CHECKPOINT)
     if not os.path.isfile(path):
         raise UsageError(f"--resume {directory}: there is no {CHECKPOINT} in it to continue from")
     state = checkpoint.load(path)
+    # The log is checked before anything starts (resume trims it).  Every step up to a checkpoint
+    # is in it (RunFiles.save flushes the log first): a log that is gone or ends earlier is damage.
     log = os.path.join(directory, metrics.NAME)
-    if os.path.lexists(log):
-        metrics.read(log)  # a damaged log is refused before anything starts (resume trims it)
+    if not os.path.lexists(log):
+        raise DataError(f"--resume {directory}: its {metrics.NAME} is missing")
+    logged = max((r["step"] for r in metrics.steps(metrics.read(log))), default=0)
+    if logged < state["step"]:
+        raise DataError(f"--resume {directory}: {CHECKPOINT} is of step {state['step']} but {metrics.NAME} "
+                        f"ends at step {logged}")
     return cfg.for_resume(state["config"], options, directory), state
 
 
-def check_fits(state: dict, layers: tuple[int, ...], config: Config, path: str) -> None:
-    """DataError unless the checkpoint's arrays are those of ``layers`` with ``config``'s dtype and optimizer."""
+def check_fits(state: dict, layers: tuple[int, ...], config: Config, path: str,
+               data_fingerprint: str | None = None) -> None:
+    """DataError unless the checkpoint's arrays are those of ``layers`` with ``config``'s dtype and
+    optimizer, and it was trained on the data whose ``checkpoint.fingerprint`` is ``data_fingerprint``
+    (a checkpoint from before fingerprints were kept is taken on trust)."""
     weights, dtype = state["weights"], np.dtype(config.dtype)
     size = Layout(layers).size
     if weights.size != size:
@@ -53,34 +63,9 @@ def check_fits(state: dict, layers: tuple[int, ...], config: Config, path: str) 
                         f"(expected {sorted(wanted)} of {size} {dtype})")
     if state["step"] < 1:
         raise DataError(f"{path}: corrupt checkpoint (step {state['step']})")
-
-
-class StopSignals:
-    """While active, SIGINT and SIGTERM ask the training loop to stop at the next step boundary.
-
-    ``signum`` is the first signal received.  A second one stops at once (KeyboardInterrupt).
-    Signal handlers can only be set from the main thread; elsewhere this does nothing.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
+    stored = state.get("data")
+    if stored is not None and data_fingerprint is not None and stored != data_fingerprint:
+        # Same shapes, other values: the run would go on without a word and end elsewhere.
+        raise DataError(f"{path}: the run was trained on other data than {config.dataset} holds now "
+                        f"(data fingerprint {stored[:12]} in the checkpoint, {data_fingerprint[:12]} now); "
+                        "resume it on the data it was trained on")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import faults
 from ..config import Config
 from ..data.problem import Problem
 from ..lecture.network import Network, evaluate
+from . import metrics
 from .checkpoint import sha256_le
 from .outdir import RunFiles
 
@@ -42,7 +45,7 @@ def results(net: Network, problem: Problem, last: dict) -> dict:
 def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, elapsed: float, start: int,
          steps: int, crew_stats: dict, worker_nodes: list, server_nodes: list, transport: str) -> dict:
     """The summary of a sync run that went from step ``start`` to ``steps``; written to summary.json."""
-    samples = sum(len(problem.sampler.batch(t)) for t in range(start + 1, steps + 1))
+    samples = problem.sampler.samples(start + 1, steps)
     out = {
         **describe(config, problem, steps),
         **results(net, problem, log.last),
@@ -89,6 +92,43 @@ def asynchronous(config: Config, problem: Problem, files: RunFiles, net: Network
         "worker_nodes": worker_nodes,
         "servers": 1,
         "server_nodes": server_nodes,
+        "out": files.path,
+        "config": config.to_dict(),
+    }
+    files.write_summary(out)
+    return out
+
+
+def rebuilt(config: Config, problem: Problem, files: RunFiles, net: Network, state: dict) -> dict:
+    """The summary of a sync run that has all its steps in the checkpoint ``state`` but whose
+    summary.json was never written (the driver died after the last checkpoint): from the
+    checkpoint and metrics.jsonl, with no Ray.  What only the run's processes knew (its
+    nodes, its faults) is left empty."""
+    net.flat[:] = state["weights"]
+    records = metrics.read(files.metrics_path) if os.path.exists(files.metrics_path) else []
+    steps = state["step"]
+    last = {"loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
+    name = problem.test_name
+    if name is not None:
+        last["test_loss"], last["test_accuracy"] = evaluate(net, problem.data.X_test, problem.data.y_test)
+    wall = max((r["time"] for r in records), default=None)
+    samples = problem.sampler.samples(1, steps)
+    out = {
+        **describe(config, problem, steps),
+        **results(net, problem, last),
+        "samples_per_second": samples / wall if wall else None,
+        "wall_time_s": wall,
+        "weights_sha256": sha256_le(net.flat),
+        "worker_nodes": [],
+        "servers": config.servers,
+        "server_nodes": [],
+        "transport": None,
+        "mode": "sync",
+        "exact": True,
+        "resumed_from_step": steps,
+        "stopped_early": None,
+        "summary_rebuilt": True,  # from checkpoint.npz and metrics.jsonl after the run had ended
+        "faults": {"injected": [str(f) for f in faults.parse(config.fault_injection, config.workers)]},
         "out": files.path,
         "config": config.to_dict(),
     }

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..data.datasets import check_memory
 from ..errors import UsageError
 from ..lecture import cuts, tree
-from ..lecture.network import ACTIVATIONS, DTYPES, LOSSES, Network, encode_targets
+from ..lecture.network import ACTIVATIONS, DTYPES, LOSSES, Layout, Network, encode_targets
 from ..lecture.optim import Hyper
 from ..run.checkpoint import sha256_le
 from ..step.server import ServerState
@@ -269,7 +270,12 @@ def run(ns: argparse.Namespace) -> int:
     for name in ("batch_size", "micro_batch"):
         if getattr(ns, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(ns, name)}")
+    if ns.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {ns.seed}")
     B, M = ns.batch_size, ns.micro_batch
+    # The data (2B rows), a gradient per table row and a workspace per micro-batch size, roughly.
+    P = Layout(layers).size
+    check_memory(8 * (2 * B * layers[0] + 40 * P + 4 * B * max(layers)), "distbp verify", UsageError)
     with threadpool_limits(BLAS_THREADS):
         rows = compute_rows(layers, B, M, ns.activation, ns.loss, ns.dtype, ns.seed)
     n = len(micro_batches(B, M))
