@@ -1074,15 +1074,23 @@ def checkpoint_examples() -> list[dict]:
 @examples("checkpoint", checkpoint_examples())
 def test_any_checkpoint_given_to_resume_keeps_the_contract(finished_run, tmp_path, capsys, case):
     with workspace(tmp_path) as ws:
-        run = os.path.join(ws, "run")
-        shutil.copytree(finished_run, run)
-        damage_checkpoint(os.path.join(run, "checkpoint.npz"), case.fault, case.where)
-        argv = ["train", "--resume", run]
-        if case.how == "more-steps":
-            argv += ["--steps", "3"]
-        elif case.how == "rebuild":
-            os.unlink(os.path.join(run, "summary.json"))
+        argv = resume_argv(finished_run, ws, case.how,
+                           lambda run: damage_checkpoint(os.path.join(run, "checkpoint.npz"), case.fault, case.where))
         check_contract("checkpoint", argv, ws, capsys, case.expect)
+
+
+def resume_argv(finished_run: str, ws: str, how: str, damage) -> list[str]:
+    """A copy of the finished run in ``ws``, ``damage(run_dir)`` done to it, and the argv that
+    resumes it ``how``: "more-steps" (--steps 3), "rebuild" (summary.json removed) or "again"."""
+    run = os.path.join(ws, "run")
+    shutil.copytree(finished_run, run)
+    damage(run)
+    argv = ["train", "--resume", run]
+    if how == "more-steps":
+        argv += ["--steps", "3"]
+    elif how == "rebuild":
+        os.unlink(os.path.join(run, "summary.json"))
+    return argv
 
 
 METRICS_FAULTS = {
@@ -1160,12 +1168,6 @@ def metrics_examples() -> list[dict]:
 @examples("metrics", metrics_examples())
 def test_any_metrics_file_given_to_resume_keeps_the_contract(finished_run, tmp_path, capsys, case):
     with workspace(tmp_path) as ws:
-        run = os.path.join(ws, "run")
-        shutil.copytree(finished_run, run)
-        damage_metrics(os.path.join(run, "metrics.jsonl"), case)
-        argv = ["train", "--resume", run]
-        if case.rebuild:
-            os.unlink(os.path.join(run, "summary.json"))
-        else:
-            argv += ["--steps", "3"]
+        argv = resume_argv(finished_run, ws, "rebuild" if case.rebuild else "more-steps",
+                           lambda run: damage_metrics(os.path.join(run, "metrics.jsonl"), case))
         check_contract("metrics", argv, ws, capsys, case.expect, one_run=case.fault in METRICS_FAULTS[VALID])
