@@ -102,6 +102,12 @@ def _config(options: dict) -> Config:
         raise UsageError(f"fit() got unknown options {', '.join(unknown)}; see help(distbp.Config)")
     if isinstance(options.get("layers"), Sequence) and not isinstance(options["layers"], str):
         options["layers"] = ",".join(str(int(d)) for d in options["layers"])
+    if isinstance(options.get("adam_betas"), Sequence) and not isinstance(options["adam_betas"], str):
+        try:  # (0.9, 0.999) as the command line's 0.9,0.999
+            options["adam_betas"] = ",".join(str(float(b)) for b in options["adam_betas"])
+        except (TypeError, ValueError):
+            raise UsageError(f"adam_betas must be two numbers like (0.9, 0.999), got {options['adam_betas']!r}") \
+                from None
     try:
         config = Config(**options)
     except TypeError as exc:

@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from . import faults
 from .errors import DataError, UsageError, one_line
 from .lecture.network import ACTIVATIONS, DTYPES, LOSSES
-from .lecture.optim import OPTIMIZERS
+from .lecture.optim import OPTIMIZERS, parse_betas
 from .lecture.schedule import SCHEDULES, parse_milestones
 
 
@@ -52,7 +52,14 @@ class Config:
     base_batch: int | None = opt(None, "linear scaling rule: --lr is tuned for this batch size, the run uses "
                                        "lr * B / base_batch (Goyal et al. 2017)", metavar="B0")
     momentum: float = opt(0.9, "momentum coefficient (optimizer momentum)", metavar="MU")
-    weight_decay: float = opt(0.0, "L2 weight decay on weights (not biases)", metavar="LAMBDA")
+    weight_decay: float = opt(0.0, "L2 weight decay on weights (not biases); decoupled with --optimizer adamw",
+                              metavar="LAMBDA")
+    adam_betas: str | None = opt(None, "Adam's and AdamW's moment decay rates (default: 0.9,0.999)",
+                                 metavar="B1,B2")
+    adam_eps: float | None = opt(None, "Adam's and AdamW's epsilon (default: 1e-8)", metavar="EPS")
+    clip_norm: float | None = opt(None, "scale the gradient (the mean under --reduction mean) to this 2-norm when "
+                                        "it is larger, as torch.nn.utils.clip_grad_norm_ (default: no clipping)",
+                                  metavar="C")
     reduction: str = opt("mean", "mean: divide the summed gradient once by the global B; sum: use it as is",
                          choices=("mean", "sum"))
     dtype: str = opt("float64", "floating-point type, kept end to end", choices=DTYPES)
@@ -62,6 +69,10 @@ class Config:
     out: str | None = opt(None, "directory for results (default: runs/<timestamp>)", metavar="DIR")
     checkpoint_every: int = opt(0, "also write checkpoint.npz every N steps (it is always written at the end "
                                    "of each epoch); a lost server restarts from the latest one", metavar="N")
+    keep_checkpoints: int = opt(0, "also keep the last N checkpoints as checkpoint-<step>.npz (checkpoint.npz "
+                                   "is always the latest); 0: only checkpoint.npz", metavar="N")
+    eval_every: int = opt(0, "also evaluate on the test (or validation) split every N steps; 0: only at the end "
+                             "of each epoch", metavar="N")
     fault_injection: str | None = opt(None, "faults to inject on purpose, comma-separated: kill-worker:K@S, "
                                             "delay-worker:K@S:SECONDS, kill-server@S (see docs/reliability.md)",
                                       metavar="SPEC")
@@ -100,6 +111,10 @@ class Config:
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must be >= 0 (0: only at the end of each epoch), "
                              f"got {self.checkpoint_every}")
+        for name in ("keep_checkpoints", "eval_every"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        self._check_optimizer()
         faults.parse(self.fault_injection, self.workers)
         self._check_modes()
         if self.base_batch is not None and self.base_batch < 1:
@@ -120,6 +135,22 @@ class Config:
                                  f"choose one of {', '.join(choices)}")
         self.layer_sizes()
 
+    def _check_optimizer(self) -> None:
+        """--adam-betas, --adam-eps, --clip-norm: in range, and only where they do something."""
+        try:
+            parse_betas(self.adam_betas)
+        except ValueError:
+            raise UsageError(f"--adam-betas must be two numbers in [0, 1) like 0.9,0.999, "
+                             f"got {self.adam_betas!r}") from None
+        for name in ("adam_eps", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"--{flag(name)} must be a finite number > 0, got {value}")
+        for name in ("adam_betas", "adam_eps"):
+            if getattr(self, name) is not None and self.optimizer not in ("adam", "adamw"):
+                raise UsageError(f"--{flag(name)} works only with --optimizer adam or adamw "
+                                 f"(--optimizer {self.optimizer} has no use for it)")
+
     def _check_modes(self) -> None:
         """--servers, --mode, --staleness: what the asynchronous loop (async_train.py) cannot do is refused."""
         if self.servers < 1:
@@ -129,10 +160,11 @@ class Config:
                              f"with --mode {self.mode}")
         if self.mode == "sync":
             return
-        for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0)):
+        for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0),
+                              ("keep_checkpoints", 0), ("eval_every", 0)):
             if getattr(self, name) != default:
                 raise UsageError(f"--{flag(name)} works only with --mode sync (--mode {self.mode} has one "
-                                 "server and no fault handling)")
+                                 "server, no fault handling and one checkpoint and evaluation, at the end)")
 
     def layer_sizes(self) -> tuple[int, ...] | None:
         if self.layers is None:
@@ -158,6 +190,8 @@ def option_type(f) -> type:
     default = f.default if f.default is not MISSING else None
     if f.name in ("steps", "base_batch", "staleness"):
         return int
+    if f.name in ("adam_eps", "clip_norm"):
+        return float
     return type(default) if default is not None else str
 
 
@@ -205,7 +239,7 @@ def load_toml(path: str) -> dict:
         kind = option_type(known[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if kind is str and name in ("layers", "lr_step_epochs") and isinstance(value, list):
+        if kind is str and name in ("layers", "lr_step_epochs", "adam_betas") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
@@ -232,7 +266,7 @@ def from_args(ns: argparse.Namespace) -> Config:
 # goes on (the sum is the same bits for any K and S).  Anything else would make the continued
 # run differ from the uninterrupted one.
 RESUMABLE = ("steps", "epochs", "workers", "servers", "address", "data_dir", "checkpoint_every",
-             "fault_injection")
+             "fault_injection", "keep_checkpoints", "eval_every")
 
 
 def for_resume(stored: dict, options: dict, directory: str) -> Config:

@@ -19,7 +19,7 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from ..faults import Action, strike
-from ..lecture import tree
+from ..lecture import cuts, tree
 from ..lecture.optim import Hyper
 from ..step.server import ServerState
 from ..step.worker import WorkerState
@@ -85,7 +85,8 @@ class ParameterServer(_Actor):
         threadpool_limits(BLAS_THREADS)
         self.end = transport.server_end(s)
         lo, hi = transport.bounds[s].start, transport.bounds[s].stop
-        self.state = ServerState(self.end.hold(weights), hyper, None if decay_mask is None else decay_mask[lo:hi])
+        self.state = ServerState(self.end.hold(weights), hyper, None if decay_mask is None else decay_mask[lo:hi],
+                                 cuts.within(transport.size, transport.bounds[s]))
         self.fault: Action | None = None  # armed by --fault-injection for the next step
 
     def weights(self):
@@ -101,6 +102,17 @@ class ParameterServer(_Actor):
         if self.fault is not None:
             strike(self.fault)
         self.state.step(n, nodes, self.end.receive(values), lr, t, scale)
+        return self.weights()
+
+    def gather(self, n, nodes, t, *values):
+        """``step``'s first half with S servers and --clip-norm: sum; return the blocks' sums of squares."""
+        if self.fault is not None:
+            strike(self.fault)
+        return self.state.gather(n, nodes, self.end.receive(values), t)
+
+    def apply(self, lr, t, scale, *squares):
+        """``step``'s second half: ``squares`` are every server's ``gather``; update, return the new weights."""
+        self.state.apply(lr, t, scale, list(squares))
         return self.weights()
 
     def step_count(self) -> int:

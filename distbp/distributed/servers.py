@@ -37,9 +37,12 @@ class ServerFailed(RunFailed):
 class Servers:
     """The S ``ParameterServer`` actors of a run; server ``s`` owns ``bounds[s]`` of the flat vector."""
 
-    def __init__(self, spawn: Callable[[int], object], bounds: list[range]):
-        """``spawn(s)`` starts the actor of server ``s``."""
+    def __init__(self, spawn: Callable[[int], object], bounds: list[range], clip: bool = False):
+        """``spawn(s)`` starts the actor of server ``s``; ``clip``: --clip-norm is given."""
         self.spawn, self.bounds = spawn, bounds
+        # Clipping scales every range by the norm of the whole gradient: with S servers a step is
+        # two calls, so that each server's update waits for the S servers' sums of squares.
+        self.two_halves = clip and len(bounds) > 1
         self.actors = [spawn(s) for s in range(len(bounds))]
         self.restarts = 0
 
@@ -50,9 +53,15 @@ class Servers:
     def step(self, n: int, nodes: list, lr: float, t: int, scale: float | None, values: list[list]) -> list:
         """Step ``t`` on every server; ``values[task][s]`` is that task's columns for server ``s``.
 
-        Returns the refs of the new weight ranges.
+        Returns the refs of the new weight ranges.  With ``two_halves`` each server's ``apply``
+        takes the refs of all S ``gather`` results: Ray hands them over server to server, the
+        driver waits for nothing.
         """
-        return [a.step.remote(n, nodes, lr, t, scale, *[v[s] for v in values]) for s, a in enumerate(self.actors)]
+        if not self.two_halves:
+            return [a.step.remote(n, nodes, lr, t, scale, *[v[s] for v in values])
+                    for s, a in enumerate(self.actors)]
+        squares = [a.gather.remote(n, nodes, t, *[v[s] for v in values]) for s, a in enumerate(self.actors)]
+        return [a.apply.remote(lr, t, scale, *squares) for a in self.actors]
 
     def report(self) -> list:
         return [a.report.remote() for a in self.actors]

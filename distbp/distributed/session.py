@@ -81,11 +81,11 @@ class Session:
     def start_servers(self, weights: np.ndarray) -> Servers:
         """The S server actors, starting from ``weights`` (the whole flat vector)."""
         config = self.config
-        hyper = Hyper(config.optimizer, config.momentum, config.weight_decay)
+        hyper = Hyper.of(config)
         mask = ray.put(Layout(self.layers).bias_mask(self.dtype))
         start = ray.put(weights)  # once, however many servers read it
         return Servers(lambda s: ParameterServer.options(**in_bundle(self.pg, self.workers + s)).remote(
-            s, start, hyper, mask, self.transport), self.transport.bounds)
+            s, start, hyper, mask, self.transport), self.transport.bounds, hyper.clip_norm is not None)
 
     def start_workers(self) -> WorkerPool:
         """The K worker actors, each in its bundle, replaced there when one dies."""

@@ -15,7 +15,7 @@ which one runs:
 
 A transport is made by the driver (``Session``) and handed to every actor, which makes its
 own end with ``worker_end()`` or ``server_end(s)``.  The transport holds ``bounds``, the
-servers' ranges of the flat vector: the one place they are decided (``cuts.even``).
+servers' ranges of the flat vector: the one place they are decided (``cuts.aligned``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ObjectStore:
 
     def __init__(self, size: int, dtype, servers: int):
         self.size, self.dtype = size, np.dtype(dtype)
-        self.bounds = cuts.even(size, servers)  # server s owns bounds[s] of the flat vector
+        self.bounds = cuts.aligned(size, servers)  # server s owns bounds[s] of the flat vector
 
     def worker_end(self) -> _StoreWorker:
         return _StoreWorker(self)
@@ -95,7 +95,7 @@ class SharedMemory:
 
     def __init__(self, size: int, dtype, servers: int):
         self.size, self.dtype = size, np.dtype(dtype)
-        self.bounds = cuts.even(size, servers)
+        self.bounds = cuts.aligned(size, servers)
         self.board = shm.open_board(size, dtype)
 
     def worker_end(self) -> _SharedWorker:

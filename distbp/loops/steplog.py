@@ -46,6 +46,7 @@ class StepLog:
         self.logged: dict[int, str] = logged if compare else {}  # step -> grad_sha256 of its first computation
         self.pending: deque[Sent] = deque()
         self.written = files.saved_step  # metrics.jsonl has the lines of the steps up to here
+        self.evaluations = files.saved_step  # ... and the evaluations up to here (--eval-every: between checkpoints)
         self.redo = {"steps_redone": 0, "redo_mismatches": 0}
         self.last: dict = {"loss": float("nan")}  # the last step's record, and the last evaluation's figures
         self.seen = 0  # samples trained on by this process, for samples/s
@@ -85,21 +86,24 @@ class StepLog:
                   "grad_sha256": report["grad_sha256"], "worker_compute": sent.seconds,
                   "server_sum": report["server_sum"], "update": report["update"],
                   "server_bytes_in": report["bytes_in"]}
+        if "grad_norm" in report:  # --clip-norm: the norm before clipping, as clip_grad_norm_ returns it
+            record["grad_norm"] = report["grad_norm"]
         self.last.update(record)
         self.files.log.write(record)
         self.progress.step(**self.bar())
         self._notify("on_step", record)
 
     def evaluated(self, step: int, loss: float, accuracy: float) -> None:
-        """The evaluation after step ``step``: its line (unless a step redone after a failure
-        already has one), the bar, the callbacks."""
+        """The evaluation after step ``step``: its line and the callbacks (unless a step redone
+        after a failure already has them), the bar."""
         name = self.problem.test_name
         self.last.update(test_loss=loss, test_accuracy=accuracy)
         record = {"step": step, "epoch": self.problem.sampler.epoch_of(step), f"{name}_loss": loss,
                   f"{name}_accuracy": accuracy}
-        if step > self.files.saved_step:
+        if step > self.evaluations:
+            self.evaluations = step
             self.files.log.write(record)
-        self._notify("on_evaluation", record)
+            self._notify("on_evaluation", record)
 
     def _notify(self, method: str, record: dict) -> None:
         """Call ``method`` of each callback that has it with a copy of ``record``; True asks to stop."""

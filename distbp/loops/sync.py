@@ -9,8 +9,8 @@
    servers to the workers and back without the driver touching the weights.  A dead or late
    worker's share is redone by the others, a lost server restarts from the latest checkpoint
    (crew.py, servers.py); the bits do not change.
-4. Every epoch (and every --checkpoint-every steps): evaluate, checkpoint.  Ctrl-C or
-   SIGTERM: checkpoint and stop, to go on with --resume.  At the end: summary.json.
+4. Every epoch: evaluate, checkpoint (also every --eval-every and --checkpoint-every steps).
+   Ctrl-C or SIGTERM: checkpoint and stop, to go on with --resume.  At the end: summary.json.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def train(config: Config, resumed: dict | None = None, data: Dataset | None = No
         return train_async(config, resumed, data, callbacks)
     config.validate()
     problem = prepare(config, data)
+    if config.eval_every and problem.test_name is None:
+        raise UsageError(f"--eval-every {config.eval_every}: {problem.data.name} has no test split to evaluate "
+                         "on (hold one out with --val-fraction)")
     data_id = fingerprint(problem.X, problem.Y)  # kept in each checkpoint: a resume on other data is refused
     start = _check_resume(config, problem, resumed, data_id)
     net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
@@ -104,8 +107,8 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
                     log.sent(Sent(step, len(batch), loss, done.seconds, servers.report(), weights))
                     if sampler.ends_epoch(step) or step == total:
                         end_of_epoch(step, net, problem, servers, files, log, config)
-                    elif config.checkpoint_every and step % config.checkpoint_every == 0:
-                        save(step, servers.snapshot(), files, log, config)
+                    else:
+                        between_epochs(step, net, problem, servers, files, log, config)
                     applied = step
                 except ServerFailed:
                     # Live servers say how many steps they hold; lost ones restart from the
@@ -152,6 +155,22 @@ def save(step: int, snapshot: dict[str, np.ndarray], files: RunFiles, log: StepL
 def end_of_epoch(step: int, net: Network, problem: Problem, servers, files: RunFiles, log: StepLog,
                  config: Config) -> None:
     """Evaluate the weights after ``step`` on the test (or validation) split, log it, checkpoint."""
+    save(step, evaluated(step, net, problem, servers, log), files, log, config)
+
+
+def between_epochs(step: int, net: Network, problem: Problem, servers, files: RunFiles, log: StepLog,
+                   config: Config) -> None:
+    """Every --eval-every steps evaluate, every --checkpoint-every steps checkpoint (one snapshot for both)."""
+    snapshot = None
+    if config.eval_every and step % config.eval_every == 0:
+        snapshot = evaluated(step, net, problem, servers, log)
+    if config.checkpoint_every and step % config.checkpoint_every == 0:
+        save(step, snapshot or servers.snapshot(), files, log, config)
+
+
+def evaluated(step: int, net: Network, problem: Problem, servers, log: StepLog) -> dict[str, np.ndarray]:
+    """Evaluate the weights after ``step`` on the test (or validation) split and log it (every
+    line before it written first); returns the servers' snapshot it took."""
     log.write()
     snapshot = servers.snapshot()
     net.flat[:] = snapshot["weights"]
@@ -162,7 +181,7 @@ def end_of_epoch(step: int, net: Network, problem: Problem, servers, files: RunF
         line += f" {problem.test_name}_acc {test_acc:.4f}"
     log.progress.log(line + f" lr {log.last['lr']:.3g} samples/s {log.seen / log.elapsed():.0f}")
     log.progress.note(**log.bar())
-    save(step, snapshot, files, log, config)
+    return snapshot
 
 
 def stopped_early(step: int, net: Network, servers, files: RunFiles, log: StepLog, config: Config) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +56,24 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+def link_or_copy(source: str, path: str) -> None:
+    """``path`` becomes the file ``source`` is: a hard link, or a copy where the file system has
+    none; made under a temporary name and renamed into place, so ``path`` is never half there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}-{os.path.basename(path)}")
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links here (some network and FUSE file systems): a copy, as atomic
+        with open(source, "rb") as src:
+            atomic_write(path, lambda fh: shutil.copyfileobj(src, fh))
+        return
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
         raise
 
 

@@ -12,6 +12,12 @@ was still starting Ray, and a ``--resume`` of a live run trimmed its metrics.jso
 The lock file names its holder (pid, host, start time) for the refusal's message.  The
 kernel drops a flock when its process dies, so a crashed run's leftover ``.lock`` blocks
 nothing; ``close`` removes the file, so a finished run's directory holds only its results.
+
+``--keep-checkpoints N`` (Ray Train's ``num_to_keep``): ``checkpoint.npz`` stays the latest
+checkpoint, the one ``--resume``, ``Result.from_path`` and ``Network.from_checkpoint`` read,
+and each save also leaves ``checkpoint-<step>.npz``, the same file (a hard link: no second
+copy on disk), of which the newest N are kept.  Each name appears whole or not at all: the
+link is made under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -29,6 +36,7 @@ from ..errors import Diverged, RunFailed, UsageError
 from . import checkpoint, metrics
 
 CHECKPOINT = "checkpoint.npz"
+KEPT = re.compile(r"checkpoint-(\d+)\.npz")  # --keep-checkpoints: checkpoint-<step>.npz
 SUMMARY = "summary.json"
 LOCK = ".lock"
 
@@ -133,6 +141,12 @@ def sweep(directory: str) -> list[str]:
             except OSError:
                 pass
     return removed
+
+
+def kept(directory: str, up_to: int | None = None) -> list[int]:
+    """The steps of the ``checkpoint-<step>.npz`` files in ``directory`` (up to step ``up_to``), in order."""
+    steps = [int(m.group(1)) for m in map(KEPT.fullmatch, os.listdir(directory)) if m]
+    return sorted(s for s in steps if up_to is None or s <= up_to)
 
 
 def make_out_dir(path: str | None) -> tuple[str, str | None, int]:
@@ -245,6 +259,24 @@ class RunFiles:
             raise RunFailed(f"cannot write {self.checkpoint} ({exc.strerror or exc}); "
                             "the previous checkpoint is intact") from None
         self.saved_step = step
+        if config.get("keep_checkpoints"):
+            self._keep(step, config["keep_checkpoints"])
+
+    def _keep(self, step: int, count: int) -> None:
+        """checkpoint-<step>.npz: checkpoint.npz under its step's name; then only the newest
+        ``count`` such files of steps up to ``step`` are left.  Later steps' files (from a run
+        resumed from an older checkpoint put back as checkpoint.npz) stay until redone."""
+        path = os.path.join(self.path, f"checkpoint-{step}.npz")
+        try:
+            checkpoint.link_or_copy(self.checkpoint, path)
+        except OSError as exc:
+            raise RunFailed(f"cannot write {path} ({exc.strerror or exc}); {self.checkpoint} of step {step} "
+                            "is intact") from None
+        for old in kept(self.path, up_to=step)[:-count]:
+            try:
+                os.unlink(os.path.join(self.path, f"checkpoint-{old}.npz"))
+            except FileNotFoundError:
+                pass
 
     def latest(self, initial: dict) -> tuple[dict[str, np.ndarray], int]:
         """The arrays and step of the checkpoint on disk, else of ``initial`` (the run's start)."""

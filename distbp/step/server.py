@@ -4,11 +4,20 @@
 the tree's fixed order (tree.py), checks it is finite, hashes it, and applies the optimizer
 to the server's range of the flat parameter vector.  The sum and the update are elementwise,
 so a range's entries get the same bits whichever server owns them (``--servers S``).
+
+``--clip-norm`` needs one number of the whole vector, the gradient's norm.  The vector is cut
+into fixed blocks by its size alone (``cuts.blocks``) and a server's range is whole blocks
+(``cuts.aligned``), so each block's sum of squares is the same bits whichever server computes
+it; the norm is ``math.fsum`` of all of them, the exactly rounded sum, which no order or
+grouping of the additions changes.  With one server ``step`` does it all; with S, each
+server's ``gather`` returns its blocks' sums and every server's ``apply`` gets all S of them
+(servers.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -17,16 +26,23 @@ from queue import SimpleQueue
 import numpy as np
 
 from ..lecture import cuts, tree
-from ..lecture.optim import Hyper, init_state, update
+from ..lecture.optim import Hyper, clip_coef, init_state, update
 
 # The server sums, checks and updates the vector this many bytes at a time, so that a chunk's
 # operands stay in cache between those passes (ServerState._sum).
 CHUNK_BYTES = 1 << 20
 
 
-def chunks(size: int, itemsize: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` cuts of ``range(size)`` of at most ``CHUNK_BYTES`` each."""
-    return [(r.start, r.stop) for r in cuts.fixed(size, max(1, CHUNK_BYTES // itemsize))]
+def chunks(blocks: list[range], itemsize: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cuts of the range tiled by ``blocks``: runs of whole blocks of at most
+    ``CHUNK_BYTES`` each (or one block, if it is larger)."""
+    most, out = max(1, CHUNK_BYTES // itemsize), []
+    for b in blocks:
+        if out and b.stop - out[-1][0] <= most:
+            out[-1] = (out[-1][0], b.stop)
+        else:
+            out.append((b.start, b.stop))
+    return out
 
 
 class NonFiniteGradient(ArithmeticError):
@@ -37,9 +53,12 @@ class ServerState:
     """Weights and optimizer state for one range of the flat parameter vector (all of it with
     one server; ``--servers S``: the range the transport gives server s)."""
 
-    def __init__(self, weights: np.ndarray, hyper: Hyper, decay_mask: np.ndarray | None):
+    def __init__(self, weights: np.ndarray, hyper: Hyper, decay_mask: np.ndarray | None,
+                 blocks: list[range] | None = None):
         """``weights`` holds this range's starting values; the server owns it and updates it in
-        place (an array of its own, or its range of the shared weights file: transport.py)."""
+        place (an array of its own, or its range of the shared weights file: transport.py).
+        ``blocks``: the range's ``cuts.blocks`` of the whole vector, relative to its start
+        (``cuts.within``); None when the server holds the whole vector."""
         self.weights = weights
         self.hyper = hyper
         self.state = init_state(hyper.optimizer, len(self.weights), self.weights.dtype)
@@ -49,8 +68,15 @@ class ServerState:
         self.timings: dict[int, dict[str, float]] = {}
         self._hashing: threading.Thread | None = None
         self.grad = np.empty_like(self.weights)  # the last step's batch gradient, kept for its hash
-        self.chunks = chunks(len(self.weights), self.weights.itemsize)
+        self.blocks = cuts.blocks(len(self.weights)) if blocks is None else blocks
+        self.chunks = chunks(self.blocks, self.weights.itemsize)
+        # each chunk's block starts, relative to the chunk: np.add.reduceat's segments
+        starts = np.array([b.start for b in self.blocks], dtype=np.intp)
+        self.segments = [starts[(starts >= lo) & (starts < hi)] - lo for lo, hi in self.chunks]
         self.scratch: list[np.ndarray] = []  # chunk-sized work buffers
+        self.squares = np.empty(len(self.blocks), dtype=self.weights.dtype)  # --clip-norm: each block's sum
+        self.summed = 0  # the step whose gradient is summed (gather), to be applied
+        self.clock: dict[str, float] = {}  # the step under way's times
 
     def _spare(self, i: int, length: int) -> np.ndarray:
         """The i-th chunk-sized scratch buffer, cut to ``length``."""
@@ -89,12 +115,18 @@ class ServerState:
         same additions as one pass over whole vectors (they are elementwise), one trip to memory.
         """
         table = {node: row for node_list, value in zip(nodes, values) for node, row in zip(node_list, value)}
-        finite = True
-        for lo, hi in self.chunks:
+        finite, b = True, 0
+        for (lo, hi), segments in zip(self.chunks, self.segments):
             g = self._sum_chunk(n, {node: row[lo:hi] for node, row in table.items()}, lo, hi)
             # A NaN or inf anywhere makes the sum non-finite (so would an overflow of finite
             # entries, which needs entries near the dtype's max: diverged too).
             finite = finite and bool(np.isfinite(g.sum()))
+            if self.hyper.clip_norm is not None:  # each block's sum of squares, while the chunk is in cache
+                square = np.square(g, out=self._spare(0, hi - lo))
+                # reduceat sums each block with numpy's pairwise sum: bits that depend on the
+                # block's values alone, not on where the block lies in memory or in the chunk
+                np.add.reduceat(square, segments, out=self.squares[b:b + len(segments)])
+                b += len(segments)
             summed((lo, hi))
         summed(None)
         return finite
@@ -110,7 +142,19 @@ class ServerState:
 
     def step(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], lr: float, t: int,
              scale: float | None) -> np.ndarray:
-        """Step ``t`` (counted from 1): sum, update in place, return the new weights of this range."""
+        """Step ``t`` (counted from 1): sum, update in place, return the new weights of this range.
+
+        The server holds the whole vector (or no clipping needs the whole norm): both halves here.
+        """
+        squares = self.gather(n, nodes, values, t)
+        return self.apply(lr, t, scale, None if squares is None else [squares])
+
+    def gather(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], t: int) -> np.ndarray | None:
+        """The first half of step ``t``: the batch gradient over this range, summed and checked.
+
+        Returns, under ``--clip-norm``, each of the range's blocks' sum of squares of the summed
+        gradient (its dtype, in block order), else None.
+        """
         if t != self.t + 1:
             raise ValueError(f"step {t} sent to a server that has applied {self.t} steps")
         start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
@@ -123,23 +167,52 @@ class ServerState:
         self._hashing = threading.Thread(target=self._hash, args=(t, chunks))
         self._hashing.start()
         if not self._sum(n, nodes, values, chunks.put):  # refuse it: the weights stay those of the last good step
-            self.wait_hashes()
-            self.hashes.pop(t)
+            self._refuse()
             raise NonFiniteGradient(f"the summed gradient of step {t} has non-finite values")
-        summed = time.perf_counter()
+        self.summed = t
+        self.clock = {"start": start, "wall": wall, "cpu": time.thread_time() - cpu, "waited": waited,
+                      "summed": time.perf_counter(), "bytes_in": sum(v.nbytes for v in values)}
+        return self.squares.copy() if self.hyper.clip_norm is not None else None
+
+    def apply(self, lr: float, t: int, scale: float | None, squares: list[np.ndarray] | None) -> np.ndarray:
+        """The second half of step ``t``: update this range in place; return its new weights.
+
+        ``squares``: under ``--clip-norm``, what ``gather`` returned on every server, in range
+        order; each server adds up the same numbers to the same norm.
+        """
+        if self.summed != t:
+            raise ValueError(f"step {t} is to be applied but the gradient summed is of step {self.summed}")
+        cpu = time.thread_time()
+        applying = time.perf_counter()
+        clip, norm = None, None
+        if squares is not None:
+            norm = _norm(squares, scale)
+            if not math.isfinite(norm):  # overflowed: as diverged as a NaN
+                self._refuse()
+                raise NonFiniteGradient(f"the norm of the summed gradient of step {t} is not finite")
+            clip = clip_coef(norm, self.hyper.clip_norm)
         mask = self.decay_mask
         for lo, hi in self.chunks:
             g = self._spare(0, hi - lo)
             np.copyto(g, self.grad[lo:hi])  # update() overwrites its gradient; self.grad is being hashed
             update(self.weights[lo:hi], g, {name: buf[lo:hi] for name, buf in self.state.items()}, self.hyper,
-                   lr, t, scale, None if mask is None else mask[lo:hi])
-        self.t = t
-        done = time.perf_counter()
+                   lr, t, scale, None if mask is None else mask[lo:hi], clip)
+        self.t, self.summed = t, 0
+        done, c = time.perf_counter(), self.clock
         # start and end are wall-clock times, comparable with the workers' spans (scripts/bench.py)
-        self.timings[t] = {"server_sum": summed - waited, "update": done - summed, "start": wall,
-                           "end": wall + done - start, "cpu": time.thread_time() - cpu,
-                           "bytes_in": sum(v.nbytes for v in values)}  # what the workers sent this server
+        self.timings[t] = {"server_sum": c["summed"] - c["waited"], "update": done - applying,
+                           "start": c["wall"], "end": c["wall"] + done - c["start"],
+                           "cpu": c["cpu"] + time.thread_time() - cpu,
+                           "bytes_in": c["bytes_in"]}  # what the workers sent this server
+        if norm is not None:
+            self.timings[t]["grad_norm"] = norm
         return self.weights
+
+    def _refuse(self) -> None:
+        """The step is not applied: forget its hash."""
+        self.wait_hashes()
+        self.hashes.pop(self.t + 1, None)
+        self.summed = 0
 
     def _hash(self, t: int, chunks: SimpleQueue) -> None:
         """sha256 of ``self.grad``'s bytes, little-endian, fed chunk by chunk as ``chunks`` names them:
@@ -170,13 +243,25 @@ class ServerState:
         return out
 
 
+def _norm(squares: list[np.ndarray], scale: float | None) -> float:
+    """The 2-norm of the gradient the optimizer sees (the sum divided by ``scale`` if given),
+    from every block's sum of squares of the sum: fsum is exact, so the order does not matter."""
+    try:
+        total = math.fsum(x for part in squares for x in part.tolist())
+    except OverflowError:  # fsum's partial sums overflowed: an inf norm
+        return math.inf
+    norm = math.sqrt(total) if total >= 0 else math.nan
+    return norm / scale if scale is not None else norm
+
+
 def merge_reports(reports: list[dict[int, dict]]) -> dict[int, dict]:
     """One report per step from the S servers' ``report()``: the steps every server has.
 
     The servers run side by side, so a step's ``server_sum`` and ``update`` are the slowest
     server's.  ``bytes_in`` becomes the list of each server's received bytes.  With S > 1 the
     ``grad_sha256`` is the sha256 of the S range digests joined: stable for a given S, but not
-    the same string as with one server (the weights hash is the same for every S).
+    the same string as with one server (the weights hash is the same for every S).  ``grad_norm``
+    (``--clip-norm``) is the same number on every server.
     """
     if len(reports) == 1:
         return {t: {**entry, "bytes_in": [entry["bytes_in"]]} for t, entry in reports[0].items()}
