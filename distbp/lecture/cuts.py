@@ -41,8 +41,8 @@ def blocks(n: int) -> list[range]:
 
 
 def aligned(n: int, k: int) -> list[range]:
-    """``k`` contiguous parts tiling ``range(n)``, each made of whole ``blocks(n)``, as even as that
-    allows (lengths differ by at most one block): the servers' ranges of the flat vector."""
+    """``k`` contiguous parts tiling ``range(n)``, each made of whole ``blocks(n)``, as many blocks
+    each give or take one (``even`` over the blocks): the servers' ranges of the flat vector."""
     parts = blocks(n)
     edges = [parts[i].start if i < len(parts) else n for i in (g.start for g in even(len(parts), k))] + [n]
     return [range(a, b) for a, b in zip(edges[:-1], edges[1:])]

@@ -122,7 +122,8 @@ class ServerState:
             # entries, which needs entries near the dtype's max: diverged too).
             finite = finite and bool(np.isfinite(g.sum()))
             if self.hyper.clip_norm is not None:  # each block's sum of squares, while the chunk is in cache
-                square = np.square(g, out=self._spare(0, hi - lo))
+                with np.errstate(over="ignore"):  # an overflow is an inf norm: apply() refuses it
+                    square = np.square(g, out=self._spare(0, hi - lo))
                 # reduceat sums each block with numpy's pairwise sum: bits that depend on the
                 # block's values alone, not on where the block lies in memory or in the chunk
                 np.add.reduceat(square, segments, out=self.squares[b:b + len(segments)])

@@ -1,0 +1,140 @@
+"""--clip-norm and --optimizer adamw keep exactness: the same bits for any K and S.
+
+The gradient's norm is the one number of the whole vector; each server adds up its fixed
+blocks' squares and the S results are added exactly (math.fsum), so neither the cut into
+servers nor the order of arrival changes a bit.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import ray
+from conftest import train_config
+
+from distbp.distributed.actors import ParameterServer
+from distbp.distributed.servers import Servers
+from distbp.distributed.transport import ObjectStore
+from distbp.errors import Diverged
+from distbp.lecture import cuts, tree
+from distbp.lecture.optim import Hyper
+from distbp.loops.sync import train
+from distbp.step.server import NonFiniteGradient, ServerState
+
+
+def test_aligned_ranges_are_whole_blocks_as_even_as_that_allows():
+    for n, k in [(371, 3), (10, 3), (5000, 3), (100_000, 7), (3000, 1024), (1, 1)]:
+        ranges, blocks = cuts.aligned(n, k), cuts.blocks(n)
+        assert ranges[0].start == 0 and ranges[-1].stop == n and len(ranges) == k
+        assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:]))
+        edges = {b.start for b in blocks} | {n}
+        assert all(r.start in edges and r.stop in edges for r in ranges)  # no block is cut
+        counts = [sum(b.start in r for b in blocks) for r in ranges]
+        assert max(counts) - min(counts) <= 1  # as many blocks each, give or take one
+        assert blocks == cuts.blocks(n)  # by the size alone
+        if n <= cuts.BLOCKS:  # one entry a block: the ranges of before
+            assert ranges == cuts.even(n, k)
+
+
+def servers_of(n, S, hyper, w0, mask):
+    """S ServerStates over ``cuts.aligned(n, S)``, as the actors make them."""
+    ranges = cuts.aligned(n, S)
+    return ranges, [ServerState(w0[r.start:r.stop].copy(), hyper, mask[r.start:r.stop], cuts.within(n, r))
+                    for r in ranges]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_norm_and_the_weights_are_the_same_bits_for_any_S(dtype):
+    """Without Ray: a vector with blocks of ~200 entries (numpy's pairwise sums at work inside
+    each), steps split into gather and apply over S servers against one server's step."""
+    n, steps = 200_003, 4
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(n).astype(dtype)
+    mask = (np.arange(n) % 7 != 0).astype(dtype)
+    grads = [(rng.standard_normal((3, n)) * 50).astype(dtype) for _ in range(steps)]
+    # three micro-batches, two workers' shares: the tree nodes (1, 0) and (0, 2)
+    nodes = [tree.blocks(range(0, 2), 3), tree.blocks(range(2, 3), 3)]
+    values = [[(g[0] + g[1])[None, :], g[2][None, :]] for g in grads]
+    hyper = Hyper("adamw", weight_decay=0.01, clip_norm=1.0)
+    results = {}
+    for S in (1, 2, 3, 5):
+        ranges, servers = servers_of(n, S, hyper, w0, mask)
+        for t, v in enumerate(values, start=1):
+            if S == 1:
+                servers[0].step(3, nodes, v, 0.01, t, 64)
+            else:
+                squares = [s.gather(3, nodes, [part[:, r.start:r.stop] for part in v], t)
+                           for s, r in zip(servers, ranges)]
+                for s in servers:
+                    s.apply(0.01, t, 64, squares)
+        norms = {tuple(r["grad_norm"] for _, r in sorted(s.report().items())) for s in servers}
+        assert len(norms) == 1  # every server the same norm
+        results[S] = (np.concatenate([s.weights for s in servers]).tobytes(), norms.pop())
+    assert len({w for w, _ in results.values()}) == 1
+    assert len({norm for _, norm in results.values()}) == 1
+    norm = results[1][1]
+    assert min(norm) > 1.0  # clipped every step: the test is about the clipped update
+    summed = values[0][0][0].astype(np.float64) + values[0][1][0]  # (1, 0) + (0, 2): the batch gradient
+    assert math.isclose(norm[0], float(np.linalg.norm(summed)) / 64, rel_tol=1e-5)
+
+
+def test_a_non_finite_norm_or_gradient_is_refused_by_every_server():
+    n = 50
+    hyper = Hyper("sgd", clip_norm=1.0)
+    w0, mask = np.ones(n), np.ones(n)
+    ranges, servers = servers_of(n, 2, hyper, w0, mask)
+    node = tree.blocks(range(1), 1)
+    huge = np.full((1, n), 1e200)  # finite entries whose squares overflow
+    squares = [s.gather(1, [node], [huge[:, r.start:r.stop]], 1) for s, r in zip(servers, ranges)]
+    for s in servers:
+        with pytest.raises(NonFiniteGradient, match="norm"):
+            s.apply(0.1, 1, None, squares)
+        np.testing.assert_array_equal(s.weights, 1.0)
+        assert s.t == 0
+    bad = np.ones((1, n))
+    bad[0, 3] = np.nan
+    with pytest.raises(NonFiniteGradient):
+        servers[0].gather(1, [node], [bad[:, :25]], 1)
+    squares = [s.gather(1, [node], [np.ones((1, 25))], 1) for s in servers]  # then a good step goes through
+    for s in servers:
+        s.apply(0.1, 1, None, squares)
+    assert all(s.t == 1 for s in servers)
+
+
+def test_a_server_that_refuses_stops_the_step_on_every_server(ray_session):
+    """Through Ray: the apply calls depend on every gather, so one refusal fails them all and
+    the driver sees Diverged, with no server having updated."""
+    n, S = 40, 2
+    transport = ObjectStore(n, np.float64, S)
+    hyper = Hyper("sgd", clip_norm=1.0)
+    servers = Servers(lambda s: ParameterServer.remote(s, np.ones(n), hyper, np.ones(n), transport),
+                      transport.bounds, clip=True)
+    assert servers.two_halves
+    node = tree.blocks(range(1), 1)
+    bad = np.ones((1, n))
+    bad[0, 30] = np.inf  # in the second server's range
+    with pytest.raises(Diverged, match="non-finite"):
+        servers.get(servers.step(1, [node], 0.1, 1, None, [[bad[:, r.start:r.stop] for r in transport.bounds]]))
+    assert ray.get([a.step_count.remote() for a in servers.actors]) == [0, 0]
+    weights = servers.get(servers.step(1, [node], 0.1, 1, None, [[np.ones((1, len(r))) for r in transport.bounds]]))
+    # the norm of a vector of 40 ones is sqrt(40): clipped to 1, each entry moves by 0.1 / sqrt(40)
+    np.testing.assert_allclose(np.concatenate(weights), 1 - 0.1 / (math.sqrt(40) + 1e-6))
+    for actor in servers.actors:
+        ray.kill(actor)
+
+
+@pytest.mark.parametrize("options", [dict(optimizer="sgd", lr=0.5, clip_norm=0.05),
+                                     dict(optimizer="adamw", weight_decay=0.1, clip_norm=0.05,
+                                          adam_betas="0.8,0.99", adam_eps=1e-6)])
+def test_clipping_and_adamw_give_the_same_bits_for_any_K_and_S(ray_session, tmp_path, options):
+    runs = {}
+    for K, S in [(1, 1), (2, 2), (3, 3), (1, 3), (3, 1), (2, 1)]:
+        config = train_config(tmp_path, workers=K, servers=S, batch_size=61, micro_batch=5, steps=6, **options)
+        summary = train(config)
+        with open(f"{config.out}/metrics.jsonl") as fh:
+            norms = [r["grad_norm"] for r in map(json.loads, fh) if "loss" in r]
+        runs[(K, S)] = (summary["weights_sha256"], tuple(norms))
+    assert len(set(runs.values())) == 1, runs
+    norms = runs[(1, 1)][1]
+    assert len(norms) == 6 and min(norms) > options["clip_norm"]  # clipping was at work on every step
