@@ -9,7 +9,8 @@ import pytest
 from conftest import train_config
 from test_validation import SMALL, refused
 
-from distbp import Network, Result, cli
+from distbp import Callback, Network, Result, cli, fit
+from distbp.data.datasets import spirals
 from distbp.loops.sync import train
 from distbp.run import checkpoint, outdir
 
@@ -116,3 +117,18 @@ def test_numpy_reads_a_kept_checkpoint_without_pickle(ray_session, tmp_path):
     run = train(train_config(tmp_path, steps=3, keep_checkpoints=1))["out"]
     with np.load(f"{run}/checkpoint-3.npz", allow_pickle=False) as f:
         assert int(f["step"]) == 3
+
+
+def test_fit_calls_on_evaluation_every_n_steps(ray_session, tmp_path):
+    data = spirals(seed=0)
+    seen = []
+
+    class Record(Callback):
+        def on_evaluation(self, record):
+            seen.append(record["step"])
+
+    result = fit(data.X[:1200], data.y[:1200], X_test=data.X[1200:], y_test=data.y[1200:], layers=[2, 8, 3],
+                 steps=7, batch_size=60, micro_batch=8, eval_every=2, keep_checkpoints=1, callbacks=[Record()],
+                 out=str(tmp_path / "run"))
+    assert seen == [2, 4, 6, 7] == [r["step"] for r in result.metrics if "test_accuracy" in r]
+    assert outdir.kept(result.path) == [7]

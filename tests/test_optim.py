@@ -42,12 +42,12 @@ def test_updates_match_the_textbook(optimizer, scale, wd):
                                rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw"])
 def test_float32_stays_float32(optimizer):
     w = np.ones(10, dtype=np.float32)
     state = init_state(optimizer, 10, np.float32)
-    update(w, np.full(10, 0.5, np.float32), state, Hyper(optimizer, 0.9, 0.1), 0.01, 1, 64.0,
-           np.ones(10, np.float32))
+    update(w, np.full(10, 0.5, np.float32), state, Hyper(optimizer, 0.9, 0.1, (0.8, 0.9), 1e-6, 1.0), 0.01, 1, 64.0,
+           np.ones(10, np.float32), clip=0.5)
     assert w.dtype == np.float32 and all(b.dtype == np.float32 for b in state.values())
 
 
