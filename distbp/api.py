@@ -102,6 +102,8 @@ def _config(options: dict) -> Config:
         raise UsageError(f"fit() got unknown options {', '.join(unknown)}; see help(distbp.Config)")
     if isinstance(options.get("layers"), Sequence) and not isinstance(options["layers"], str):
         options["layers"] = ",".join(str(int(d)) for d in options["layers"])
+    if isinstance(options.get("report_to"), Sequence) and not isinstance(options["report_to"], str):
+        options["report_to"] = ",".join(options["report_to"]) or None  # report_to=("tensorboard", "mlflow")
     try:
         config = Config(**options)
     except TypeError as exc:
@@ -119,7 +121,7 @@ def _check_types(config: Config) -> None:
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, f.name, float(value))
-        elif not isinstance(value, kind) or isinstance(value, bool):
+        elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise UsageError(f"{f.name} must be {kind.__name__}, got {value!r}")
 
 

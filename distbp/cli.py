@@ -1,4 +1,4 @@
-"""The ``distbp`` command: train, verify, plot, convert.  Bad input ends with one line on stderr and status 2."""
+"""The ``distbp`` command: train, verify, plot, convert, timeline.  Bad input: one line on stderr, status 2."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from . import config as cfg
 from .data import convert as convert_cmd
 from .errors import DataError, Interrupted, RunFailed, UsageError
 from .run import progress, signals
+from .tools import timeline as timeline_cmd
 from .tools import verify as verify_cmd
 
 
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "one or several runs, read from their metrics.jsonl, into one PNG.")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by distbp train --out")
     plot.add_argument("--out", metavar="FILE.png", help="where the PNG goes (default: curves.png in the first RUN_DIR)")
+    timeline = sub.add_parser("timeline", help="a run's --timeline spans as RUN_DIR/timeline.json (Chrome trace "
+                                               "events, for Perfetto or chrome://tracing)")
+    timeline_cmd.add_arguments(timeline)
     return parser
 
 
@@ -139,7 +143,8 @@ def run_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "verify": verify_cmd.run, "plot": run_plot, "convert": convert_cmd.run}
+COMMANDS = {"train": run_train, "verify": verify_cmd.run, "plot": run_plot, "convert": convert_cmd.run,
+            "timeline": timeline_cmd.run}
 
 
 def say(message: str, interrupted: bool = False) -> None:

@@ -190,6 +190,9 @@ class RunFiles:
         self.metrics_path = os.path.join(path, metrics.NAME)
         self.data_fingerprint = data_fingerprint
         self.log: metrics.Writer | None = None
+        # Told of each checkpoint, of the summary and of the close, in that order: the reporters
+        # (report.py) and the upload to object storage (remote.py).
+        self.watchers: list = []
         # A file object, not a bare descriptor: should the loop drop a RunFiles without closing
         # it, the garbage collector still lets the lock go.
         self._lock = os.fdopen(lock_fd, "rb", buffering=0) if lock_fd is not None else None
@@ -245,6 +248,8 @@ class RunFiles:
             raise RunFailed(f"cannot write {self.checkpoint} ({exc.strerror or exc}); "
                             "the previous checkpoint is intact") from None
         self.saved_step = step
+        for watcher in self.watchers:
+            watcher.saved(self, step)
 
     def latest(self, initial: dict) -> tuple[dict[str, np.ndarray], int]:
         """The arrays and step of the checkpoint on disk, else of ``initial`` (the run's start)."""
@@ -253,6 +258,8 @@ class RunFiles:
 
     def write_summary(self, summary: dict) -> None:
         checkpoint.write_json(os.path.join(self.path, SUMMARY), summary)
+        for watcher in self.watchers:
+            watcher.summarised(self, summary)
 
     def close(self) -> None:
         """Close the log and let the directory's lock go; a run that never began (no log opened)
@@ -262,7 +269,9 @@ class RunFiles:
         self._closed = True
         if self.log is not None:
             self.log.close()
-        elif self.created:
+        for watcher in self.watchers:
+            watcher.closed(self)
+        if self.log is None and self.created:
             shutil.rmtree(self.created, ignore_errors=True)
         if self._lock is not None:
             try:  # the file first, then the lock: see _lock
