@@ -24,8 +24,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from .config import Config
 from .data.datasets import from_arrays
 from .errors import DataError, UsageError
 from .lecture.network import Network
-from .run import metrics
+from .run import metrics, remote
 from .run.outdir import CHECKPOINT, SUMMARY
 
 
@@ -59,7 +60,13 @@ class Result:
 
     @classmethod
     def from_path(cls, run_dir: str) -> Result:
-        """Read a run directory written by ``distbp train`` or ``fit``."""
+        """Read a run directory written by ``distbp train`` or ``fit`` (or a URL it uploaded to)."""
+        if remote.is_url(run_dir):
+            local = remote.fetch(run_dir, "Result.from_path", needs=SUMMARY)
+            try:
+                return replace(cls.from_path(local), path=run_dir)
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
         summary_path = os.path.join(run_dir, SUMMARY)
         if not os.path.isfile(summary_path):
             raise DataError(f"{run_dir}: no {SUMMARY} (not a finished distbp run)")
@@ -91,6 +98,8 @@ def fit(X, y, *, X_test=None, y_test=None, callbacks: Sequence = (), **options) 
     if (X_test is None) != (y_test is None):
         raise UsageError("X_test and y_test go together: give both or neither")
     data = from_arrays("arrays", X, y, X_test, y_test, n_classes=n_classes)
+    if remote.is_url(config.out):  # runs in a local directory, uploaded as it goes
+        config.out = remote.stage(config.out)
     summary = train(config, data=data, callbacks=list(callbacks))
     return Result.from_path(summary["out"])
 

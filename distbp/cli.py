@@ -13,7 +13,7 @@ from . import __version__
 from . import config as cfg
 from .data import convert as convert_cmd
 from .errors import DataError, Interrupted, RunFailed, UsageError
-from .run import progress, signals
+from .run import progress, remote, signals
 from .tools import timeline as timeline_cmd
 from .tools import verify as verify_cmd
 
@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "The results (metrics.jsonl, checkpoint.npz, summary.json) go to --out; "
                                        "the summary is also printed as JSON on stdout.")
     cfg.add_arguments(train)
-    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, to the same "
-                       "final weights as if it had never stopped; flags may extend --steps/--epochs or change "
-                       "--workers")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or at a URL like s3://bucket/run) "
+                       "from its checkpoint, to the same final weights as if it had never stopped; flags may extend "
+                       "--steps/--epochs or change --workers")
     verify = sub.add_parser("verify", help="show that the batch gradient is the same sum however it is split; "
                                            "exit 0 only if every check agrees")
     verify_cmd.add_arguments(verify)
@@ -68,9 +68,13 @@ def run_train(ns: argparse.Namespace) -> int:
             if getattr(ns, "resume", None):
                 from .run import resume
 
-                summary = train(*resume.load(ns.resume, cfg.given(ns)))
+                where = remote.download(ns.resume) if remote.is_url(ns.resume) else ns.resume
+                summary = train(*resume.load(where, cfg.given(ns)))
             else:
-                summary = train(cfg.from_args(ns))
+                config = cfg.from_args(ns)
+                if remote.is_url(config.out):  # runs in a local directory, uploaded as it goes
+                    config.out = remote.stage(config.out)
+                summary = train(config)
         except BaseException as exc:
             if signals.stopped_at_once() is None:
                 raise

@@ -55,10 +55,10 @@ class StepLog:
         self.reporters = self.timeline = None
         if config is not None and config.reporters():  # before the log opens: a failure leaves no directory
             self.reporters = Reporters(config.reporters(), files.path, config.to_dict(), files.saved_step)
-            files.watchers.append(self.reporters)
+            files.watchers.insert(0, self.reporters)  # before an upload (remote.py): it sends what they wrote
         if config is not None and config.timeline:
             self.timeline = spans.Timeline(os.path.join(files.path, spans.NAME))
-            files.watchers.append(self.timeline)
+            files.watchers.insert(0, self.timeline)
         offset, logged = files.open_log()
         self.logged: dict[int, str] = logged if compare else {}  # step -> grad_sha256 of its first computation
         self.pending: deque[Sent] = deque()

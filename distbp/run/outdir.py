@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from ..errors import Diverged, RunFailed, UsageError
-from . import checkpoint, metrics
+from . import checkpoint, metrics, remote
 
 CHECKPOINT = "checkpoint.npz"
 SUMMARY = "summary.json"
@@ -191,8 +191,8 @@ class RunFiles:
         self.data_fingerprint = data_fingerprint
         self.log: metrics.Writer | None = None
         # Told of each checkpoint, of the summary and of the close, in that order: the reporters
-        # (report.py) and the upload to object storage (remote.py).
-        self.watchers: list = []
+        # (report.py), the timeline (spans.py) and, last, the upload to a URL (remote.py).
+        self.watchers: list = remote.watchers(path)
         # A file object, not a bare descriptor: should the loop drop a RunFiles without closing
         # it, the garbage collector still lets the lock go.
         self._lock = os.fdopen(lock_fd, "rb", buffering=0) if lock_fd is not None else None

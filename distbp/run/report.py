@@ -28,6 +28,7 @@ import time
 
 from ..errors import UsageError, one_line
 from .checkpoint import write_json
+from .remote import url_of
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_FILE = "mlflow.json"  # the MLflow run this directory reports to: a resumed run goes on in it
@@ -75,6 +76,7 @@ class TensorBoard:
 
     def summarised(self, files, summary: dict) -> None:
         self.writer.add_text("summary", "```\n" + json.dumps(summary, indent=2) + "\n```", summary["steps"])
+        self.writer.flush()  # on disk before the summary is uploaded (remote.py)
 
     def closed(self, files) -> None:
         self.writer.close()
@@ -107,8 +109,9 @@ class MLflow:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
             experiment = self.client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-            run = self.client.create_run(experiment_id, run_name=os.path.basename(os.path.abspath(path)),
-                                         tags={"distbp.out": os.path.abspath(path)})
+            where = url_of(path) or os.path.abspath(path)  # a URL's run is staged in a local directory
+            run = self.client.create_run(experiment_id, run_name=where.rstrip("/").rsplit("/", 1)[-1],
+                                         tags={"distbp.out": where})
             self.run_id = run.info.run_id
             self._log_batch(params=[self._param(k, v) for k, v in sorted(config.items())])
             write_json(stored, {"tracking_uri": self.uri, "run_id": self.run_id})

@@ -62,7 +62,7 @@ class Timeline:
         self.fh.flush()
 
     def summarised(self, files, summary: dict) -> None:
-        pass
+        self.fh.flush()  # everything on disk before the summary is uploaded (remote.py)
 
     def closed(self, files) -> None:
         self.fh.close()
