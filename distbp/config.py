@@ -206,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = option_type(f)
         if kind is bool:  # a switch: --timeline
             parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS,
-                                help=f.metadata["help"])
+                                help=help_text(f))
             continue
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
