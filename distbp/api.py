@@ -100,7 +100,8 @@ def fit(X, y, *, X_test=None, y_test=None, callbacks: Sequence = (), **options) 
     data = from_arrays("arrays", X, y, X_test, y_test, n_classes=n_classes)
     if remote.is_url(config.out):  # runs in a local directory, uploaded as it goes
         config.out = remote.stage(config.out)
-    summary = train(config, data=data, callbacks=list(callbacks))
+    with remote.discarded_unless_begun(config.out):
+        summary = train(config, data=data, callbacks=list(callbacks))
     return Result.from_path(summary["out"])
 
 

@@ -69,12 +69,14 @@ def run_train(ns: argparse.Namespace) -> int:
                 from .run import resume
 
                 where = remote.download(ns.resume) if remote.is_url(ns.resume) else ns.resume
-                summary = train(*resume.load(where, cfg.given(ns)))
+                with remote.discarded_unless_begun(where):
+                    summary = train(*resume.load(where, cfg.given(ns)))
             else:
                 config = cfg.from_args(ns)
                 if remote.is_url(config.out):  # runs in a local directory, uploaded as it goes
                     config.out = remote.stage(config.out)
-                summary = train(config)
+                with remote.discarded_unless_begun(config.out):
+                    summary = train(config)
         except BaseException as exc:
             if signals.stopped_at_once() is None:
                 raise

@@ -86,6 +86,8 @@ def test_a_run_to_s3_and_a_resume_from_it_give_the_weights_of_a_local_run(ray_se
     lines = s3.cat(f"{s3.bucket}/runs/a/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
     assert staged(tmp_path) == []  # everything is at the URL: the staging directory is gone
+    assert cli.main(["train", "--resume", url, "--steps", "12", "--lr", "0.5"]) == 2  # not resumable
+    assert "--lr 0.5 differs" in capsys.readouterr().err and staged(tmp_path) == []
 
     assert cli.main(["train", "--resume", url, "--steps", "12", "--workers", "3"]) == 0
     resumed = json.loads(capsys.readouterr().out)
@@ -125,12 +127,13 @@ def test_what_the_bucket_holds_is_resumable_at_every_step(ray_session, s3, tmp_p
     assert staged(tmp_path) == []
 
 
-@pytest.mark.parametrize("case", ["not-empty", "no-bucket", "no-checkpoint", "no-s3fs"])
+@pytest.mark.parametrize("case", ["not-empty", "no-bucket", "no-checkpoint", "no-s3fs", "bad-layers"])
 def test_bad_urls_are_one_line_and_create_nothing(case, s3, tmp_path, monkeypatch, capsys):
     if case == "not-empty":
         s3.pipe(f"{s3.bucket}/taken/metrics.jsonl", b"")
     argv = {"not-empty": ["--out", f"s3://{s3.bucket}/taken"], "no-bucket": ["--out", "s3://no-such-bucket/run"],
-            "no-checkpoint": ["--resume", f"s3://{s3.bucket}/empty"], "no-s3fs": ["--out", f"s3://{s3.bucket}/x"]}
+            "no-checkpoint": ["--resume", f"s3://{s3.bucket}/empty"], "no-s3fs": ["--out", f"s3://{s3.bucket}/x"],
+            "bad-layers": ["--out", f"s3://{s3.bucket}/y", "--layers", "5,3"]}  # found once the data is loaded
     if case == "no-s3fs":
         import importlib.util
 
@@ -141,5 +144,6 @@ def test_bad_urls_are_one_line_and_create_nothing(case, s3, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("distbp: error: ")
     assert {"not-empty": "already exists and is not empty", "no-bucket": "cannot write there",
-            "no-checkpoint": "no checkpoint.npz", "no-s3fs": 'pip install -e ".[s3]"'}[case] in err
+            "no-checkpoint": "no checkpoint.npz", "no-s3fs": 'pip install -e ".[s3]"',
+            "bad-layers": "--layers starts with 5 inputs"}[case] in err
     assert sorted(s3.find(s3.bucket)) == before and staged(tmp_path) == []

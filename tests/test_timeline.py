@@ -85,3 +85,18 @@ def test_bad_run_dir_is_one_line_and_writes_nothing(case, tmp_path, capsys):
     assert {"missing": "no such run directory", "no-timeline": "train with --timeline",
             "damaged": "not a timeline"}[case] in err
     assert not (run / "timeline.json").exists()
+
+
+def test_a_resumed_run_appends_and_its_redone_steps_show_twice(ray_session, tmp_path):
+    """Died after step 8 with its checkpoint at 4 (test_report.crashed_after_checkpoint), resumed to 10."""
+    from tests.test_report import crashed_after_checkpoint
+
+    config = train_config(tmp_path, timeline=True, steps=8, checkpoint_every=4)
+    crashed_after_checkpoint(tmp_path, config, at=4)
+    assert cli.main(["train", "--resume", config.out, "--steps", "10"]) == 0
+    assert cli.main(["timeline", config.out]) == 0
+    with open(os.path.join(config.out, "timeline.json")) as fh:
+        named, spans = lanes(json.load(fh)["traceEvents"])
+    assert_no_overlap(spans)
+    server = {name: lane for lane, name in named.items()}["server 0"]
+    assert [e["args"]["step"] for e in spans[server] if e["name"] == "sum"] == [*range(1, 9), *range(5, 11)]

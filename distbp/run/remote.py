@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 
 from ..errors import RunFailed, UsageError, one_line
 from .checkpoint import write_json
@@ -129,6 +130,17 @@ def download(url: str) -> str:
     return local
 
 
+@contextmanager
+def discarded_unless_begun(local: str):
+    """Inside: a run in the staging directory ``local``.  If it never began (a bad option or data
+    found after the staging was made), the directory goes on the way out: nothing is left."""
+    try:
+        yield
+    finally:
+        if _uploads.pop(local, None) is not None:  # Upload.closed unregisters a run that began
+            shutil.rmtree(local, ignore_errors=True)
+
+
 def watchers(local: str) -> list:
     """What a RunFiles made in ``local`` tells of its checkpoints, summary and close (outdir.py)."""
     upload = _uploads.get(os.path.abspath(local)) or _uploads.get(local)
@@ -209,16 +221,17 @@ class Upload:
 
     def closed(self, files) -> None:
         """The last uploads; the staging directory goes once everything is at the URL."""
+        if files.log is None:  # never began: discarded_unless_begun removes the directory
+            return
+        _uploads.pop(self.local, None)
         if self.failed:  # the run ends with that error, naming the local copy
             return
         try:
-            if files.log is not None:
-                self.sync(but=() if self.finished else ("summary.json",))
+            self.sync(but=() if self.finished else ("summary.json",))
         except RunFailed as exc:
             print(f"distbp: error: {exc}", file=sys.stderr)
             return
-        _uploads.pop(self.local, None)
-        if self.finished or files.log is None:
+        if self.finished:
             shutil.rmtree(self.local, ignore_errors=True)
         elif files.saved_step:  # stopped or failed: the URL has the last checkpoint; keep the local copy too
             print(f"distbp: the run's files are at {self.url}; continue with: distbp train --resume {self.url}",
