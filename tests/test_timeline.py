@@ -71,6 +71,19 @@ def test_gaps_are_split_where_the_other_side_ended():
                            ("wait hash", 2, 6, 6.25), ("sum", 2, 6.25, 6.75), ("update", 2, 6.75, 7)]
 
 
+def test_a_worker_idle_for_a_step_waits_through_it():
+    """Worker 1 computes steps 1 and 3 only (worker 0, not drawn here, had step 2): it waits until
+    the server ends step 2, then the weights travel."""
+    server = dict(lane="server", id=0, sum=0.5, update=0.25, cpu=1)
+    records = [{"lane": "worker", "id": 1, "start": 0.0, "end": 1.0, "cpu": 1.0},
+               {"lane": "worker", "id": 1, "start": 8.0, "end": 9.0, "cpu": 1.0},
+               server | {"step": 1, "start": 2.0, "end": 3.0}, server | {"step": 2, "start": 6.0, "end": 7.0},
+               server | {"step": 3, "start": 10.0, "end": 11.0}]
+    _, spans = lanes(trace(records))
+    got = [(e["name"], e["args"]["step"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in spans[(2, 1)]]
+    assert got == [("compute", 1, 0, 1), ("wait", 1, 1, 7), ("transfer", 3, 7, 8), ("compute", 3, 8, 9)]
+
+
 @pytest.mark.parametrize("case", ["missing", "no-timeline", "damaged"])
 def test_bad_run_dir_is_one_line_and_writes_nothing(case, tmp_path, capsys):
     run = tmp_path / "run"

@@ -6,8 +6,9 @@ One lane (a ``pid``/``tid`` pair, named by metadata events) per actor: the drive
 from the run's first recorded moment) follow one another without overlapping:
 
 - worker: ``compute`` (its backprop, as ``WorkerState`` timed it), then ``wait`` (for the other
-  workers and the servers) until the servers end the step, then ``transfer`` until its next
-  compute begins (the new weights reaching it and the next Ray call);
+  workers and the servers, and through steps it had no share of) until the servers end the step
+  before its next compute, then ``transfer`` until that compute begins (the new weights reaching
+  it and the Ray call);
 - server: ``wait`` (for the step's workers), ``transfer`` (from the last worker's compute end to
   the server's step start: the node values reaching it and the Ray call), ``wait hash`` (the
   previous step's gradient hash, on a thread), ``sum``, ``update``;
@@ -101,8 +102,10 @@ def trace(records: list[dict]) -> list[dict]:
     for (kind, _), lane in lanes.items():
         lane.sort(key=lambda span: span[0])
         if kind == "worker":
-            # waiting for the rest of its step, then the next step's weights reaching it
-            lane[:] = _gaps(lane, lambda prev, nxt: ends.get(prev[3]["step"]), ("wait", "transfer"), (0, 1))
+            # waiting (for the rest of its step, and through any step it had no share of), then the
+            # weights of the step before its next compute reaching it
+            lane[:] = _gaps(lane, lambda prev, nxt: ends.get((nxt[3]["step"] or 0) - 1, ends.get(prev[3]["step"])),
+                            ("wait", "transfer"), (0, 1))
         elif kind == "server":
             # waiting for the next step's workers, then their node values reaching it
             lane[:] = _gaps(lane, lambda prev, nxt: computed.get(nxt[3]["step"]), ("wait", "transfer"), (1, 1))
