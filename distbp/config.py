@@ -237,7 +237,7 @@ def load_toml(path: str) -> dict:
         kind = option_type(known[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if kind is str and name in ("layers", "lr_step_epochs") and isinstance(value, list):
+        if kind is str and name in ("layers", "lr_step_epochs", "report_to") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")

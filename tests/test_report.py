@@ -161,3 +161,15 @@ def test_a_missing_extra_or_unknown_name_is_one_line_and_creates_nothing(names, 
 def test_report_to_is_refused_outside_sync_mode(capsys, tmp_path):
     assert cli.main(["train", "--mode", "async", "--report-to", "tensorboard", "--out", str(tmp_path / "r")]) == 2
     assert "--report-to works only with --mode sync" in capsys.readouterr().err
+
+
+def test_report_to_and_timeline_from_a_config_file(tmp_path):
+    from distbp import config as cfg
+
+    path = tmp_path / "run.toml"
+    path.write_text('report-to = ["tensorboard", "mlflow"]\ntimeline = true\n')
+    config = cfg.from_args(cli.build_parser().parse_args(["train", "--config", str(path)]))
+    assert config.reporters() == ("tensorboard", "mlflow") and config.timeline is True
+    path.write_text('timeline = "yes"\n')
+    with pytest.raises(cfg.UsageError, match="timeline must be bool"):
+        cfg.load_toml(str(path))
