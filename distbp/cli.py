@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Interrupted as exc:  # stopped at a step boundary (checkpoint written) or at once
         if signals.claim_line():  # not already written by the stop's watchdog
-            say(f"distbp: {exc}", interrupted=True)
+            say(f"distbp: {remote.in_words(str(exc))}", interrupted=True)
         return 128 + exc.signum
     except KeyboardInterrupt:
         say("distbp: interrupted", interrupted=True)

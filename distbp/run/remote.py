@@ -42,6 +42,7 @@ LAST = ("checkpoint.npz", "summary.json")  # uploaded after every other file, in
 SKIP = (".lock", ".tmp-")  # the lock and checkpoint.py's temporary files are never uploaded
 
 _uploads: dict[str, Upload] = {}  # staging directory -> its upload, for the RunFiles made there
+_urls: dict[str, str] = {}  # every staging directory of this process -> its URL, for messages
 
 
 def is_url(path: str | None) -> bool:
@@ -149,8 +150,14 @@ def watchers(local: str) -> list:
 
 def url_of(local: str) -> str | None:
     """The URL a staging directory uploads to (None for an ordinary directory)."""
-    upload = watchers(local)
-    return upload[0].url if upload else None
+    return _urls.get(os.path.abspath(local))
+
+
+def in_words(message: str) -> str:
+    """``message`` with each staging directory named by its URL (a stopped run's "continue with")."""
+    for local, url in _urls.items():
+        message = message.replace(local, url)
+    return message
 
 
 class Upload:
@@ -158,6 +165,7 @@ class Upload:
 
     def __init__(self, url: str, fs, path: str, local: str):
         self.url, self.fs, self.root, self.local = url, fs, path.rstrip("/"), local
+        _urls[local] = url
         self.sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) uploaded
         self.atomic = _atomic(fs)
         self.finished = False
@@ -231,8 +239,5 @@ class Upload:
         except RunFailed as exc:
             print(f"distbp: error: {exc}", file=sys.stderr)
             return
-        if self.finished:
-            shutil.rmtree(self.local, ignore_errors=True)
-        elif files.saved_step:  # stopped or failed: the URL has the last checkpoint; keep the local copy too
-            print(f"distbp: the run's files are at {self.url}; continue with: distbp train --resume {self.url}",
-                  file=sys.stderr)
+        # Everything is at the URL (a stopped run's last checkpoint too: in_words names it there).
+        shutil.rmtree(self.local, ignore_errors=True)
