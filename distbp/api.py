@@ -140,4 +140,5 @@ fit.__signature__ = inspect.Signature(
     [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in ("X", "y")]
     + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("X_test", "y_test")]
     + [inspect.Parameter("callbacks", inspect.Parameter.KEYWORD_ONLY, default=())]
-    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in OPTIONS])
+    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=() if f.name == "report_to" else f.default)
+       for f in OPTIONS])  # report_to takes a list of names, as ("tensorboard", "mlflow")

@@ -30,7 +30,7 @@ import tempfile
 from contextlib import contextmanager
 
 from ..errors import RunFailed, UsageError, one_line
-from .checkpoint import write_json
+from .checkpoint import TMP_PREFIX, write_json
 
 # Filesystems whose objects appear whole once uploaded (no temporary key needed), and the
 # module (and pip extra) each needs.
@@ -39,7 +39,7 @@ NEEDS = {"s3": ("s3fs", 'pip install -e ".[s3]"'), "s3a": ("s3fs", 'pip install 
          "gs": ("gcsfs", "pip install gcsfs"), "gcs": ("gcsfs", "pip install gcsfs")}
 STAGING = os.path.join(os.path.expanduser("~"), ".cache", "distbp", "staging")
 LAST = ("checkpoint.npz", "summary.json")  # uploaded after every other file, in this order
-SKIP = (".lock", ".tmp-")  # the lock and checkpoint.py's temporary files are never uploaded
+SKIP = (".lock", TMP_PREFIX)  # outdir.py's lock and atomic_write's temporary files are never uploaded
 
 _uploads: dict[str, Upload] = {}  # staging directory -> its upload, for the RunFiles made there
 _urls: dict[str, str] = {}  # every staging directory of this process -> its URL, for messages
@@ -175,7 +175,7 @@ class Upload:
         out = []
         for folder, _, names in os.walk(self.local):
             for name in names:
-                if not name.startswith(SKIP) and ".tmp-" not in name:
+                if not name.startswith(SKIP):
                     out.append(os.path.relpath(os.path.join(folder, name), self.local))
         # the checkpoint, then the summary, after everything else
         return sorted(out, key=lambda rel: (LAST.index(rel) + 1 if rel in LAST else 0, rel))
