@@ -174,7 +174,7 @@ REPORTERS = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}
 def need_extra(module: str, extra: str, what: str) -> None:
     """UsageError naming the pip command unless ``module`` is importable (looked up, not imported)."""
     if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{what} needs {module}: pip install -e \".[{extra}]\" (or pip install 'distbp[{extra}]')")
+        raise UsageError(f"{what} needs {module}: pip install -e \".[{extra}]\"")
 
 
 def flag(name: str) -> str:
