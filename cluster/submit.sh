@@ -23,6 +23,7 @@
 # Where results go: the driver runs on the HEAD node.  Without --out, this script adds
 # --out "$HOME/distbp-runs/<submission-id>" (expanded on the head node).  A relative
 # --out would land in the job's temporary copy of the working_dir, so it is refused.
+# A URL (--out s3://bucket/run) is uploaded to as the run goes, from the head node.
 # Unless the train options hold --address, `--address auto` is added (inside a job
 # RAY_ADDRESS points at the cluster).
 #
@@ -121,7 +122,7 @@ for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
     esac
 done
 [ -n "$has_address" ] || TRAIN_ARGS=(--address auto "${TRAIN_ARGS[@]}")
-if [ -n "$out" ] && [[ "$out" != /* ]]; then
+if [ -n "$out" ] && [[ "$out" != /* ]] && [[ "$out" != *://* ]]; then
     die2 "--out must be an absolute path on the head node (a relative path lands in the job's temporary working_dir)"
 fi
 
@@ -142,6 +143,7 @@ if [ -z "$out" ]; then
 else
     ENTRYPOINT=(python -m distbp train "${TRAIN_ARGS[@]}")
     OUT_DESC="$out on the head node"
+    [[ "$out" != *://* ]] || OUT_DESC="$out"
 fi
 
 echo "$PROG: submitting $SUBMISSION_ID to $ADDRESS (token: $TOKEN_SOURCE)"

@@ -24,8 +24,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from .config import Config
 from .data.datasets import from_arrays
 from .errors import DataError, UsageError
 from .lecture.network import Network
-from .run import metrics
+from .run import metrics, remote
 from .run.outdir import CHECKPOINT, SUMMARY
 
 
@@ -59,7 +60,13 @@ class Result:
 
     @classmethod
     def from_path(cls, run_dir: str) -> Result:
-        """Read a run directory written by ``distbp train`` or ``fit``."""
+        """Read a run directory written by ``distbp train`` or ``fit`` (or a URL it uploaded to)."""
+        if remote.is_url(run_dir):
+            local = remote.fetch(run_dir, "Result.from_path", needs=SUMMARY)
+            try:
+                return replace(cls.from_path(local), path=run_dir)
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
         summary_path = os.path.join(run_dir, SUMMARY)
         if not os.path.isfile(summary_path):
             raise DataError(f"{run_dir}: no {SUMMARY} (not a finished distbp run)")
@@ -91,7 +98,10 @@ def fit(X, y, *, X_test=None, y_test=None, callbacks: Sequence = (), **options) 
     if (X_test is None) != (y_test is None):
         raise UsageError("X_test and y_test go together: give both or neither")
     data = from_arrays("arrays", X, y, X_test, y_test, n_classes=n_classes)
-    summary = train(config, data=data, callbacks=list(callbacks))
+    if remote.is_url(config.out):  # runs in a local directory, uploaded as it goes
+        config.out = remote.stage(config.out)
+    with remote.discarded_unless_begun(config.out):
+        summary = train(config, data=data, callbacks=list(callbacks))
     return Result.from_path(summary["out"])
 
 
@@ -108,6 +118,8 @@ def _config(options: dict) -> Config:
         except (TypeError, ValueError):
             raise UsageError(f"adam_betas must be two numbers like (0.9, 0.999), got {options['adam_betas']!r}") \
                 from None
+    if isinstance(options.get("report_to"), Sequence) and not isinstance(options["report_to"], str):
+        options["report_to"] = ",".join(options["report_to"]) or None  # report_to=("tensorboard", "mlflow")
     try:
         config = Config(**options)
     except TypeError as exc:
@@ -125,7 +137,7 @@ def _check_types(config: Config) -> None:
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, f.name, float(value))
-        elif not isinstance(value, kind) or isinstance(value, bool):
+        elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise UsageError(f"{f.name} must be {kind.__name__}, got {value!r}")
 
 
@@ -134,4 +146,5 @@ fit.__signature__ = inspect.Signature(
     [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in ("X", "y")]
     + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("X_test", "y_test")]
     + [inspect.Parameter("callbacks", inspect.Parameter.KEYWORD_ONLY, default=())]
-    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in OPTIONS])
+    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=() if f.name == "report_to" else f.default)
+       for f in OPTIONS])  # report_to takes a list of names, as ("tensorboard", "mlflow")

@@ -1,4 +1,4 @@
-"""The ``distbp`` command: train, verify, plot, convert.  Bad input ends with one line on stderr and status 2."""
+"""The ``distbp`` command: train, verify, plot, convert, timeline.  Bad input: one line on stderr, status 2."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from . import __version__
 from . import config as cfg
 from .data import convert as convert_cmd
 from .errors import DataError, Interrupted, RunFailed, UsageError
-from .run import progress, signals
+from .run import progress, remote, signals
+from .tools import timeline as timeline_cmd
 from .tools import verify as verify_cmd
 
 
@@ -34,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "The results (metrics.jsonl, checkpoint.npz, summary.json) go to --out; "
                                        "the summary is also printed as JSON on stdout.")
     cfg.add_arguments(train)
-    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, to the same "
-                       "final weights as if it had never stopped; flags may extend --steps/--epochs or change "
-                       "--workers")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or at a URL like s3://bucket/run) "
+                       "from its checkpoint, to the same final weights as if it had never stopped; flags may extend "
+                       "--steps/--epochs or change --workers")
     verify = sub.add_parser("verify", help="show that the batch gradient is the same sum however it is split; "
                                            "exit 0 only if every check agrees")
     verify_cmd.add_arguments(verify)
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "one or several runs, read from their metrics.jsonl, into one PNG.")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by distbp train --out")
     plot.add_argument("--out", metavar="FILE.png", help="where the PNG goes (default: curves.png in the first RUN_DIR)")
+    timeline = sub.add_parser("timeline", help="a run's --timeline spans as RUN_DIR/timeline.json (Chrome trace "
+                                               "events, for Perfetto or chrome://tracing)")
+    timeline_cmd.add_arguments(timeline)
     return parser
 
 
@@ -64,9 +68,15 @@ def run_train(ns: argparse.Namespace) -> int:
             if getattr(ns, "resume", None):
                 from .run import resume
 
-                summary = train(*resume.load(ns.resume, cfg.given(ns)))
+                where = remote.download(ns.resume) if remote.is_url(ns.resume) else ns.resume
+                with remote.discarded_unless_begun(where):
+                    summary = train(*resume.load(where, cfg.given(ns)))
             else:
-                summary = train(cfg.from_args(ns))
+                config = cfg.from_args(ns)
+                if remote.is_url(config.out):  # runs in a local directory, uploaded as it goes
+                    config.out = remote.stage(config.out)
+                with remote.discarded_unless_begun(config.out):
+                    summary = train(config)
         except BaseException as exc:
             if signals.stopped_at_once() is None:
                 raise
@@ -139,7 +149,8 @@ def run_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "verify": verify_cmd.run, "plot": run_plot, "convert": convert_cmd.run}
+COMMANDS = {"train": run_train, "verify": verify_cmd.run, "plot": run_plot, "convert": convert_cmd.run,
+            "timeline": timeline_cmd.run}
 
 
 def say(message: str, interrupted: bool = False) -> None:
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Interrupted as exc:  # stopped at a step boundary (checkpoint written) or at once
         if signals.claim_line():  # not already written by the stop's watchdog
-            say(f"distbp: {exc}", interrupted=True)
+            say(f"distbp: {remote.in_words(str(exc))}", interrupted=True)
         return 128 + exc.signum
     except KeyboardInterrupt:
         say("distbp: interrupted", interrupted=True)

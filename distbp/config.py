@@ -8,6 +8,7 @@ defaults < ``--config FILE.toml`` < flags.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import tomllib
@@ -83,6 +84,11 @@ class Config:
                     choices=("sync", "async", "ssp"))
     staleness: int | None = opt(None, "with --mode ssp: how many steps a worker may run ahead of the slowest, "
                                       "as in Ho et al. 2013 (default: 2)", metavar="s")
+    report_to: str | None = opt(None, "also send each step's metrics and each evaluation to: tensorboard "
+                                      "(<out>/tensorboard/), mlflow ($MLFLOW_TRACKING_URI, else ./mlruns); "
+                                      "comma-separated", metavar="NAMES")
+    timeline: bool = opt(False, "record each step's spans (worker compute, transfer, server sum and update, "
+                                "waiting) in <out>/timeline.jsonl, for distbp timeline")
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad option; checks that need the data come later."""
@@ -117,6 +123,7 @@ class Config:
         self._check_optimizer()
         faults.parse(self.fault_injection, self.workers)
         self._check_modes()
+        self.reporters()
         if self.base_batch is not None and self.base_batch < 1:
             raise UsageError(f"--base-batch must be at least 1, got {self.base_batch}")
         if not 0 < self.lr_decay <= 1:
@@ -161,10 +168,21 @@ class Config:
         if self.mode == "sync":
             return
         for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0),
-                              ("keep_checkpoints", 0), ("eval_every", 0)):
+                              ("keep_checkpoints", 0), ("eval_every", 0), ("report_to", None), ("timeline", False)):
             if getattr(self, name) != default:
                 raise UsageError(f"--{flag(name)} works only with --mode sync (--mode {self.mode} has one "
-                                 "server, no fault handling and one checkpoint and evaluation, at the end)")
+                                 "server, no fault handling, no per-step record and one checkpoint and "
+                                 "evaluation, at the end)")
+
+    def reporters(self) -> tuple[str, ...]:
+        """The names in --report-to; UsageError for an unknown one or one whose extra is not
+        installed (checked here, before anything of the run is created)."""
+        names = tuple(n.strip() for n in (self.report_to or "").split(",") if n.strip())
+        for name in names:
+            if name not in REPORTERS:
+                raise UsageError(f"--report-to: unknown value {name!r}; choose from {', '.join(REPORTERS)}")
+            need_extra(REPORTERS[name], name, f"--report-to {name}")
+        return names
 
     def layer_sizes(self) -> tuple[int, ...] | None:
         if self.layers is None:
@@ -179,6 +197,16 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# --report-to's names, and the module each needs (an optional extra of the same name).
+REPORTERS = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}
+
+
+def need_extra(module: str, extra: str, what: str) -> None:
+    """UsageError naming the pip command unless ``module`` is importable (looked up, not imported)."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs {module}: pip install -e \".[{extra}]\"")
 
 
 def flag(name: str) -> str:
@@ -210,6 +238,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file; flags override it")
     for f in fields(Config):
         kind = option_type(f)
+        if kind is bool:  # a switch: --timeline
+            parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                help=help_text(f))
+            continue
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
                             help=help_text(f))
@@ -239,9 +271,9 @@ def load_toml(path: str) -> dict:
         kind = option_type(known[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if kind is str and name in ("layers", "lr_step_epochs", "adam_betas") and isinstance(value, list):
+        if kind is str and name in ("layers", "lr_step_epochs", "adam_betas", "report_to") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
         values[name] = value
     return values
@@ -266,7 +298,7 @@ def from_args(ns: argparse.Namespace) -> Config:
 # goes on (the sum is the same bits for any K and S).  Anything else would make the continued
 # run differ from the uninterrupted one.
 RESUMABLE = ("steps", "epochs", "workers", "servers", "address", "data_dir", "checkpoint_every",
-             "fault_injection", "keep_checkpoints", "eval_every")
+             "fault_injection", "keep_checkpoints", "eval_every", "report_to", "timeline")
 
 
 def for_resume(stored: dict, options: dict, directory: str) -> Config:
@@ -281,11 +313,12 @@ def for_resume(stored: dict, options: dict, directory: str) -> Config:
         kind = option_type(known[name])
         if kind is float and isinstance(value, int):
             value = stored[name] = float(value)
-        if not (value is None or isinstance(value, kind)) or isinstance(value, bool):
+        if not (value is None or isinstance(value, kind)) or (isinstance(value, bool) and kind is not bool):
             raise DataError(f"{directory}/checkpoint.npz: corrupt config ({name} = {value!r})")
     values = {f.name: f.default for f in fields(Config)} | stored
-    try:  # the stored options alone: a bad one is a damaged file, not a bad flag
-        Config(**(values | {"out": directory})).validate()
+    try:  # the stored options alone: a bad one is a damaged file, not a bad flag (a reporter whose
+        # extra is missing here is no damage: the final validate below says what to install)
+        Config(**(values | {"out": directory, "report_to": None})).validate()
     except UsageError as exc:
         raise DataError(f"{directory}/checkpoint.npz: corrupt config ({exc})") from None
     for name, value in options.items():

@@ -25,7 +25,7 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-SAMPLE = {int: (7, "7"), float: (0.25, "0.25"), str: ("abc", '"abc"')}
+SAMPLE = {int: (7, "7"), float: (0.25, "0.25"), str: ("abc", '"abc"'), bool: (True, "true")}
 
 
 def test_every_option_can_come_from_a_file_or_a_flag(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_every_option_can_come_from_a_file_or_a_flag(tmp_path: Path) -> None:
             literal = f'"{value}"'
         expected[f.name] = value
         toml.append(f"{cfg.flag(f.name)} = {literal}")
-        argv += [f"--{cfg.flag(f.name)}", str(value)]
+        argv += [f"--{cfg.flag(f.name)}"] + ([] if kind is bool else [str(value)])  # a bool is a switch
     assert cfg.load_toml(write(tmp_path, "\n".join(toml))) == expected
     ns = build_parser().parse_args(["train", *argv])
     assert {name: getattr(ns, name, "missing") for name in expected} == expected

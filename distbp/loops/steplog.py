@@ -5,19 +5,25 @@ for it never stalls the workers: ``StepLog`` holds the steps sent but not yet wr
 (``pending``), writes their lines to metrics.jsonl in order, and passes each record to the
 callbacks and the progress bar.  It also checks steps computed twice (after a failure, or
 by a resumed run) against the gradient hash logged the first time: the same sum must give
-the same bits (``redo``).
+the same bits (``redo``).  With ``--report-to`` it hands each record to the trackers
+(run/report.py); with ``--timeline`` it records the servers' and workers' timings and its own
+waits (run/spans.py).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..config import Config
 from ..data.problem import Problem
+from ..run import spans
 from ..run.outdir import RunFiles
 from ..run.progress import Progress
+from ..run.report import Reporters
 from ..step.server import merge_reports
 
 
@@ -37,11 +43,22 @@ class StepLog:
     """Pending reports, redo checks and the lines of metrics.jsonl, in step order."""
 
     def __init__(self, files: RunFiles, problem: Problem, lr_at: Callable[[int], float], get: Callable,
-                 progress: Progress, callbacks: Sequence = (), compare: bool = True):
+                 progress: Progress, callbacks: Sequence = (), compare: bool = True, config: Config | None = None,
+                 workers=None):
         """``get`` fetches server results (``Servers.get``); ``compare=False``: the logged hashes
-        came from another number of servers, so a resumed run does not check against them."""
+        came from another number of servers, so a resumed run does not check against them.
+        ``config`` says where to report (``report_to``) and whether to record a ``timeline`` of
+        the servers' and the ``workers``' (a ``WorkerPool``) timings."""
         self.files, self.problem, self.lr_at, self.get = files, problem, lr_at, get
         self.progress, self.callbacks = progress, list(callbacks)
+        self.workers = workers
+        self.reporters = self.timeline = None
+        if config is not None and config.reporters():  # before the log opens: a failure leaves no directory
+            self.reporters = Reporters(config.reporters(), files.path, config.to_dict(), files.saved_step)
+            files.watchers.insert(0, self.reporters)  # before an upload (remote.py): it sends what they wrote
+        if config is not None and config.timeline:
+            self.timeline = spans.Timeline(os.path.join(files.path, spans.NAME))
+            files.watchers.insert(0, self.timeline)
         offset, logged = files.open_log()
         self.logged: dict[int, str] = logged if compare else {}  # step -> grad_sha256 of its first computation
         self.pending: deque[Sent] = deque()
@@ -59,6 +76,8 @@ class StepLog:
 
     def sent(self, entry: Sent) -> None:
         """Step ``entry.step`` is with the servers: write every earlier step's line."""
+        if self.timeline is not None:
+            self.timeline.driver("workers", entry.step)  # waiting for the step's workers, and sending it on
         self.pending.append(entry)
         self.write(keep=1)
 
@@ -69,7 +88,11 @@ class StepLog:
             self.pending.popleft()  # only once written: after a failure the step is still there
 
     def _write(self, sent: Sent) -> None:
-        reports = merge_reports(self.get(sent.report))
+        each = self.get(sent.report)
+        reports = merge_reports(each)
+        if self.timeline is not None:
+            self.timeline.driver("report", sent.step)  # waiting for the servers' report of the step
+            self.timeline.servers(sent.step, each)
         if sent.step not in reports:
             self.get(sent.weights)  # the step failed: raises why
         report = reports[sent.step]
@@ -91,6 +114,8 @@ class StepLog:
         self.last.update(record)
         self.files.log.write(record)
         self.progress.step(**self.bar())
+        if self.reporters is not None:
+            self.reporters.step(record, self.seen / self.elapsed())
         self._notify("on_step", record)
 
     def evaluated(self, step: int, loss: float, accuracy: float) -> None:
@@ -103,6 +128,8 @@ class StepLog:
         if step > self.evaluations:
             self.evaluations = step
             self.files.log.write(record)
+            if self.reporters is not None:
+                self.reporters.evaluation(record)
             self._notify("on_evaluation", record)
 
     def _notify(self, method: str, record: dict) -> None:
@@ -121,6 +148,21 @@ class StepLog:
         """A checkpoint is on disk: steps up to it are never redone now."""
         for step in [s for s in self.logged if s <= self.files.saved_step]:
             del self.logged[step]
+        if self.timeline is not None:
+            self.timeline.driver("checkpoint", self.files.saved_step)  # evaluation and checkpoint
+            self.fetch_worker_spans()
+
+    def fetch_worker_spans(self) -> None:
+        """--timeline: the workers' compute spans since the last fetch (each keeps its last 4096
+        calls, more than a checkpoint interval usually holds; a dead worker's are lost)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for k, actor in enumerate(self.workers.actors):
+            try:
+                self.timeline.worker(k, ray.get(actor.spans.remote()))
+            except RayActorError:
+                pass
 
     def bar(self) -> dict:
         shown = {"loss": f"{self.last['loss']:.4f}"}

@@ -90,7 +90,8 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
         if resumed:
             progress.resuming(config.out, start, total)
         log = StepLog(files, problem, lr_at, servers.get, progress, callbacks,
-                      compare=not resumed or resumed["config"].get("servers", 1) == config.servers)
+                      compare=not resumed or resumed["config"].get("servers", 1) == config.servers,
+                      config=config, workers=pool)
         applied, weights = start, servers.weights()  # steps the servers hold, and their weights
         with StopSignals() as stop:
             while applied < total and stop.signum is None and not log.stop_requested:

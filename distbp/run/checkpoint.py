@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from ..errors import DataError, one_line
 FORMAT = 1
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 TMP_PREFIX = ".tmp-"  # atomic_write's temporary files: what a writer killed mid-write leaves
+KEPT = re.compile(r"checkpoint-(\d+)\.npz")  # --keep-checkpoints: checkpoint-<step>.npz (outdir.py)
 
 
 def _umask() -> int:

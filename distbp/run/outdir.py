@@ -25,7 +25,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -33,10 +32,10 @@ import time
 import numpy as np
 
 from ..errors import Diverged, RunFailed, UsageError
-from . import checkpoint, metrics
+from . import checkpoint, metrics, remote
 
 CHECKPOINT = "checkpoint.npz"
-KEPT = re.compile(r"checkpoint-(\d+)\.npz")  # --keep-checkpoints: checkpoint-<step>.npz
+KEPT = checkpoint.KEPT  # --keep-checkpoints: checkpoint-<step>.npz
 SUMMARY = "summary.json"
 LOCK = ".lock"
 
@@ -204,6 +203,9 @@ class RunFiles:
         self.metrics_path = os.path.join(path, metrics.NAME)
         self.data_fingerprint = data_fingerprint
         self.log: metrics.Writer | None = None
+        # Told of each checkpoint, of the summary and of the close, in that order: the reporters
+        # (report.py), the timeline (spans.py) and, last, the upload to a URL (remote.py).
+        self.watchers: list = remote.watchers(path)
         # A file object, not a bare descriptor: should the loop drop a RunFiles without closing
         # it, the garbage collector still lets the lock go.
         self._lock = os.fdopen(lock_fd, "rb", buffering=0) if lock_fd is not None else None
@@ -261,6 +263,8 @@ class RunFiles:
         self.saved_step = step
         if config.get("keep_checkpoints"):
             self._keep(step, config["keep_checkpoints"])
+        for watcher in self.watchers:
+            watcher.saved(self, step)
 
     def _keep(self, step: int, count: int) -> None:
         """checkpoint-<step>.npz: checkpoint.npz under its step's name; then only the newest
@@ -285,6 +289,8 @@ class RunFiles:
 
     def write_summary(self, summary: dict) -> None:
         checkpoint.write_json(os.path.join(self.path, SUMMARY), summary)
+        for watcher in self.watchers:
+            watcher.summarised(self, summary)
 
     def close(self) -> None:
         """Close the log and let the directory's lock go; a run that never began (no log opened)
@@ -294,7 +300,9 @@ class RunFiles:
         self._closed = True
         if self.log is not None:
             self.log.close()
-        elif self.created:
+        for watcher in self.watchers:
+            watcher.closed(self)
+        if self.log is None and self.created:
             shutil.rmtree(self.created, ignore_errors=True)
         if self._lock is not None:
             try:  # the file first, then the lock: see _lock

@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from .remote import url_of
+
 # No percentage, rate or description: step/total and the bar say how far, the fields say how fast.
 BAR_FORMAT = "{n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}{postfix}"
 
@@ -62,7 +64,8 @@ class Progress:
 
     def resuming(self, directory: str, step: int, total: int) -> None:
         """Say that the run in ``directory`` goes on from its checkpoint after ``step`` (of ``total``)."""
-        self.log(f"resuming {directory} from step {step} of {total}")
+        # a run at a URL is resumed in a staging directory: name the URL
+        self.log(f"resuming {url_of(directory) or directory} from step {step} of {total}")
 
     def close(self) -> None:
         """End the bar (it stays on screen, and the cursor goes to a new line); again does nothing."""

@@ -1,0 +1,215 @@
+"""``--report-to tensorboard,mlflow``: each step's record and each evaluation, sent on to a tracker.
+
+metrics.jsonl stays the source of truth (resume trims it; plot and ``Result`` read it); the
+reporters are copies for the tools people already use.  ``StepLog`` hands them every record
+it writes; ``RunFiles`` tells them of each checkpoint, of the summary and of the close.
+
+What a resumed run does with what it reported before:
+
+- TensorBoard: the new event file starts with ``purge_step`` = the checkpoint's step + 1, so
+  TensorBoard drops the points the first process wrote past the checkpoint (they are redone);
+  a reader sees each step once, as in metrics.jsonl.
+- MLflow: the run id is kept in ``<out>/mlflow.json`` and the resumed process goes on in the
+  same MLflow run.  MLflow cannot delete a point, so metrics are sent at each checkpoint (and
+  at least every ``MLFLOW_FLUSH_S`` seconds for a live view): a run stopped at a step
+  boundary has sent exactly its checkpointed steps; one killed between checkpoints may have
+  sent some steps that the resumed run sends again (with the same loss: the same bits).
+
+The tracker libraries are optional extras, imported only here and only when asked for
+(``Config.reporters`` checks they are installed before anything is created).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from ..errors import UsageError, one_line
+from .checkpoint import write_json
+from .remote import url_of
+
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_FILE = "mlflow.json"  # the MLflow run this directory reports to: a resumed run goes on in it
+MLFLOW_EXPERIMENT = "distbp"  # unless MLFLOW_EXPERIMENT_NAME says otherwise
+MLFLOW_FLUSH_S = 30.0
+
+
+def step_scalars(record: dict, samples_per_second: float | None) -> dict[str, float]:
+    """A step's figures under the names both trackers get: loss, lr, samples/s, the slowest
+    worker's compute, the server sum and update (seconds), and the bytes each server received."""
+    out = {"train/loss": record["loss"]}
+    if "lr" in record:
+        out["train/lr"] = record["lr"]
+    if samples_per_second is not None:
+        out["perf/samples_per_second"] = samples_per_second
+    for key in ("worker_compute", "server_sum", "update"):
+        if key in record:
+            out[f"perf/{key}_s"] = record[key]
+    for s, nbytes in enumerate(record.get("server_bytes_in", [])):
+        out[f"perf/server{s}_bytes_in"] = nbytes
+    return out
+
+
+def evaluation_scalars(record: dict) -> dict[str, float]:
+    """An evaluation's figures: ``test_loss``/``test_accuracy`` (or ``validation_*``) as ``eval/...``."""
+    return {f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, int | float)}
+
+
+class TensorBoard:
+    """Event files in ``<out>/tensorboard/``, written with tensorboardX."""
+
+    def __init__(self, path: str, resumed_step: int):
+        from tensorboardX import SummaryWriter
+
+        # purge_step: TensorBoard forgets what an earlier process logged from this step on.
+        self.writer = SummaryWriter(os.path.join(path, TENSORBOARD_DIR),
+                                    purge_step=resumed_step + 1 if resumed_step else None)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def saved(self, files, step: int) -> None:
+        self.writer.flush()  # what is checkpointed is on disk in the event file too
+
+    def summarised(self, files, summary: dict) -> None:
+        self.writer.add_text("summary", "```\n" + json.dumps(summary, indent=2) + "\n```", summary["steps"])
+        self.writer.flush()  # on disk before the summary is uploaded (remote.py)
+
+    def closed(self, files) -> None:
+        self.writer.close()
+
+
+def mlflow_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else a file store ``./mlruns`` (MLflow's own default place)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "file:" + os.path.abspath("mlruns")
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses its file store unless asked: a local store is what we ask for here.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+class MLflow:
+    """One MLflow run per run directory: the config as params, each step's figures as metrics,
+    summary.json and the last checkpoint as artifacts."""
+
+    def __init__(self, path: str, config: dict, resumed_step: int):
+        from mlflow import MlflowClient
+
+        self.uri = mlflow_uri()
+        self.client = MlflowClient(self.uri)
+        self.pending: list = []
+        self.flushed = time.monotonic()
+        self.finished = False
+        stored = os.path.join(path, MLFLOW_FILE)
+        self.run_id = self._stored_run(stored) if resumed_step else None
+        if self.run_id is None:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
+            experiment = self.client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+            where = url_of(path) or os.path.abspath(path)  # a URL's run is staged in a local directory
+            run = self.client.create_run(experiment_id, run_name=where.rstrip("/").rsplit("/", 1)[-1],
+                                         tags={"distbp.out": where})
+            self.run_id = run.info.run_id
+            self._log_batch(params=[self._param(k, v) for k, v in sorted(config.items())])
+            write_json(stored, {"tracking_uri": self.uri, "run_id": self.run_id})
+        else:  # the same MLflow run goes on; its params stay those it started with
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, f"distbp.resumed_from_step.{resumed_step}", json.dumps(
+                {k: config[k] for k in ("steps", "epochs", "workers", "servers") if k in config}))
+
+    def _stored_run(self, stored: str) -> str | None:
+        """The run id in ``mlflow.json`` if it is in this tracking store; else None (a new run)."""
+        try:
+            with open(stored, encoding="utf-8") as fh:
+                info = json.load(fh)
+            if info["tracking_uri"] != self.uri:
+                return None
+            return self.client.get_run(info["run_id"]).info.run_id
+        except Exception:  # no file, another store, a deleted run: report to a new run
+            return None
+
+    @staticmethod
+    def _param(key, value):
+        from mlflow.entities import Param
+
+        return Param(key, "" if value is None else str(value))
+
+    def _log_batch(self, metrics=(), params=()) -> None:
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics and 100 params a call
+            self.client.log_batch(self.run_id, metrics=list(metrics[i:i + 1000]))
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=list(params[i:i + 100]))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(tag.replace("/", "."), float(value), now, step) for tag, value in values.items()]
+        if time.monotonic() - self.flushed > MLFLOW_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self._log_batch(metrics=self.pending)
+        self.pending, self.flushed = [], time.monotonic()
+
+    def saved(self, files, step: int) -> None:
+        self.flush()
+
+    def summarised(self, files, summary: dict) -> None:
+        self.flush()
+        self.client.log_artifact(self.run_id, os.path.join(files.path, "summary.json"))
+        if os.path.exists(files.checkpoint):
+            self.client.log_artifact(self.run_id, files.checkpoint)
+        self.finished = True
+
+    def closed(self, files) -> None:
+        self.flush()
+        # A run that stopped before its summary (a signal, a failure) can be resumed: KILLED, not FAILED.
+        self.client.set_terminated(self.run_id, "FINISHED" if self.finished else "KILLED")
+
+
+class Reporters:
+    """The trackers of ``--report-to``: each gets the figures of every step and evaluation.
+
+    A tracker that fails mid-run (a server gone away) is dropped with one line on stderr; the
+    run and its files go on (they are the record).  Failing to start one is a UsageError.
+    """
+
+    def __init__(self, names: tuple[str, ...], path: str, config: dict, resumed_step: int):
+        self.active: dict[str, object] = {}
+        for name in names:
+            try:
+                self.active[name] = TensorBoard(path, resumed_step) if name == "tensorboard" \
+                    else MLflow(path, config, resumed_step)
+            except Exception as exc:
+                self.closed(None)
+                raise UsageError(f"--report-to {name}: cannot start it ({one_line(exc)})") from None
+
+    def _each(self, method: str, *args) -> None:
+        for name, reporter in list(self.active.items()):
+            try:
+                getattr(reporter, method)(*args)
+            except Exception as exc:
+                del self.active[name]
+                print(f"distbp: warning: --report-to {name} stopped: {one_line(exc)}; metrics.jsonl has "
+                      "every step", file=sys.stderr)
+
+    def step(self, record: dict, samples_per_second: float | None) -> None:
+        self._each("scalars", record["step"], step_scalars(record, samples_per_second))
+
+    def evaluation(self, record: dict) -> None:
+        self._each("scalars", record["step"], evaluation_scalars(record))
+
+    def saved(self, files, step: int) -> None:
+        self._each("saved", files, step)
+
+    def summarised(self, files, summary: dict) -> None:
+        self._each("summarised", files, summary)
+
+    def closed(self, files) -> None:
+        self._each("closed", files)
+        self.active = {}
