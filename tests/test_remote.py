@@ -147,3 +147,16 @@ def test_bad_urls_are_one_line_and_create_nothing(case, s3, tmp_path, monkeypatc
             "no-checkpoint": "no checkpoint.npz", "no-s3fs": 'pip install -e ".[s3]"',
             "bad-layers": "--layers starts with 5 inputs"}[case] in err
     assert sorted(s3.find(s3.bucket)) == before and staged(tmp_path) == []
+
+
+def test_keep_checkpoints_at_a_url_keeps_the_same_files_as_a_local_run(ray_session, s3, tmp_path, capsys):
+    """--keep-checkpoints 2: the URL ends with the checkpoints a local run keeps, the pruned ones removed there too."""
+    url = f"s3://{s3.bucket}/runs/kept"
+    local = str(tmp_path / "local")
+    argv = [*OPTIONS, "--steps", "16", "--keep-checkpoints", "2"]
+    assert cli.main(["train", *argv, "--out", url]) == 0
+    assert cli.main(["train", *argv, "--out", local]) == 0
+    capsys.readouterr()
+    at_url = sorted(os.path.basename(p) for p in s3.ls(f"{s3.bucket}/runs/kept") if "checkpoint" in p)
+    here = sorted(name for name in os.listdir(local) if "checkpoint" in name)
+    assert at_url == here == ["checkpoint-12.npz", "checkpoint-16.npz", "checkpoint.npz"]

@@ -217,7 +217,8 @@ class Upload:
     def prune(self) -> None:
         """Remove at the URL the ``checkpoint-<step>.npz`` that ``--keep-checkpoints`` removed here
         (after the newer ones are up), so the URL keeps the same N as the directory."""
-        for rel in [rel for rel in self.sent if KEPT.fullmatch(rel) and not os.path.exists(os.path.join(self.local, rel))]:
+        gone = [rel for rel in self.sent if KEPT.fullmatch(rel) and not os.path.exists(os.path.join(self.local, rel))]
+        for rel in gone:
             try:
                 self.fs.rm_file(f"{self.root}/{rel}")
             except FileNotFoundError:
