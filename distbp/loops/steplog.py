@@ -31,6 +31,7 @@ class Sent:
     seconds: float  # the slowest worker task's compute time
     report: list  # refs of the servers' reports
     weights: list  # refs of the step's new weights: fetching them raises why the step failed
+    workers: int  # how many workers computed it (--workers MIN:MAX: it changes as the run resizes)
 
 
 class StepLog:
@@ -81,7 +82,8 @@ class StepLog:
         self.written = sent.step
         self.seen += sent.batch_size
         record = {"step": sent.step, "epoch": self.problem.sampler.epoch_of(sent.step), "loss": sent.loss,
-                  "lr": self.lr_at(sent.step), "time": round(self.elapsed() + self.offset, 6),
+                  "lr": self.lr_at(sent.step), "workers": sent.workers,
+                  "time": round(self.elapsed() + self.offset, 6),
                   "grad_sha256": report["grad_sha256"], "worker_compute": sent.seconds,
                   "server_sum": report["server_sum"], "update": report["update"],
                   "server_bytes_in": report["bytes_in"]}
