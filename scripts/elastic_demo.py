@@ -93,11 +93,12 @@ class LocalCluster:
         for actor in ray._private.state.actors().values():
             if actor.get("State") == "ALIVE":
                 hosts.setdefault(actor.get("Address", {}).get("NodeID"), set()).add(actor.get("ActorClassName"))
-        node = next(n for n in reversed(self.nodes) if hosts.get(n.unique_id) == {"Worker"})
+        driver = ray.get_runtime_context().get_node_id()  # several raylets share 127.0.0.1: keep the driver's
+        node = next(n for n in reversed(self.nodes) if hosts.get(n.node_id) == {"Worker"} and n.node_id != driver)
         self.nodes.remove(node)
         self.cluster.remove_node(node, allow_graceful=False)
         deadline = time.monotonic() + WAIT_S
-        while any(n["NodeID"] == node.unique_id and n["Alive"] for n in ray.nodes()):  # the cluster saw it go
+        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):  # the cluster saw it go
             assert time.monotonic() < deadline, "the killed node still shows as alive"
             time.sleep(0.1)
 
