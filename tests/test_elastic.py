@@ -133,13 +133,16 @@ def test_cli_and_toml_take_a_range(tmp_path):
 
 
 def test_a_range_on_one_machine_gives_the_fixed_k_bits(fixed, tmp_path):
-    """--workers 1:3 on the local Ray: every slot fits, so the run grows to 3 (or starts there)."""
+    """--workers 1:3 on the local Ray: it starts with the first worker up, takes in the others
+    as they come (how soon is timing), and ends with the fixed-K bits."""
     summary = train(train_config(tmp_path, workers="1:3", **RUN))
-    lines = steps_of(Path(summary["out"]))
+    counts = [line["workers"] for line in steps_of(Path(summary["out"]))]
     assert summary["weights_sha256"] == fixed
-    assert summary["workers"] == "1:3" and lines[-1]["workers"] == 3
-    assert all(1 <= line["workers"] <= 3 for line in lines)
+    # The session's Ray is not the run's own: a node could join it, so not shared memory.
+    assert summary["workers"] == "1:3" and summary["transport"] == "object-store"
+    assert all(1 <= c <= 3 for c in counts) and counts == sorted(counts)  # nothing lost here: it only grows
     assert all(r["to"] > r["from"] for r in summary["resizes"])
+    assert len(summary["worker_nodes"]) >= max(counts)
 
 
 def test_fixed_k_logs_k_workers_per_step_and_no_resize(ray_session, tmp_path):
