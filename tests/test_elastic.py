@@ -130,6 +130,11 @@ def test_cli_and_toml_take_a_range(tmp_path):
     assert cfg.load_toml(str(path)) == {"workers": "1:3"}
     path.write_text("workers = 4\n")
     assert cfg.load_toml(str(path)) == {"workers": 4}
+    from distbp.api import _config  # distbp.fit's keywords
+
+    assert _config({"workers": "1:3"}).workers == "1:3" and _config({"workers": 3}).workers == 3
+    with pytest.raises(UsageError, match="workers must be int"):  # a K is a number; only a range is text
+        _config({"workers": "3"})
 
 
 def test_a_range_on_one_machine_gives_the_fixed_k_bits(fixed, tmp_path):
