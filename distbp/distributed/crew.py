@@ -45,7 +45,7 @@ from .workers import TooFewWorkers, WorkerPool
 
 LATE_FACTOR = 3.0  # a share is late after 3x the time the quickest share took per micro-batch...
 LATE_MIN_S = 0.1  # ...plus 0.1 s, so that ordinary scheduling jitter does not trigger backups
-START_TIMEOUT_S = 300.0  # a step waits this long for some worker to become available (--elastic-timeout)
+START_TIMEOUT_S = 300.0  # a step waits this long for some worker to become available (the loop: --elastic-timeout)
 
 
 class Status(Enum):
@@ -164,7 +164,6 @@ class Crew:
             timeout = None if wake is None else max(0.0, wake - time.monotonic())
             ready, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
             if not ready and not self.running:
-                self._abandon()
                 raise TooFewWorkers(f"no worker was left for step {step} and none started within "
                                     f"{self.wait_s:g} s (--elastic-timeout)")
             for ref in ready:

@@ -2,13 +2,15 @@
 
 1. Load and check the data and the options (nothing is written before they pass).
 2. Start or join Ray, place the actors: S parameter servers, each owning a range of the
-   weights, and K workers (``Session``).
+   weights, and K workers, or MIN to MAX of them as the cluster allows (``Session``,
+   docs/elastic.md).
 3. Each step (counted from 1): the sampler picks the global batch (independent of K), it is
    cut into micro-batches, the workers backpropagate contiguous shares of them, the servers
    add their tree nodes into the batch gradient and update.  Object references flow from the
    servers to the workers and back without the driver touching the weights.  A dead or late
    worker's share is redone by the others, a lost server restarts from the latest checkpoint
-   (crew.py, servers.py); the bits do not change.
+   (crew.py, servers.py), workers that join take a share from the next step; the bits do not
+   change.  Below MIN workers for --elastic-timeout: checkpoint and stop, to go on with --resume.
 4. Every epoch (and every --checkpoint-every steps): evaluate, checkpoint.  Ctrl-C or
    SIGTERM: checkpoint and stop, to go on with --resume.  At the end: summary.json.
 """
