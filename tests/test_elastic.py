@@ -76,7 +76,7 @@ def test_a_node_killed_mid_run_leaves_fewer_workers_and_the_same_bits(fixed, tmp
     result = scenario("shrink", tmp_path / "run")
     counts = result["workers_per_step"]
     assert max(counts[:4]) == 3  # three worker nodes, waited for after step 1
-    assert counts[-1] == 2 and all(c == 2 for c in counts[counts.index(3) + 1:][-STEPS // 2:])
+    assert all(c == 2 for c in counts[-STEPS // 2:])  # one node killed after step 3: two from then on
     losses = [r for r in result["summary"]["resizes"] if r["to"] < r["from"]]
     assert len(losses) == 1 and (losses[0]["from"], losses[0]["to"]) == (3, 2) and "lost" in losses[0]["why"]
     assert losses[0]["step"] > 3
