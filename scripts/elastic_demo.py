@@ -104,10 +104,12 @@ class LocalCluster:
             time.sleep(0.1)
 
     def shutdown(self) -> None:
-        ray.shutdown()  # the runs' driver connection (distbp leaves a Ray it did not start connected)
-        with _no_address_file():
-            self.cluster.shutdown()
-        shutil.rmtree(self.temp, ignore_errors=True)
+        try:
+            ray.shutdown()  # the runs' driver connection (distbp leaves a Ray it did not start connected)
+            with _no_address_file():
+                self.cluster.shutdown()
+        finally:
+            shutil.rmtree(self.temp, ignore_errors=True)
 
 
 class _no_address_file:

@@ -188,8 +188,9 @@ class Crew:
         """Step ``step``'s boundary: workers that came up join; with fewer than ``minimum`` live,
         wait for more, and past ``wait_s`` raise TooFewWorkers (nothing of the step was sent)."""
         if not self.pool.wait_started(self.minimum, self.wait_s):
-            raise TooFewWorkers(f"{len(self.pool.live())} live workers, fewer than the {self.minimum} --workers "
-                                f"asks for, after waiting {self.wait_s:g} s (--elastic-timeout)")
+            live = len(self.pool.live())
+            raise TooFewWorkers(f"{live} live worker{'s' if live != 1 else ''}, fewer than the {self.minimum} "
+                                f"--workers asks for, after waiting {self.wait_s:g} s (--elastic-timeout)")
         resize = self.pool.resize(step)
         if resize is not None:
             self.resizes.append(resize)
