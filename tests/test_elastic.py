@@ -30,9 +30,22 @@ RUN = dict(layers="2,16,16,3", batch_size=60, micro_batch=8, optimizer="adam", s
 
 
 @pytest.fixture(scope="module")
-def fixed(ray_session, tmp_path_factory):
-    """weights_sha256 of the same run with a fixed K = 2."""
-    return train(train_config(tmp_path_factory.mktemp("fixed"), workers=2, **RUN))["weights_sha256"]
+def reference(ray_session, tmp_path_factory):
+    """The same run with a fixed K = 2: its weights_sha256 and each step's summed-gradient hash."""
+    summary = train(train_config(tmp_path_factory.mktemp("fixed"), workers=2, **RUN))
+    return summary["weights_sha256"], [line["grad_sha256"] for line in steps_of(Path(summary["out"]))]
+
+
+@pytest.fixture(scope="module")
+def fixed(reference):
+    return reference[0]
+
+
+def assert_fixed_k_steps(out: Path, reference) -> None:
+    """Steps 1..STEPS once each, every one the same summed gradient as the fixed-K run's."""
+    lines = steps_of(out)
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    assert [line["grad_sha256"] for line in lines] == reference[1]
 
 
 def scenario(name: str, out: Path) -> dict:
@@ -57,7 +70,7 @@ def steps_of(out: Path) -> list[dict]:
 
 
 @pytest.mark.cluster
-def test_nodes_joining_mid_run_add_workers_and_keep_the_bits(fixed, tmp_path):
+def test_nodes_joining_mid_run_add_workers_and_keep_the_bits(fixed, reference, tmp_path):
     result = scenario("grow", tmp_path / "run")
     counts = result["workers_per_step"]
     assert counts[:3] == [1, 1, 1]  # one worker node: one worker
@@ -66,13 +79,13 @@ def test_nodes_joining_mid_run_add_workers_and_keep_the_bits(fixed, tmp_path):
     resizes = result["summary"]["resizes"]
     assert [(r["from"], r["to"]) for r in resizes] in ([(1, 3)], [(1, 2), (2, 3)]), resizes
     assert all(r["step"] > 3 and "started" in r["why"] for r in resizes)
-    assert [line["step"] for line in steps_of(tmp_path / "run")] == list(range(1, STEPS + 1))  # no step lost or redone
+    assert_fixed_k_steps(tmp_path / "run", reference)  # no step lost or redone, each the same sum
     assert result["summary"]["transport"] == "object-store"  # workers on several nodes
     assert result["summary"]["weights_sha256"] == fixed
 
 
 @pytest.mark.cluster
-def test_a_node_killed_mid_run_leaves_fewer_workers_and_the_same_bits(fixed, tmp_path):
+def test_a_node_killed_mid_run_leaves_fewer_workers_and_the_same_bits(fixed, reference, tmp_path):
     result = scenario("shrink", tmp_path / "run")
     counts = result["workers_per_step"]
     assert max(counts[:4]) == 3  # three worker nodes, waited for after step 1
@@ -80,12 +93,12 @@ def test_a_node_killed_mid_run_leaves_fewer_workers_and_the_same_bits(fixed, tmp
     losses = [r for r in result["summary"]["resizes"] if r["to"] < r["from"]]
     assert len(losses) == 1 and (losses[0]["from"], losses[0]["to"]) == (3, 2) and "lost" in losses[0]["why"]
     assert losses[0]["step"] > 3
-    assert [line["step"] for line in steps_of(tmp_path / "run")] == list(range(1, STEPS + 1))
+    assert_fixed_k_steps(tmp_path / "run", reference)
     assert result["summary"]["weights_sha256"] == fixed
 
 
 @pytest.mark.cluster
-def test_below_min_the_run_waits_stops_with_a_checkpoint_and_resumes_to_the_same_bits(fixed, tmp_path):
+def test_below_min_the_run_waits_stops_with_a_checkpoint_and_resumes_to_the_same_bits(fixed, reference, tmp_path):
     out = tmp_path / "run"
     result = scenario("below-min", out)
     stopped = result["stopped"]  # the one line the CLI prints after "distbp: error: "
@@ -97,7 +110,7 @@ def test_below_min_the_run_waits_stops_with_a_checkpoint_and_resumes_to_the_same
     resumed = result["resumed"]  # `distbp train --resume` once a node joined again
     assert resumed["returncode"] == 0, resumed["stderr_tail"]
     assert resumed["weights_sha256"] == fixed
-    assert [line["step"] for line in steps_of(out)] == list(range(1, STEPS + 1))
+    assert_fixed_k_steps(out, reference)
 
 
 # ------------------------------------------------------------------ one machine, no cluster
