@@ -137,7 +137,7 @@ def _check_types(config: Config) -> None:
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, f.name, float(value))
-        elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        elif not cfg.takes(f.name, kind, value):
             raise UsageError(f"{f.name} must be {kind.__name__}, got {value!r}")
 
 

@@ -35,7 +35,8 @@ class Config:
                              metavar="D0,...,DL")
     activation: str = opt("tanh", "hidden-layer activation theta", choices=tuple(ACTIVATIONS))
     loss: str = opt("cross-entropy", "error measure e", choices=LOSSES)
-    workers: int = opt(2, "number of worker actors K", metavar="K")
+    workers: int | str = opt(2, "worker actors: K, or MIN:MAX to start with MIN and grow and shrink with the "
+                                "cluster, to the same bits (docs/elastic.md)", metavar="K|MIN:MAX")
     batch_size: int = opt(256, "global mini-batch size B (split over the workers)", metavar="B")
     micro_batch: int = opt(128, "fixed micro-batch size M: the unit of work, whatever K is", metavar="M")
     steps: int | None = opt(None, "number of optimizer steps (overrides --epochs)", metavar="N")
@@ -82,6 +83,8 @@ class Config:
     mode: str = opt("sync", "sync: exact, the same bits for any K and S; async (push when done, pull the latest "
                             "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",
                     choices=("sync", "async", "ssp"))
+    elastic_timeout: float = opt(300.0, "with fewer workers than the MIN of --workers MIN:MAX, wait this long for "
+                                        "more, then checkpoint and stop", metavar="SECONDS")
     staleness: int | None = opt(None, "with --mode ssp: how many steps a worker may run ahead of the slowest, "
                                       "as in Ho et al. 2013 (default: 2)", metavar="s")
     report_to: str | None = opt(None, "also send each step's metrics and each evaluation to: tensorboard "
@@ -92,7 +95,10 @@ class Config:
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad option; checks that need the data come later."""
-        for name in ("workers", "batch_size", "micro_batch"):
+        self.workers = canonical_workers(self.workers)
+        if not (self.elastic_timeout >= 0 and math.isfinite(self.elastic_timeout)):
+            raise UsageError(f"--elastic-timeout must be a finite number of seconds >= 0, got {self.elastic_timeout}")
+        for name in ("batch_size", "micro_batch"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
@@ -121,7 +127,7 @@ class Config:
             if getattr(self, name) < 0:
                 raise UsageError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
         self._check_optimizer()
-        faults.parse(self.fault_injection, self.workers)
+        faults.parse(self.fault_injection, self.max_workers)
         self._check_modes()
         self.reporters()
         if self.base_batch is not None and self.base_batch < 1:
@@ -167,6 +173,9 @@ class Config:
                              f"with --mode {self.mode}")
         if self.mode == "sync":
             return
+        if self.min_workers < self.max_workers:
+            raise UsageError(f"--workers {self.workers}: a range works only with --mode sync (--mode {self.mode} "
+                             "keeps its K workers)")
         for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0),
                               ("keep_checkpoints", 0), ("eval_every", 0), ("report_to", None), ("timeline", False)):
             if getattr(self, name) != default:
@@ -183,6 +192,16 @@ class Config:
                 raise UsageError(f"--report-to: unknown value {name!r}; choose from {', '.join(REPORTERS)}")
             need_extra(REPORTERS[name], name, f"--report-to {name}")
         return names
+
+    @property
+    def min_workers(self) -> int:
+        """MIN of --workers MIN:MAX (K for a plain K): fewer, and the run waits, then stops."""
+        return worker_range(self.workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        """MAX of --workers MIN:MAX (K for a plain K): worker slots, filled as the cluster has CPUs."""
+        return worker_range(self.workers)[1]
 
     def layer_sizes(self) -> tuple[int, ...] | None:
         if self.layers is None:
@@ -209,6 +228,26 @@ def need_extra(module: str, extra: str, what: str) -> None:
         raise UsageError(f"{what} needs {module}: pip install -e \".[{extra}]\"")
 
 
+def worker_range(value: int | str) -> tuple[int, int]:
+    """``--workers`` as (MIN, MAX): ``K`` (an int or its text) is ``(K, K)``; UsageError if malformed."""
+    text = str(value).strip() if not isinstance(value, bool) else "?"
+    parts = text.split(":")
+    if len(parts) > 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
+        raise UsageError(f"--workers must be K or MIN:MAX (whole numbers), got {value!r}")
+    lo, hi = int(parts[0]), int(parts[-1])
+    if lo < 1:
+        raise UsageError(f"--workers must be at least 1, got {value}")
+    if hi < lo:
+        raise UsageError(f"--workers {value}: MAX must be at least MIN")
+    return lo, hi
+
+
+def canonical_workers(value: int | str) -> int | str:
+    """``K`` and ``K:K`` as the int K; a true range as the text ``MIN:MAX``."""
+    lo, hi = worker_range(value)
+    return lo if lo == hi else f"{lo}:{hi}"
+
+
 def flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -221,6 +260,21 @@ def option_type(f) -> type:
     if f.name in ("adam_eps", "clip_norm"):
         return float
     return type(default) if default is not None else str
+
+
+def takes(name: str, kind: type, value) -> bool:
+    """Whether ``value`` fits option ``name`` of type ``kind``: ``workers`` is an int K, or the text "MIN:MAX"."""
+    if isinstance(value, bool):  # an int, to isinstance: only a switch takes True or False
+        return kind is bool
+    return isinstance(value, kind) or (name == "workers" and isinstance(value, str) and ":" in value)
+
+
+def workers_flag(text: str) -> int | str:
+    """``--workers`` on the command line: K as an int, MIN:MAX as text (checked by ``validate``)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def help_text(f) -> str:
@@ -242,6 +296,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS,
                                 help=help_text(f))
             continue
+        kind = workers_flag if f.name == "workers" else kind
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
                             help=help_text(f))
@@ -273,7 +328,7 @@ def load_toml(path: str) -> dict:
             value = float(value)
         if kind is str and name in ("layers", "lr_step_epochs", "adam_betas", "report_to") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        if not takes(name, kind, value):
             raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
         values[name] = value
     return values
@@ -313,7 +368,7 @@ def for_resume(stored: dict, options: dict, directory: str) -> Config:
         kind = option_type(known[name])
         if kind is float and isinstance(value, int):
             value = stored[name] = float(value)
-        if not (value is None or isinstance(value, kind)) or (isinstance(value, bool) and kind is not bool):
+        if not (value is None or takes(name, kind, value)):
             raise DataError(f"{directory}/checkpoint.npz: corrupt config ({name} = {value!r})")
     values = {f.name: f.default for f in fields(Config)} | stored
     try:  # the stored options alone: a bad one is a damaged file, not a bad flag (a reporter whose

@@ -64,7 +64,7 @@ def prepare(config: Config, data: datasets.Dataset | None = None) -> Problem:
     if config.steps is None and not math.isfinite(steps):
         raise UsageError(f"--epochs {config.epochs} is more steps than can be counted; give fewer")
     total = config.steps or max(1, math.ceil(steps))
-    faults.check_steps(faults.parse(config.fault_injection, config.workers), total)
+    faults.check_steps(faults.parse(config.fault_injection, config.max_workers), total)
     _check_memory(config, data, layers)
     dtype = np.dtype(config.dtype)
     with np.errstate(over="ignore"):
@@ -111,7 +111,7 @@ def memory_needed(config: Config, data: datasets.Dataset, layers: tuple[int, ...
     worker = 2 * vector + min(config.micro_batch, config.batch_size) * per_row
     servers = 2 * vector
     local = (config.address or os.environ.get("RAY_ADDRESS") or None) in (None, "local")
-    return driver + (config.workers * worker + servers if local else max(worker, servers))
+    return driver + (config.max_workers * worker + servers if local else max(worker, servers))
 
 
 def _check_memory(config: Config, data: datasets.Dataset, layers: tuple[int, ...]) -> None:
@@ -121,7 +121,7 @@ def _check_memory(config: Config, data: datasets.Dataset, layers: tuple[int, ...
     if config.layers is None:
         what += (f" (the default for {data.name}: its labels go up to {data.n_classes - 1}, so {data.n_classes} "
                  "outputs)" if data.n_classes else f" (the default for {data.name})")
-    actors = f"{config.workers} worker{'s' if config.workers != 1 else ''} and {config.servers} " \
+    actors = f"{config.max_workers} worker{'s' if config.max_workers != 1 else ''} and {config.servers} " \
              f"server{'s' if config.servers != 1 else ''}"
     datasets.check_memory(memory_needed(config, data, layers),
                           f"{what}: {size} weights in {config.dtype} with {actors}", UsageError)

@@ -11,6 +11,10 @@ The crew uses that freedom three ways:
   the step, or of the last step, took per micro-batch, plus ``LATE_MIN_S``): the idle workers
   redo its share as a backup, the first complete copy is used, and the late worker sits out
   until its task ends;
+- workers come and go (``--workers MIN:MAX``): each step is shared out over the workers live
+  at its start, and any that come up during it take part as soon as they do; below MIN live
+  workers a step waits for more (``--elastic-timeout``), then ``TooFewWorkers`` ends the run
+  at that step boundary, to be resumed (docs/elastic.md);
 - the server dies, or a step's inputs are lost: ``ServerFailed``.  The loop then calls
   ``Servers.recover``, which asks live servers how many steps they hold, or starts new ones
   from the latest checkpoint (servers.py).
@@ -37,11 +41,11 @@ from ..faults import Action, Fault
 from ..lecture import cuts, tree
 from ..step.server import NonFiniteGradient
 from .servers import ServerFailed, Servers
-from .workers import WorkerPool
+from .workers import TooFewWorkers, WorkerPool
 
 LATE_FACTOR = 3.0  # a share is late after 3x the time the quickest share took per micro-batch...
 LATE_MIN_S = 0.1  # ...plus 0.1 s, so that ordinary scheduling jitter does not trigger backups
-START_TIMEOUT_S = 300.0  # a step waits this long for some worker to become available
+START_TIMEOUT_S = 300.0  # a step waits this long for some worker to become available (the loop: --elastic-timeout)
 
 
 class Status(Enum):
@@ -116,13 +120,19 @@ class Computed:
     values: list[list[ray.ObjectRef]]  # per task, its node values: one object per server range
     losses: list[float]  # summed error of each micro-batch, in order
     seconds: float  # the longest compute time of the tasks used
+    workers: int  # how many workers computed the tasks used
 
 
 class Crew:
     """Shares out each step's micro-batches over the worker pool, with backups and redos."""
 
-    def __init__(self, pool: WorkerPool, servers: Servers, micro_batch: int, faults: list[Fault] = ()):
+    def __init__(self, pool: WorkerPool, servers: Servers, micro_batch: int, faults: list[Fault] = (),
+                 minimum: int = 1, wait_s: float = START_TIMEOUT_S):
+        """``minimum``: a step starts only with that many live workers, waiting up to ``wait_s``
+        for them (``--workers MIN:MAX``, ``--elastic-timeout``)."""
         self.pool, self.servers, self.micro_batch = pool, servers, micro_batch
+        self.minimum, self.wait_s = minimum, wait_s
+        self.resizes: list[dict] = []  # summary.json's: {"step", "from", "to", "why"}
         self.faults = list(faults)  # each strikes once, even if its step is redone after a recovery
         self.running: dict[int, Task] = {}  # worker -> its task in flight (one at a time)
         self.stats: Counter = Counter()  # backups, micro_batches_redone
@@ -138,6 +148,7 @@ class Crew:
         """
         n = -(-len(batch) // self.micro_batch)
         self.step = step
+        self._gather(step)
         self.stalled = self._arm(step)
         root = Piece(range(n))
         pace: float | None = None  # seconds per micro-batch of the quickest share of this step
@@ -149,11 +160,12 @@ class Crew:
             if not waiting:
                 raise RunFailed(f"no worker is left to compute step {step}")
             if not self.running:  # only new actors to wait for: they may never fit on the cluster
-                wake = time.monotonic() + START_TIMEOUT_S
+                wake = time.monotonic() + self.wait_s
             timeout = None if wake is None else max(0.0, wake - time.monotonic())
             ready, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
             if not ready and not self.running:
-                raise RunFailed(f"no worker could be started for step {step} within {START_TIMEOUT_S:.0f} s")
+                raise TooFewWorkers(f"no worker was left for step {step} and none started within "
+                                    f"{self.wait_s:g} s (--elastic-timeout)")
             for ref in ready:
                 job = waiting[ref]
                 if isinstance(job, Task):
@@ -170,7 +182,18 @@ class Crew:
         tasks = root.tasks()
         return Computed(n, [task.nodes for task in tasks], [task.values for task in tasks],
                         [float(v) for task in tasks for v in task.result[0]],
-                        max(task.result[1] for task in tasks))
+                        max(task.result[1] for task in tasks), len({task.worker for task in tasks}))
+
+    def _gather(self, step: int) -> None:
+        """Step ``step``'s boundary: workers that came up join; with fewer than ``minimum`` live,
+        wait for more, and past ``wait_s`` raise TooFewWorkers (nothing of the step was sent)."""
+        if not self.pool.wait_started(self.minimum, self.wait_s):
+            live = len(self.pool.live())
+            raise TooFewWorkers(f"{live} live worker{'s' if live != 1 else ''}, fewer than the {self.minimum} "
+                                f"--workers asks for, after waiting {self.wait_s:g} s (--elastic-timeout)")
+        resize = self.pool.resize(step)
+        if resize is not None:
+            self.resizes.append(resize)
 
     def _plan(self, root: Piece, batch, weights, pace: float | None) -> float | None:
         """Give idle workers the pieces that need them; return when the next share turns late."""

@@ -1,8 +1,8 @@
 """Connecting to Ray and placing the actors: the only place that knows about clusters.
 
 Locally we start Ray bound to 127.0.0.1 with no dashboard.  On a cluster (``--address
-auto`` or ``RAY_ADDRESS``) the workers go into a placement group with the SPREAD strategy,
-so K workers land on as many nodes as the cluster offers.
+auto`` or ``RAY_ADDRESS``) the servers go into a placement group with the SPREAD strategy
+(``place``); the workers are placed one by one with the same strategy (session.py).
 
 A local Ray we start is ours to end, however the driver ends.  Its GCS and raylet die with the
 driver (Ray starts them with a parent-death signal), but the raylet's two agents
@@ -133,7 +133,9 @@ def connect(address: str | None, cpus_wanted: int) -> bool:
         probe(address, given)
     quiet = dict(logging_level=logging.ERROR, log_to_driver=True, configure_logging=True)
     if address in (None, "local"):
-        _init(num_cpus=max(os.cpu_count() or 1, cpus_wanted), include_dashboard=False,
+        # address="local": a new Ray even when a cluster on this machine left its address in
+        # Ray's temp dir (ray.init() with no address would join that one instead)
+        _init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_wanted), include_dashboard=False,
               _node_ip_address="127.0.0.1", local=True, **quiet)
         return True
     try:
@@ -314,8 +316,9 @@ def probe(address: str, given: str | None = None) -> None:
         raise UsageError(f"{given}: {target} does not answer as a Ray cluster ({code.name})") from None
 
 
-def place(bundles: int):
-    """A placement group of ``bundles`` one-CPU bundles spread over the nodes, once it is ready.
+def place(bundles: int, what: str = "workers"):
+    """A placement group of ``bundles`` one-CPU bundles spread over the nodes, once it is ready;
+    ``what`` names the option to lower if it cannot be placed.
 
     Ray's SPREAD gives the first bundles distinct nodes as long as there are unused nodes with
     a free CPU, then fills the least loaded ones: put the actors to spread most first.
@@ -326,7 +329,7 @@ def place(bundles: int):
         remove_placement_group(pg)
         total = ray.cluster_resources().get("CPU", 0)
         raise UsageError(f"the Ray cluster cannot place {bundles} one-CPU actors within "
-                         f"{PLACEMENT_TIMEOUT_S} s (it has {total:g} CPUs); use fewer --workers")
+                         f"{PLACEMENT_TIMEOUT_S} s (it has {total:g} CPUs); use fewer --{what}")
     return pg
 
 

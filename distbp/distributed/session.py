@@ -1,22 +1,24 @@
 """The Ray side of one run, set up and torn down in one place.
 
-``Session`` connects to Ray (or starts a private local one), places one placement group of
-K worker and S server bundles, picks the transport of the step's vectors (shared memory
-when every bundle and the driver share one node, else the object store), puts the training
-data in the object store once, and starts the actors.  Closing it removes exactly what it
-made: the placement group, the shared files, and Ray itself if it started it.  The sync
-loop, the async loop and scripts/bench.py all run on it.
+``Session`` connects to Ray (or starts a private local one), places the S servers in a
+placement group of their own (a fixed placement: a lost server restarts in its bundle),
+picks the transport of the step's vectors, puts the training data in the object store once,
+and starts the actors.  Workers are not in that group: each is placed on its own, so that
+workers can come and go with the cluster's nodes (workers.py, docs/elastic.md).  Closing it
+removes exactly what it made: the actors, the placement group, the shared files, and Ray
+itself if it started it.  The sync loop, the async loop and scripts/bench.py all run on it.
 
-Workers take bundles 0..K-1 and the servers K..K+S-1: SPREAD gives the first bundles distinct
-nodes, so K workers land on min(K, nodes) nodes (servers first could leave two workers on
-one node of a 2-node cluster: 6 of 15 placement groups, measured).
+The transport: shared memory when the driver's node is the cluster's only node and no other
+can bring workers (a fixed K, or a private local Ray), with every worker pinned to that
+node; else the object store, which works whichever nodes the workers land on.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import ray
-from ray.util.placement_group import placement_group_table, remove_placement_group
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config import Config
 from ..data.problem import Problem
@@ -26,28 +28,29 @@ from ..lecture.optim import Hyper
 from ..run import signals
 from . import shm
 from .actors import ParameterServer, Worker
-from .runtime import connect, disconnect, in_bundle, place
+from .runtime import PLACEMENT_TIMEOUT_S, connect, disconnect, in_bundle, place
 from .servers import Servers
 from .transport import ObjectStore, SharedMemory, Transport
 from .workers import WorkerPool
 
 
 class Session:
-    """Ray connected, the actors' bundles placed, the data in the object store: ``spawn_*`` start actors."""
+    """Ray connected, the servers' bundles placed, the data in the object store: ``start_*`` start actors."""
 
     def __init__(self, config: Config, problem: Problem, servers: int, shared_memory: bool = True):
         """``shared_memory=False`` keeps the vectors in the object store even on one node (the
         async loop: its workers read whatever weights the server holds, mid-update or not)."""
         self.config, self.problem = config, problem
         self.layers, self.dtype = problem.layers, np.dtype(config.dtype)
-        self.workers, self.servers = config.workers, servers
-        self.started_ray, self.pg, self.transport = False, None, None
+        self.minimum, self.slots, self.servers = config.min_workers, config.max_workers, servers
+        self.started_ray, self.pg, self.transport, self.pool = False, None, None, None
+        self.workers_on: str | None = None  # the node every worker is pinned to (shared memory)
         try:
             users_ray = ray.is_initialized()  # started in this process by the caller (distbp.fit)
-            self.started_ray = connect(config.address, cpus_wanted=self.workers + servers)
+            self.started_ray = connect(config.address, cpus_wanted=self.slots + servers)
             if users_ray:
                 self._check_fits()
-            self.pg = place(self.workers + servers)
+            self.pg = place(servers, "servers")
             self.transport = self._transport(shared_memory)
             self.transport_name = self.transport.name  # for the summary, after close
             self.X, self.Y = ray.put(problem.X), ray.put(problem.Y)
@@ -59,16 +62,20 @@ class Session:
         """UsageError at once, instead of waiting for a placement that cannot happen, when the
         Ray this process already runs has fewer CPUs than the run has actors."""
         cpus = ray.cluster_resources().get("CPU", 0)
-        if cpus < self.workers + self.servers:
+        if cpus < self.minimum + self.servers:
             raise UsageError(f"the Ray running in this process has {cpus:g} CPUs but the run needs "
-                             f"{self.workers + self.servers} one-CPU actors ({self.workers} workers + "
+                             f"{self.minimum + self.servers} one-CPU actors ({self.minimum} workers + "
                              f"{self.servers} servers): use fewer workers, or ray.init(num_cpus=...) with more")
 
     def _transport(self, shared_memory: bool) -> Transport:
         size = Layout(self.layers).size
         here = ray.get_runtime_context().get_node_id()
-        nodes = set(placement_group_table(self.pg)["bundles_to_node_id"].values())
-        if shared_memory and nodes == {here} and shm.available():
+        nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        # An elastic run on a cluster may get workers on nodes that join later: shared files
+        # on this node would not reach them.
+        fixed = self.minimum == self.slots or self.started_ray
+        if shared_memory and fixed and nodes == {here} and shm.available():
+            self.workers_on = here
             return SharedMemory(size, self.dtype, self.servers)
         return ObjectStore(size, self.dtype, self.servers)
 
@@ -84,21 +91,34 @@ class Session:
         hyper = Hyper.of(config)
         mask = ray.put(Layout(self.layers).bias_mask(self.dtype))
         start = ray.put(weights)  # once, however many servers read it
-        return Servers(lambda s: ParameterServer.options(**in_bundle(self.pg, self.workers + s)).remote(
-            s, start, hyper, mask, self.transport), self.transport.bounds, hyper.clip_norm is not None)
+        return Servers(lambda s: ParameterServer.options(**in_bundle(self.pg, s)).remote(
+            s, start, hyper, mask, self.transport), self.transport.bounds,
+            hyper.clip_norm is not None)
 
     def start_workers(self) -> WorkerPool:
-        """The K worker actors, each in its bundle, replaced there when one dies."""
+        """MAX worker actors (``--workers MIN:MAX``), each placed on its own, once MIN are up;
+        replaced when one dies, started whenever the cluster has a CPU for one."""
         config = self.config
-        return WorkerPool(lambda k: Worker.options(**in_bundle(self.pg, k)).remote(
+        where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(self.workers_on, soft=False)
+                 if self.workers_on else "SPREAD"}
+        self.pool = WorkerPool(lambda k: Worker.options(**where).remote(
             self.layers, config.activation, config.loss, self.dtype, self.X, self.Y, config.micro_batch,
-            self.transport), self.workers)
+            self.transport), self.slots)
+        if not self.pool.wait_started(self.minimum, PLACEMENT_TIMEOUT_S):
+            total = ray.cluster_resources().get("CPU", 0)
+            raise UsageError(f"the Ray cluster cannot place {self.minimum} one-CPU worker actors within "
+                             f"{PLACEMENT_TIMEOUT_S} s (it has {total:g} CPUs, {self.servers} for the servers); "
+                             "use fewer --workers")
+        return self.pool
 
     def close(self) -> None:
         """Remove what the session made; safe to call twice.  A stop signal waits for the end
         of it (signals.shielded): cut in the middle, it would leave Ray or the shared files."""
         with signals.shielded():
             try:
+                if self.pool is not None:
+                    pool, self.pool = self.pool, None
+                    pool.close()
                 if self.pg is not None:
                     pg, self.pg = self.pg, None
                     remove_placement_group(pg)

@@ -37,6 +37,7 @@ class Sent:
     seconds: float  # the slowest worker task's compute time
     report: list  # refs of the servers' reports
     weights: list  # refs of the step's new weights: fetching them raises why the step failed
+    workers: int  # how many workers computed it (--workers MIN:MAX: it changes as the run resizes)
 
 
 class StepLog:
@@ -105,7 +106,8 @@ class StepLog:
         self.written = sent.step
         self.seen += sent.batch_size
         record = {"step": sent.step, "epoch": self.problem.sampler.epoch_of(sent.step), "loss": sent.loss,
-                  "lr": self.lr_at(sent.step), "time": round(self.elapsed() + self.offset, 6),
+                  "lr": self.lr_at(sent.step), "workers": sent.workers,
+                  "time": round(self.elapsed() + self.offset, 6),
                   "grad_sha256": report["grad_sha256"], "worker_compute": sent.seconds,
                   "server_sum": report["server_sum"], "update": report["update"],
                   "server_bytes_in": report["bytes_in"]}
@@ -158,9 +160,9 @@ class StepLog:
         import ray
         from ray.exceptions import RayActorError
 
-        for k, actor in enumerate(self.workers.actors):
+        for k in self.workers.live():  # a slot still waiting for a CPU (--workers MIN:MAX) has none
             try:
-                self.timeline.worker(k, ray.get(actor.spans.remote()))
+                self.timeline.worker(k, ray.get(self.workers.actors[k].spans.remote()))
             except RayActorError:
                 pass
 

@@ -2,13 +2,15 @@
 
 1. Load and check the data and the options (nothing is written before they pass).
 2. Start or join Ray, place the actors: S parameter servers, each owning a range of the
-   weights, and K workers (``Session``).
+   weights, and K workers, or MIN to MAX of them as the cluster allows (``Session``,
+   docs/elastic.md).
 3. Each step (counted from 1): the sampler picks the global batch (independent of K), it is
    cut into micro-batches, the workers backpropagate contiguous shares of them, the servers
    add their tree nodes into the batch gradient and update.  Object references flow from the
    servers to the workers and back without the driver touching the weights.  A dead or late
    worker's share is redone by the others, a lost server restarts from the latest checkpoint
-   (crew.py, servers.py); the bits do not change.
+   (crew.py, servers.py), workers that join take a share from the next step; the bits do not
+   change.  Below MIN workers for --elastic-timeout: checkpoint and stop, to go on with --resume.
 4. Every epoch: evaluate, checkpoint (also every --eval-every and --checkpoint-every steps).
    Ctrl-C or SIGTERM: checkpoint and stop, to go on with --resume.  At the end: summary.json.
 """
@@ -72,6 +74,7 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
     from ..distributed.crew import Crew
     from ..distributed.servers import ServerFailed
     from ..distributed.session import Session
+    from ..distributed.workers import TooFewWorkers
 
     # Where the run starts: what a server lost before the first checkpoint is restarted from.
     initial = resumed or {"weights": net.flat.copy(), "step": 0,
@@ -83,9 +86,9 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
         if resumed:
             servers.restore(*files.latest(initial))
         server_nodes = servers.node_ids()
-        pool = session.start_workers()
-        pool.wait_started()  # every worker up before the clock starts
-        crew = Crew(pool, servers, config.micro_batch, faults.parse(config.fault_injection, config.workers))
+        pool = session.start_workers()  # once --workers MIN are up, before the clock starts
+        crew = Crew(pool, servers, config.micro_batch, faults.parse(config.fault_injection, config.max_workers),
+                    minimum=config.min_workers, wait_s=config.elastic_timeout)
         progress = Progress(total, initial=start)
         if resumed:
             progress.resuming(config.out, start, total)
@@ -93,6 +96,7 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
                       compare=not resumed or resumed["config"].get("servers", 1) == config.servers,
                       config=config, workers=pool)
         applied, weights = start, servers.weights()  # steps the servers hold, and their weights
+        few = None  # TooFewWorkers: the run stops at a step boundary, checkpointed
         with StopSignals() as stop:
             while applied < total and stop.signum is None and not log.stop_requested:
                 step = applied + 1
@@ -105,12 +109,15 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
                         raise Diverged(f"training diverged at step {step}: the loss is {loss}")
                     scale = len(batch) if config.reduction == "mean" else None
                     weights = servers.step(done.n, done.nodes, lr_at(step), step, scale, done.values)
-                    log.sent(Sent(step, len(batch), loss, done.seconds, servers.report(), weights))
+                    log.sent(Sent(step, len(batch), loss, done.seconds, servers.report(), weights, done.workers))
                     if sampler.ends_epoch(step) or step == total:
                         end_of_epoch(step, net, problem, servers, files, log, config)
                     else:
                         between_epochs(step, net, problem, servers, files, log, config)
                     applied = step
+                except TooFewWorkers as exc:  # nothing of the step was applied: stop after `applied`
+                    few = exc
+                    break
                 except ServerFailed:
                     # Live servers say how many steps they hold; lost ones restart from the
                     # latest checkpoint.  Either way the loop goes on from there: steps are
@@ -120,13 +127,26 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
                     log.forget_after(applied)
         if stop.signum is not None:
             _stopped(stop, applied, total, servers, files, log, config)
+        if few is not None:
+            _too_few(few, applied, servers, files, log, config)
         if log.stop_requested:  # a callback ended the run early: keep the weights it stopped at
             stopped_early(applied, net, servers, files, log, config)
         elapsed = log.elapsed()
         progress.close()
     return summary.sync(config, problem, files, net, log, elapsed, start, applied,
                         crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
-                        worker_nodes=pool.nodes(), server_nodes=server_nodes, transport=session.transport_name)
+                        worker_nodes=[node for node in pool.nodes() if node], server_nodes=server_nodes,
+                        transport=session.transport_name, resizes=crew.resizes)
+
+
+def _too_few(exc: Exception, step: int, servers, files: RunFiles, log: StepLog, config: Config) -> None:
+    """Too few workers after --elastic-timeout: checkpoint step ``step`` and raise one line saying how to go on."""
+    if step > files.saved_step:
+        save(step, servers.snapshot(), files, log, config)
+    log.progress.close()
+    kept = f"checkpoint {files.checkpoint} (step {files.saved_step}); continue with: distbp train --resume " \
+           f"{files.path}" if files.saved_step else "no step was done, nothing to resume"
+    raise type(exc)(f"stopped before step {step + 1}: {exc}; {kept}") from None
 
 
 def _check_resume(config: Config, problem: Problem, resumed: dict | None, data_id: str) -> int:

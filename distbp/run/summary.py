@@ -43,7 +43,8 @@ def results(net: Network, problem: Problem, last: dict) -> dict:
 
 
 def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, elapsed: float, start: int,
-         steps: int, crew_stats: dict, worker_nodes: list, server_nodes: list, transport: str) -> dict:
+         steps: int, crew_stats: dict, worker_nodes: list, server_nodes: list, transport: str,
+         resizes: list = ()) -> dict:
     """The summary of a sync run that went from step ``start`` to ``steps``; written to summary.json."""
     samples = problem.sampler.samples(start + 1, steps)
     out = {
@@ -53,6 +54,8 @@ def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, e
         "wall_time_s": elapsed,
         "weights_sha256": sha256_le(net.flat),
         "worker_nodes": worker_nodes,
+        # --workers MIN:MAX: each change of the live workers, {"step", "from", "to", "why"}
+        "resizes": list(resizes),
         "servers": config.servers,
         "server_nodes": server_nodes,
         "transport": transport,  # of the per-step vectors: shared-memory or object-store
@@ -60,7 +63,7 @@ def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, e
         "exact": True,  # the same weights, bit for bit, for any K and S (--mode async/ssp: false)
         "resumed_from_step": start if start else None,
         "stopped_early": steps if steps < problem.total_steps else None,  # by a callback (distbp.fit)
-        "faults": {"injected": [str(f) for f in faults.parse(config.fault_injection, config.workers)],
+        "faults": {"injected": [str(f) for f in faults.parse(config.fault_injection, config.max_workers)],
                    **{k: v for k, v in crew_stats.items() if v}, **log.redo},
         "out": files.path,
         "config": config.to_dict(),
@@ -90,6 +93,7 @@ def asynchronous(config: Config, problem: Problem, files: RunFiles, net: Network
         "wall_time_s": elapsed,
         "weights_sha256": sha256_le(net.flat),  # of this run's weights; not reproducible
         "worker_nodes": worker_nodes,
+        "resizes": [],  # --workers MIN:MAX is sync only
         "servers": 1,
         "server_nodes": server_nodes,
         "out": files.path,
@@ -120,6 +124,7 @@ def rebuilt(config: Config, problem: Problem, files: RunFiles, net: Network, sta
         "wall_time_s": wall,
         "weights_sha256": sha256_le(net.flat),
         "worker_nodes": [],
+        "resizes": [],
         "servers": config.servers,
         "server_nodes": [],
         "transport": None,
@@ -128,7 +133,7 @@ def rebuilt(config: Config, problem: Problem, files: RunFiles, net: Network, sta
         "resumed_from_step": steps,
         "stopped_early": None,
         "summary_rebuilt": True,  # from checkpoint.npz and metrics.jsonl after the run had ended
-        "faults": {"injected": [str(f) for f in faults.parse(config.fault_injection, config.workers)]},
+        "faults": {"injected": [str(f) for f in faults.parse(config.fault_injection, config.max_workers)]},
         "out": files.path,
         "config": config.to_dict(),
     }
