@@ -67,6 +67,10 @@ class Config:
                                       metavar="SPEC")
     servers: int = opt(1, "parameter-server actors S, each owning a contiguous range of the weights "
                           "(bitwise the same result for any S)", metavar="S")
+    transport: str = opt("auto", "how a step's vectors travel between the actors: auto (shared memory when "
+                                 "everything is on one Ray node, else socket), socket (authenticated "
+                                 "connections between the actors), object-store (Ray's); the same bits either way",
+                         choices=("auto", "shared-memory", "socket", "object-store"))
     mode: str = opt("sync", "sync: exact, the same bits for any K and S; async (push when done, pull the latest "
                             "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",
                     choices=("sync", "async", "ssp"))
@@ -129,7 +133,8 @@ class Config:
                              f"with --mode {self.mode}")
         if self.mode == "sync":
             return
-        for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0)):
+        for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0),
+                              ("transport", "auto")):
             if getattr(self, name) != default:
                 raise UsageError(f"--{flag(name)} works only with --mode sync (--mode {self.mode} has one "
                                  "server and no fault handling)")
@@ -232,7 +237,7 @@ def from_args(ns: argparse.Namespace) -> Config:
 # goes on (the sum is the same bits for any K and S).  Anything else would make the continued
 # run differ from the uninterrupted one.
 RESUMABLE = ("steps", "epochs", "workers", "servers", "address", "data_dir", "checkpoint_every",
-             "fault_injection")
+             "fault_injection", "transport")
 
 
 def for_resume(stored: dict, options: dict, directory: str) -> Config:

@@ -65,10 +65,11 @@ class Worker(_Actor):
         if self.fault is not None:
             action, seconds, self.fault = *self.fault, None
             strike(action, seconds)
-        values, parts = self.end.rows(step, len(nodes))
+        values = self.end.rows(step, len(nodes))
+        weights = self.end.weights(weights)
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver, by step
-            info = self.state.compute(self.end.weights(weights), batch, nodes, values)
-        return (*parts, info)
+            info = self.state.compute(weights, batch, nodes, values)
+        return (*self.end.send(values), info)
 
     def spans(self) -> list[tuple[float, float, float]]:
         """Wall-clock (start, end) and CPU seconds of the recent compute calls, oldest first (scripts/bench.py)."""

@@ -133,7 +133,9 @@ def connect(address: str | None, cpus_wanted: int) -> bool:
         probe(address, given)
     quiet = dict(logging_level=logging.ERROR, log_to_driver=True, configure_logging=True)
     if address in (None, "local"):
-        _init(num_cpus=max(os.cpu_count() or 1, cpus_wanted), include_dashboard=False,
+        # address="local": a new Ray, never the latest `ray start` cluster of this machine, which
+        # ray.init() without an address joins (it reads /tmp/ray/ray_current_cluster).
+        _init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_wanted), include_dashboard=False,
               _node_ip_address="127.0.0.1", local=True, **quiet)
         return True
     try:

@@ -2,7 +2,7 @@
 
 ``Session`` connects to Ray (or starts a private local one), places one placement group of
 K worker and S server bundles, picks the transport of the step's vectors (shared memory
-when every bundle and the driver share one node, else the object store), puts the training
+when every bundle and the driver share one node, else authenticated sockets; ``--transport``), puts the training
 data in the object store once, and starts the actors.  Closing it removes exactly what it
 made: the placement group, the shared files, and Ray itself if it started it.  The sync
 loop, the async loop and scripts/bench.py all run on it.
@@ -24,11 +24,10 @@ from ..errors import UsageError
 from ..lecture.network import Layout
 from ..lecture.optim import Hyper
 from ..run import signals
-from . import shm
 from .actors import ParameterServer, Worker
 from .runtime import connect, disconnect, in_bundle, place
 from .servers import Servers
-from .transport import ObjectStore, SharedMemory, Transport
+from .transport import Transport, choose
 from .workers import WorkerPool
 
 
@@ -68,9 +67,8 @@ class Session:
         size = Layout(self.layers).size
         here = ray.get_runtime_context().get_node_id()
         nodes = set(placement_group_table(self.pg)["bundles_to_node_id"].values())
-        if shared_memory and nodes == {here} and shm.available():
-            return SharedMemory(size, self.dtype, self.servers)
-        return ObjectStore(size, self.dtype, self.servers)
+        return choose(self.config.transport if shared_memory else "object-store", nodes == {here}, size,
+                      self.dtype, self.servers)
 
     def __enter__(self) -> Session:
         return self
