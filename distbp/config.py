@@ -67,6 +67,9 @@ class Config:
                                       metavar="SPEC")
     servers: int = opt(1, "parameter-server actors S, each owning a contiguous range of the weights "
                           "(bitwise the same result for any S)", metavar="S")
+    threads_per_worker: int | None = opt(None, "threads each worker backpropagates micro-batches on, one BLAS "
+                                               "thread each (default: the worker's share of its node's CPUs); "
+                                               "the same bits for any T", metavar="T")
     transport: str = opt("auto", "how a step's vectors travel between the actors: auto (shared memory when "
                                  "everything is on one Ray node, else socket), socket (authenticated "
                                  "connections between the actors), object-store (Ray's); the same bits either way",
@@ -79,8 +82,8 @@ class Config:
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad option; checks that need the data come later."""
-        for name in ("workers", "batch_size", "micro_batch"):
-            if getattr(self, name) < 1:
+        for name in ("workers", "batch_size", "micro_batch", "threads_per_worker"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
@@ -161,7 +164,7 @@ def flag(name: str) -> str:
 def option_type(f) -> type:
     """The Python type of a Config field's values (None aside)."""
     default = f.default if f.default is not MISSING else None
-    if f.name in ("steps", "base_batch", "staleness"):
+    if f.name in ("steps", "base_batch", "staleness", "threads_per_worker"):
         return int
     return type(default) if default is not None else str
 
@@ -237,7 +240,7 @@ def from_args(ns: argparse.Namespace) -> Config:
 # goes on (the sum is the same bits for any K and S).  Anything else would make the continued
 # run differ from the uninterrupted one.
 RESUMABLE = ("steps", "epochs", "workers", "servers", "address", "data_dir", "checkpoint_every",
-             "fault_injection", "transport")
+             "fault_injection", "transport", "threads_per_worker")
 
 
 def for_resume(stored: dict, options: dict, directory: str) -> Config:

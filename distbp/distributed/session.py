@@ -24,6 +24,7 @@ from ..errors import UsageError
 from ..lecture.network import Layout
 from ..lecture.optim import Hyper
 from ..run import signals
+from . import cores
 from .actors import ParameterServer, Worker
 from .runtime import connect, disconnect, in_bundle, place
 from .servers import Servers
@@ -48,6 +49,7 @@ class Session:
                 self._check_fits()
             self.pg = place(self.workers + servers)
             self.transport = self._transport(shared_memory)
+            self.threads = config.threads_per_worker or cores.share(self.pg, self.workers)
             self.transport_name = self.transport.name  # for the summary, after close
             self.X, self.Y = ray.put(problem.X), ray.put(problem.Y)
         except BaseException:
@@ -90,7 +92,7 @@ class Session:
         config = self.config
         return WorkerPool(lambda k: Worker.options(**in_bundle(self.pg, k)).remote(
             self.layers, config.activation, config.loss, self.dtype, self.X, self.Y, config.micro_batch,
-            self.transport), self.workers)
+            self.transport, self.threads), self.workers)
 
     def close(self) -> None:
         """Remove what the session made; safe to call twice.  A stop signal waits for the end
