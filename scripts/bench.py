@@ -76,7 +76,7 @@ def make_config(dtype: str, batch: int, args, out: str | None, address: str | No
                     layers=args.layers, activation="tanh", loss="cross-entropy",
                     workers=args.workers, batch_size=batch, steps=args.warmup + args.steps + 1,
                     optimizer="sgd", lr=0.01, reduction="mean", dtype=dtype, seed=0, out=out, address=address,
-                    transport=transport)
+                    transport=transport, servers=args.servers, threads_per_worker=args.threads_per_worker)
     if args.micro_batch:
         config.micro_batch = args.micro_batch
     config.validate()
@@ -285,6 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=None,
                     help="comma-separated DTYPE:B pairs (default: float64:256,float64:1024,float32:256,float32:1024)")
     ap.add_argument("--workers", type=int, default=2, help="K")
+    ap.add_argument("--servers", type=int, default=1, help="S (with --nodes 2, S=2 puts a server on each node)")
+    ap.add_argument("--threads-per-worker", type=int, default=1,
+                    help="T (1, the default here: one core per worker, as DDP's processes have)")
     ap.add_argument("--micro-batch", type=int, default=None, help="M (default: distbp's default)")
     ap.add_argument("--layers", default=LAYERS)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
@@ -313,7 +316,7 @@ def main(argv=None) -> int:
     if args.nodes > 1:
         from localcluster import LocalCluster
 
-        cluster = LocalCluster(workers=args.nodes - 1, cpus=args.workers + 1)  # K workers and a server fit on each
+        cluster = LocalCluster(workers=args.nodes - 1, cpus=args.workers + args.servers)  # all the actors fit on each
         print(f"starting a {args.nodes}-node Ray cluster on 127.0.0.1 ...", file=sys.stderr, flush=True)
         cluster.start()
     try:
@@ -345,7 +348,7 @@ def measure(args, configs, transports, cluster) -> int:
 
     # Ray once for the whole run: each Session (train's and the breakdown's) finds it
     # initialized, so it places its actors in it and leaves it up when it closes.
-    started = connect(address, cpus_wanted=K + 1)
+    started = connect(address, cpus_wanted=K + args.servers)
 
     @ray.remote(num_cpus=0)
     def worker_blas():
