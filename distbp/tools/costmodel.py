@@ -184,8 +184,9 @@ def markdown(rows: list[dict]) -> str:
     head = "| Gbit/s | N | B | compute | PS, S = N co-located | PS, S = 1 | ring all-reduce | PS speed / ring |"
     lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['gbit']} | {r['nodes']} | {r['batch']} | {r['compute_ms']:.1f} | {r['ps_sharded_ms']:.1f} | "
-                     f"{r['ps_one_server_ms']:.1f} | {r['ring_ms']:.1f} | {r['ps_over_ring']:.2f} |")
+        lines.append(f"| {r['gbit']} | {r['nodes']} | {r['batch']} | {r['compute_ms']:.1f} | "
+                     f"{r['ps_sharded_ms']:.1f} | {r['ps_one_server_ms']:.1f} | {r['ring_ms']:.1f} | "
+                     f"{r['ps_over_ring']:.2f} |")
     return "\n".join(lines)
 
 
