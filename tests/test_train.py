@@ -90,7 +90,7 @@ def test_outputs_follow_the_contract(ray_session, tmp_path):
     lines = [json.loads(line) for line in open(f"{config.out}/metrics.jsonl")]
     steps = [m for m in lines if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
-    assert all({"step", "epoch", "loss", "time", "grad_sha256"} <= m.keys() and math.isfinite(m["loss"])
+    assert all({"step", "epoch", "loss", "time", "grad_xxh3"} <= m.keys() and math.isfinite(m["loss"])
                for m in steps)
     weights = checkpoint.load(f"{config.out}/checkpoint.npz")["weights"]
     assert checkpoint.sha256_le(weights) == on_disk["weights_sha256"]
