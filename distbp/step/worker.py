@@ -138,6 +138,9 @@ class WorkerState:
             losses[i] = self.leaf(W, batch[ranges[i].start:ranges[i].stop], leaves[i])
 
         list(self.executor.map(leaf, sorted(leaves)))  # re-raises a thread's error here
+        # Each addition cut into T column ranges, one per thread: elementwise, so the same bits,
+        # and the 2 (n - 1) passes over memory of a share's n leaves no longer run on one core.
+        cols = [(r.start, r.stop) for r in cuts.even(self.layout.size, self.threads)]
 
         def add(node: tree.Node) -> np.ndarray:
             level, i = node
@@ -146,7 +149,8 @@ class WorkerState:
             dst = add((level - 1, 2 * i))
             right = (level - 1, 2 * i + 1)
             if tree.span(right, n)[0] < n:
-                np.add(dst, add(right), out=dst)
+                src = add(right)
+                list(self.executor.map(lambda c: np.add(dst[c[0]:c[1]], src[c[0]:c[1]], out=dst[c[0]:c[1]]), cols))
             return dst
 
         for node in nodes:
