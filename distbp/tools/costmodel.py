@@ -114,14 +114,24 @@ def predict(model: Fit, N: int, S: int, P: int, B: int, M: int, itemsize: int = 
 
 @dataclass
 class Constants:
-    """Per-unit costs measured on the development machine (docs/performance.md, "The model's constants")."""
+    """Per-unit costs, each with where it comes from (docs/scaling.md, "N nodes x C cores")."""
 
-    gflops_core: float = 20.0  # one core's dense backprop rate, GFLOP/s (numpy, 1 BLAS thread, fp32)
-    ray_step_s: float = 4.0e-3  # Ray's call floor per step: K compute calls, one server call, one report
-    socket_gbytes: float = 1.8  # one TCP stream's payload rate through Python (sendall / recv_into), GB/s
-    sum_gbytes: float = 5.0  # a server's sum and update, bytes of node values per second, GB/s
-    ring_latency_s: float = 50e-6  # one message of a ring all-reduce step (gloo), per hop
-    overlap: float = 2 / 3  # DDP: share of the compute (the backward pass) its all-reduce can hide behind
+    # backprop on one core (one BLAS thread), GFLOP/s: scripts/threads_probe.py, T = 1, 8 micro-batches
+    # of 128 rows of 784-1024-1024-10 (6 flops per weight and sample), load average 3.8
+    gflops_core_fp32: float = 112.0
+    gflops_core_fp64: float = 57.5
+    # of C threads' ideal C-fold rate, what --threads-per-worker got at T = 2 (threads_probe.py: 1.61x fp32)
+    thread_efficiency: float = 0.8
+    ray_step_s: float = 3.0e-3  # Ray's call floor per step, quiet machine (docs/performance.md, floor_run)
+    socket_gbytes: float = 1.0  # one pull of 7.45 MB over channel.py, GB/s: scripts/channel_probe.py, load 17
+    sum_gbytes: float = 2.2  # server sum + update per byte of node values in: bench.py --nodes 2, load 16-34
+    ring_latency_s: float = 50e-6  # ASSUMED, not measured here: one ring hop's latency (gloo)
+    overlap: float = 2 / 3  # ASSUMED: share of the compute (the backward pass) DDP hides its all-reduce behind
+
+    def gflops(self, itemsize: int, cores: int = 1) -> float:
+        """The backprop rate of ``cores`` cores, GFLOP/s."""
+        one = self.gflops_core_fp32 if itemsize <= 4 else self.gflops_core_fp64
+        return one * (cores if cores == 1 else cores * self.thread_efficiency)
 
 
 def _wire(bytes_: float, gbit: float, c: Constants | None = None) -> float:
@@ -141,7 +151,7 @@ def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, 
     The busiest link is a server node's: its worker's traffic plus its server's.  The phases
     run one after the other (the current implementation does not overlap them).
     """
-    compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (C * c.gflops_core * 1e9)
+    compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (c.gflops(itemsize, C) * 1e9)
     vector = P * itemsize
     remote = (S - 1) / S if colocated and S <= N else 1.0  # of a worker's vector, the share that leaves its node
     server_in = N * vector / S * ((N - 1) / N if colocated and S <= N else 1.0)  # what crosses into one server
@@ -155,7 +165,7 @@ def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, 
 def ring_step(N: int, C: int, P: int, B: int, itemsize: int, gbit: float, c: Constants) -> dict[str, float]:
     """One DDP step (ring all-reduce of the gradient, overlapped with the backward pass) on N nodes
     of C cores: each node sends and receives 2 (N - 1) / N of the vector, in 2 (N - 1) messages."""
-    compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (C * c.gflops_core * 1e9)
+    compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (c.gflops(itemsize, C) * 1e9)
     allreduce = 0.0 if N == 1 else 2 * (N - 1) * c.ring_latency_s + _wire(2 * (N - 1) / N * P * itemsize, gbit)
     hidden = min(allreduce, c.overlap * compute)
     return {"compute": compute, "allreduce": allreduce, "step": compute + allreduce - hidden}
