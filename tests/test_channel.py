@@ -80,7 +80,7 @@ def test_the_post_listens_on_its_host_only(echo):
     assert post.address[0] == "127.0.0.1" and post.sock.getsockname()[0] == "127.0.0.1"
 
 
-def test_a_silent_peer_does_not_block_others(echo, monkeypatch):
+def test_a_silent_peer_does_not_block_others(echo):
     post, key = echo
     with socket.create_connection(post.address):  # connects and says nothing
         done = []
