@@ -1,7 +1,8 @@
 """Authenticated TCP connections between actors, for the per-step vectors across nodes.
 
-Ray's object store moves a 7.45 MB array between two Ray nodes on this machine in 31 ms; the
-same bytes over one TCP connection on loopback take about 4 ms (docs/performance.md).  So across
+Through Ray's object store a cross-node step's transfers of 7.45 MB took 58 ms; one TCP
+connection on loopback moves those bytes in 7-8 ms on a busy machine (docs/performance.md,
+scripts/channel_probe.py).  So across
 nodes the workers and servers talk directly: a server listens on its node's Ray address (the
 interface Ray itself uses there, never 0.0.0.0), and only small handles (an address, a key)
 go through Ray.
