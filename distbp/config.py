@@ -80,6 +80,13 @@ class Config:
                                       metavar="SPEC")
     servers: int = opt(1, "parameter-server actors S, each owning a contiguous range of the weights "
                           "(bitwise the same result for any S)", metavar="S")
+    threads_per_worker: int | None = opt(None, "threads each worker backpropagates micro-batches on, one BLAS "
+                                               "thread each (default: the worker's share of its node's CPUs); "
+                                               "the same bits for any T", metavar="T")
+    transport: str = opt("auto", "how a step's vectors travel between the actors: auto (shared memory when "
+                                 "everything is on one Ray node, else socket), socket (authenticated "
+                                 "connections between the actors), object-store (Ray's); the same bits either way",
+                         choices=("auto", "shared-memory", "socket", "object-store"))
     mode: str = opt("sync", "sync: exact, the same bits for any K and S; async (push when done, pull the latest "
                             "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",
                     choices=("sync", "async", "ssp"))
@@ -98,8 +105,8 @@ class Config:
         self.workers = canonical_workers(self.workers)
         if not (self.elastic_timeout >= 0 and math.isfinite(self.elastic_timeout)):
             raise UsageError(f"--elastic-timeout must be a finite number of seconds >= 0, got {self.elastic_timeout}")
-        for name in ("batch_size", "micro_batch"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "micro_batch", "threads_per_worker"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
@@ -177,7 +184,8 @@ class Config:
             raise UsageError(f"--workers {self.workers}: a range works only with --mode sync (--mode {self.mode} "
                              "keeps its K workers)")
         for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0),
-                              ("keep_checkpoints", 0), ("eval_every", 0), ("report_to", None), ("timeline", False)):
+                              ("keep_checkpoints", 0), ("eval_every", 0), ("report_to", None), ("timeline", False),
+                              ("transport", "auto")):
             if getattr(self, name) != default:
                 raise UsageError(f"--{flag(name)} works only with --mode sync (--mode {self.mode} has one "
                                  "server, no fault handling, no per-step record and one checkpoint and "
@@ -255,7 +263,7 @@ def flag(name: str) -> str:
 def option_type(f) -> type:
     """The Python type of a Config field's values (None aside)."""
     default = f.default if f.default is not MISSING else None
-    if f.name in ("steps", "base_batch", "staleness"):
+    if f.name in ("steps", "base_batch", "staleness", "threads_per_worker"):
         return int
     if f.name in ("adam_eps", "clip_norm"):
         return float
@@ -353,7 +361,8 @@ def from_args(ns: argparse.Namespace) -> Config:
 # goes on (the sum is the same bits for any K and S).  Anything else would make the continued
 # run differ from the uninterrupted one.
 RESUMABLE = ("steps", "epochs", "workers", "servers", "address", "data_dir", "checkpoint_every",
-             "fault_injection", "keep_checkpoints", "eval_every", "report_to", "timeline")
+             "fault_injection", "keep_checkpoints", "eval_every", "report_to", "timeline", "transport",
+             "threads_per_worker")
 
 
 def for_resume(stored: dict, options: dict, directory: str) -> Config:

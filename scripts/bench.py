@@ -3,6 +3,14 @@
 
     python scripts/bench.py --out bench.json                 # K=2, the four configs of issue 6
     python scripts/bench.py --workers 1 --configs float64:256 # K=1 against numpy on 1 thread
+    python scripts/bench.py --nodes 2 --out bench-2n.json     # across 2 Ray nodes, against DDP
+
+With ``--nodes 2`` the script first starts a 2-node Ray cluster on this machine with
+``cluster/local_cluster.sh`` (127.0.0.1, token auth on, a state directory and free ports of its
+own), runs distbp on it with one worker per node (for each ``--transports`` path) beside DDP
+over gloo (K processes on loopback), and stops exactly the processes it started (by pid,
+``local_cluster.sh down``; checked) however the run ends.  No numpy column there: the question
+across nodes is DDP.
 
 For each config (dtype, global batch B) and each round, one after the other:
 
@@ -58,14 +66,17 @@ def baseline(script: Path, nice: int, **options) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def make_config(dtype: str, batch: int, args, out: str | None):
+def make_config(dtype: str, batch: int, args, out: str | None, address: str | None = None,
+                transport: str = "auto"):
     from distbp import Config
 
     # One epoch holds every step, so no evaluation or checkpoint falls inside the timed steps.
     n = batch * (args.warmup + args.steps + 2)
-    config = Config(dataset=f"random:{n},784,10", layers=args.layers, activation="tanh", loss="cross-entropy",
+    config = Config(dataset=f"random:{n},{args.layers.split(',')[0]},{args.layers.split(',')[-1]}",
+                    layers=args.layers, activation="tanh", loss="cross-entropy",
                     workers=args.workers, batch_size=batch, steps=args.warmup + args.steps + 1,
-                    optimizer="sgd", lr=0.01, reduction="mean", dtype=dtype, seed=0, out=out)
+                    optimizer="sgd", lr=0.01, reduction="mean", dtype=dtype, seed=0, out=out, address=address,
+                    transport=transport, servers=args.servers, threads_per_worker=args.threads_per_worker)
     if args.micro_batch:
         config.micro_batch = args.micro_batch
     config.validate()
@@ -81,7 +92,9 @@ def trainer_run(config, warmup: int) -> dict:
     times = [r["time"] for r in metrics.steps(metrics.read(os.path.join(config.out, metrics.NAME)))]
     step = float(np.median(np.diff(times)[warmup:-1]))
     return {"step_ms": step * 1e3, "samples_per_second": config.batch_size / step,
-            "micro_batch": config.micro_batch, "weights_sha256": summary["weights_sha256"]}
+            "micro_batch": config.micro_batch, "weights_sha256": summary["weights_sha256"],
+            "transport": summary["transport"], "worker_nodes": summary["worker_nodes"],
+            "server_nodes": summary.get("server_nodes")}
 
 
 def breakdown_run(config, warmup: int) -> dict:
@@ -111,7 +124,7 @@ def breakdown_run(config, warmup: int) -> dict:
     # The CPU counters are read before step ``first`` (after warm-up) and before step ``total``,
     # each time with nothing in flight: they cover steps first..total-1.
     first = warmup + 2
-    with Session(config, problem, servers=1) as session:
+    with Session(config, problem, servers=config.servers) as session:
         servers = session.start_servers(net.flat)
         pool = session.start_workers()
         pool.wait_started()
@@ -269,9 +282,12 @@ def median_of(values):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default="float64:256,float64:1024,float32:256,float32:1024",
-                    help="comma-separated DTYPE:B pairs")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated DTYPE:B pairs (default: float64:256,float64:1024,float32:256,float32:1024)")
     ap.add_argument("--workers", type=int, default=2, help="K")
+    ap.add_argument("--servers", type=int, default=1, help="S (with --nodes 2, S=2 puts a server on each node)")
+    ap.add_argument("--threads-per-worker", type=int, default=1,
+                    help="T (1, the default here: one core per worker, as DDP's processes have)")
     ap.add_argument("--micro-batch", type=int, default=None, help="M (default: distbp's default)")
     ap.add_argument("--layers", default=LAYERS)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
@@ -279,7 +295,13 @@ def main(argv=None) -> int:
                     help="untimed steps first: until Ray's processes have touched the object-store pages "
                          "that steps reuse, every step takes thousands of page faults (docs/performance.md)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every measurement, report medians")
+    ap.add_argument("--nodes", type=int, default=1, choices=(1, 2),
+                    help="2: start a 2-node local Ray cluster (token auth) and run one worker per node")
+    ap.add_argument("--transports", default=None,
+                    help="comma-separated --transport values to run distbp with, side by side "
+                         "(default: auto; with --nodes 2: socket,object-store)")
     ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP baseline")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown runs (halves the time)")
     ap.add_argument("--baseline-nice", type=int, default=RAY_WORKER_NICENESS,
                     help="run the baselines at this niceness: Ray runs its workers at 15, so on a busy "
                          "machine every contender computes at the same priority")
@@ -287,23 +309,46 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be at least 2: the breakdown times the steps between two readings")
+    transports = (args.transports or ("socket,object-store" if args.nodes > 1 else "auto")).split(",")
+    pairs = (args.configs or "float64:256,float64:1024,float32:256,float32:1024").split(",")
+    configs = [(d, int(b)) for d, b in (c.split(":") for c in pairs)]
+    cluster = None
+    if args.nodes > 1:
+        from localcluster import LocalCluster
 
+        cluster = LocalCluster(workers=args.nodes - 1, cpus=args.workers + args.servers)  # all the actors fit on each
+        print(f"starting a {args.nodes}-node Ray cluster on 127.0.0.1 ...", file=sys.stderr, flush=True)
+        cluster.start()
+    try:
+        return measure(args, configs, transports, cluster)
+    finally:
+        if cluster is not None:
+            left = cluster.stop()
+            print(f"stopped the cluster: {'every process it started is gone' if not left else f'LEFT: {left}'}",
+                  file=sys.stderr, flush=True)
+
+
+def measure(args, configs, transports, cluster) -> int:
+    """Every contender, config by config, round by round; prints the tables, writes ``--out``."""
     from distbp.distributed.loopback import keep_local_ray_on_loopback
 
-    keep_local_ray_on_loopback(None)  # this script always starts its own local Ray
+    address = None
+    if cluster is not None:
+        address = cluster.address
+        os.environ.update(cluster.client_env())  # before Ray is imported: token auth on
+    keep_local_ray_on_loopback(address)  # without a cluster this script starts its own local Ray
     import ray
 
     from distbp.distributed.runtime import connect
 
     cores = os.cpu_count() or 1
     K = args.workers
-    numpy_threads = sorted({cores, min(K, cores)}, reverse=True)
+    numpy_threads = [] if cluster is not None else sorted({cores, min(K, cores)}, reverse=True)
     ddp = not args.no_ddp and torch_available()
-    configs = [(d, int(b)) for d, b in (c.split(":") for c in args.configs.split(","))]
 
     # Ray once for the whole run: each Session (train's and the breakdown's) finds it
     # initialized, so it places its actors in it and leaves it up when it closes.
-    started = connect(None, cpus_wanted=K + 1)
+    started = connect(address, cpus_wanted=K + args.servers)
 
     @ray.remote(num_cpus=0)
     def worker_blas():
@@ -314,37 +359,44 @@ def main(argv=None) -> int:
             return blas_info()
 
     env = {"cores": cores, "driver": blas_info(), "ray_worker": ray.get(worker_blas.remote()),
-           "numpy": np.__version__, "ray": ray.__version__, "argv": sys.argv}
+           "numpy": np.__version__, "ray": ray.__version__, "argv": sys.argv, "nodes": args.nodes,
+           "load_average": os.getloadavg()}
     results, floors = [], []
     try:
         for r in range(args.rounds):
             floors.append(floor_run(K, 200, 50))
             print(f"round {r}: Ray call floor {floors[-1]:.2f} ms per step", file=sys.stderr, flush=True)
             for dtype, batch in configs:
-                run = {"round": r, "dtype": dtype, "batch_size": batch, "workers": K}
                 common = dict(layers=args.layers, batch_size=batch, dtype=dtype, steps=args.steps)
                 nice = args.baseline_nice
-                run["numpy"] = {str(n): baseline(BASELINES / "numpy_baseline.py", nice, threads=n, **common)
-                                for n in numpy_threads}
-                run["ddp"] = baseline(BASELINES / "ddp_baseline.py", nice, workers=K, **common) if ddp else None
-                with tempfile.TemporaryDirectory() as tmp:
-                    run["distbp"] = trainer_run(make_config(dtype, batch, args, os.path.join(tmp, "run")),
-                                                args.warmup)
-                run["breakdown"] = breakdown_run(make_config(dtype, batch, args, None), args.warmup)
-                sps = run["distbp"]["samples_per_second"]
-                run["ratios"] = {f"numpy_{n}t": sps / v["samples_per_second"] for n, v in run["numpy"].items()}
-                if run["ddp"]:
-                    run["ratios"]["ddp"] = sps / run["ddp"]["samples_per_second"]
-                results.append(run)
-                print(f"round {r} {dtype} B={batch}: distbp {sps:.0f}/s " +
-                      " ".join(f"{k} {v:.2f}" for k, v in run["ratios"].items()), file=sys.stderr, flush=True)
+                numpy_runs = {str(n): baseline(BASELINES / "numpy_baseline.py", nice, threads=n, **common)
+                              for n in numpy_threads}
+                ddp_run = baseline(BASELINES / "ddp_baseline.py", nice, workers=K, **common) if ddp else None
+                for transport in transports:
+                    run = {"round": r, "dtype": dtype, "batch_size": batch, "workers": K, "transport": transport,
+                           "numpy": numpy_runs, "ddp": ddp_run}
+                    with tempfile.TemporaryDirectory() as tmp:
+                        config = make_config(dtype, batch, args, os.path.join(tmp, "run"), address, transport)
+                        run["distbp"] = trainer_run(config, args.warmup)
+                    if cluster is not None and len(set(run["distbp"]["worker_nodes"])) < min(K, args.nodes):
+                        raise RuntimeError(f"workers not on distinct nodes: {run['distbp']['worker_nodes']}")
+                    if not args.no_breakdown:
+                        run["breakdown"] = breakdown_run(make_config(dtype, batch, args, None, address, transport),
+                                                         args.warmup)
+                    sps = run["distbp"]["samples_per_second"]
+                    run["ratios"] = {f"numpy_{n}t": sps / v["samples_per_second"] for n, v in numpy_runs.items()}
+                    if ddp_run:
+                        run["ratios"]["ddp"] = sps / ddp_run["samples_per_second"]
+                    results.append(run)
+                    print(f"round {r} {dtype} B={batch} {run['distbp']['transport']}: distbp {sps:.0f}/s " +
+                          " ".join(f"{k} {v:.2f}" for k, v in run["ratios"].items()), file=sys.stderr, flush=True)
     finally:
-        if started:
+        if started or cluster is not None:  # ours, or the benchmark's cluster: leave it before it stops
             ray.shutdown()
 
-    summary = table(results, configs, numpy_threads, K, ddp)
+    summary = table(results, configs, transports, numpy_threads, K, ddp, breakdown=not args.no_breakdown)
     summary += (f"\n\nRay call floor (the step's calls with no compute and no data, floor_run): "
-                f"{median_of(floors):.1f} ms per step")
+                f"{median_of(floors):.1f} ms per step; load average at the start {env['load_average'][0]:.2f}")
     print(summary)
     if args.out:
         with open(args.out, "w") as fh:
@@ -353,17 +405,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def table(results, configs, numpy_threads, K, ddp) -> str:
+def table(results, configs, transports, numpy_threads, K, ddp, breakdown=True) -> str:
     """Markdown tables: samples/s and ratios, then the distbp step breakdown (medians over rounds)."""
-    def runs(d, b):
-        return [r for r in results if (r["dtype"], r["batch_size"]) == (d, b)]
+    rows = [(d, b, t) for d, b in configs for t in transports]
+
+    def runs(d, b, t):
+        return [r for r in results if (r["dtype"], r["batch_size"], r["transport"]) == (d, b, t)]
+
+    def label(d, b, t):
+        name = f"{d} B={b}"
+        return name if len(transports) == 1 and t == "auto" else f"{name} {t}"
 
     head = ["config"] + [f"numpy {n}t" for n in numpy_threads] + ([f"DDP K={K}"] if ddp else []) + \
         [f"distbp K={K}"] + [f"distbp/numpy {n}t" for n in numpy_threads] + (["distbp/DDP"] if ddp else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for d, b in configs:
-        rs = runs(d, b)
-        cells = [f"{d} B={b}"]
+    for d, b, t in rows:
+        rs = runs(d, b, t)
+        cells = [label(d, b, t)]
         cells += [f"{median_of(r['numpy'][str(n)]['samples_per_second'] for r in rs):.0f}" for n in numpy_threads]
         if ddp:
             cells.append(f"{median_of(r['ddp']['samples_per_second'] for r in rs):.0f}")
@@ -372,20 +430,24 @@ def table(results, configs, numpy_threads, K, ddp) -> str:
         if ddp:
             cells.append(f"{median_of(r['ratios']['ddp'] for r in rs):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| config (ms per step) | step | " + " | ".join(PHASES) + " | worker idle |",
-              "|" + "---|" * (len(PHASES) + 3)]
-    for d, b in configs:
-        rs = runs(d, b)
-        cells = [f"{d} B={b}", f"{median_of(r['breakdown']['step_ms'] for r in rs):.1f}"]
-        cells += [f"{median_of(r['breakdown']['phases_ms'][p] for r in rs):.1f}" for p in (*PHASES, "idle")]
+    if not breakdown:
+        return "\n".join(lines)
+    names = ("compute", "transfer in", "transfer out", "sum", "update", "other")
+    lines += ["", "| config (ms per step) | step | " + " | ".join(names) + " | phases summed | worker idle |",
+              "|" + "---|" * (len(PHASES) + 4)]
+    for d, b, t in rows:
+        rs = runs(d, b, t)
+        phases = [median_of(r["breakdown"]["phases_ms"][p] for r in rs) for p in (*PHASES, "idle")]
+        cells = [label(d, b, t), f"{median_of(r['breakdown']['step_ms'] for r in rs):.1f}"]
+        cells += [f"{v:.1f}" for v in phases[:-1]] + [f"{sum(phases[:-1]):.1f}", f"{phases[-1]:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     roles = ("workers", "workers_compute", "server", "server_step", "driver", "raylet")
     lines += ["", "| config (CPU ms per step) | " + " | ".join(roles) + " | total |", "|" + "---|" * (len(roles) + 2)]
-    for d, b in configs:
-        rs = runs(d, b)
+    for d, b, t in rows:
+        rs = runs(d, b, t)
         cpu = {role: median_of(r["breakdown"]["cpu_ms_per_step"][role] for r in rs) for role in roles}
         total = sum(cpu[role] for role in ("workers", "server", "driver", "raylet"))
-        lines.append(f"| {d} B={b} | " + " | ".join(f"{c:.1f}" for c in cpu.values()) + f" | {total:.1f} |")
+        lines.append(f"| {label(d, b, t)} | " + " | ".join(f"{c:.1f}" for c in cpu.values()) + f" | {total:.1f} |")
     return "\n".join(lines)
 
 

@@ -76,9 +76,9 @@ def main() -> None:
         lines = step_lines(out)
         times = [e["time"] for e in lines]
         steps = [b - a for a, b in zip(times, times[1:])]
-        clean = clean or (summary, [e["grad_sha256"] for e in lines])
+        clean = clean or (summary, [e["grad_xxh3"] for e in lines])
         same = summary["weights_sha256"] == clean[0]["weights_sha256"]
-        grads = [e["grad_sha256"] for e in lines] == clean[1]
+        grads = [e["grad_xxh3"] for e in lines] == clean[1]
         stats = {k: v for k, v in summary["faults"].items() if k != "injected" and v}
         print(f"{name:36} {len(lines):5d} {summary['weights_sha256'][:16]} {str(same):>5} {str(grads):>5} "
               f"{max(steps):7.3f}s {statistics.median(steps):6.3f}s  {stats}", flush=True)

@@ -20,7 +20,7 @@ def ray_session():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", configure_logging=True)
     yield ray
     ray.shutdown()

@@ -16,7 +16,7 @@ from distbp.lecture.network import encode_targets
 from distbp.lecture.optim import Hyper
 from distbp.loops.sync import train
 from distbp.run.checkpoint import sha256_le
-from distbp.step.server import ServerState
+from distbp.step.server import ServerState, grad_xxh3
 from distbp.step.worker import WorkerState, micro_batches
 
 # B = 61 is prime: no K > 1 divides it; M = 5 leaves a one-row last micro-batch (13 in all),
@@ -57,7 +57,7 @@ def replay(config):
             values = np.empty((len(nodes), net.layout.size), dtype=net.dtype)
             worker.compute(server.weights, batch, nodes, values)
             server.step(n, [nodes], [values], lr_at(step), step, len(batch))
-            grad_hashes.append(server.report()[step]["grad_sha256"])
+            grad_hashes.append(server.report()[step]["grad_xxh3"])
     return sha256_le(server.weights), grad_hashes
 
 
@@ -71,7 +71,7 @@ def test_training_gives_the_same_bits_for_any_number_of_workers(ray_session, tmp
                               optimizer=optimizer, lr=lr)
         summary = train(config)
         with open(f"{config.out}/metrics.jsonl") as fh:
-            grads = [r["grad_sha256"] for r in map(json.loads, fh) if "grad_sha256" in r]
+            grads = [r["grad_xxh3"] for r in map(json.loads, fh) if "grad_xxh3" in r]
         runs[K] = (summary["weights_sha256"], grads)
     assert len(runs[1][1]) == STEPS
     for K in WORKERS[1:]:
@@ -189,7 +189,7 @@ def test_the_server_sums_and_updates_in_chunks_as_in_one_pass(monkeypatch, optim
         table = {node: row for k, v in zip(nodes, values) for node, row in zip(k, v)}
         g = tree.combine(table, n, lambda a, b: a + b)
         server.step(n, nodes, values, 0.05, t, 61.0)
-        assert server.report()[t]["grad_sha256"] == sha256_le(g)
+        assert server.report()[t]["grad_xxh3"] == grad_xxh3(g)
         update(w, g.copy(), state, hyper, 0.05, t, 61.0, mask)
         assert np.array_equal(server.weights, w)
         for name in state:

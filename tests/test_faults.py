@@ -41,14 +41,14 @@ def step_lines(run_dir) -> list[dict]:
 def clean(ray_session, tmp_path_factory):
     """The fault-free run every faulty one must reproduce, and its per-step gradient hashes."""
     summary = train(train_config(tmp_path_factory.mktemp("clean"), steps=STEPS))
-    return summary, [e["grad_sha256"] for e in step_lines(summary["out"])]
+    return summary, [e["grad_xxh3"] for e in step_lines(summary["out"])]
 
 
 def assert_same_run(summary, clean) -> None:
     want, grads = clean
     lines = step_lines(summary["out"])
     assert [e["step"] for e in lines] == list(range(1, STEPS + 1))
-    assert [e["grad_sha256"] for e in lines] == grads  # every step summed every sample, once
+    assert [e["grad_xxh3"] for e in lines] == grads  # every step summed every sample, once
     assert summary["weights_sha256"] == want["weights_sha256"]
     assert summary["faults"]["redo_mismatches"] == 0
 

@@ -420,7 +420,7 @@ def test_a_damaged_metrics_file_is_refused_on_resume(tmp_path, capsys, damage, f
     elif damage == "step":
         open(path, "w").write('{"step": [1], "loss": 1.0, "time": 0.1}\n' + good)
     elif damage == "hash":
-        open(path, "w").write('{"step": 1, "loss": 1.0, "time": 0.1, "grad_sha256": 5}\n' + good)
+        open(path, "w").write('{"step": 1, "loss": 1.0, "time": 0.1, "grad_xxh3": 5}\n' + good)
     elif damage == "directory":
         os.unlink(path)
         os.mkdir(path)

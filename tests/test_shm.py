@@ -78,18 +78,19 @@ def test_boards_of_dead_drivers_are_swept_and_live_ones_kept(board):
         shm.close_board(other)
 
 
-def test_shared_memory_and_object_store_give_the_same_bits(ray_session, tmp_path, monkeypatch):
+def test_shared_memory_object_store_and_sockets_give_the_same_bits(ray_session, tmp_path):
     """Every transport path: S = 1 and 2, a straggler whose share is redone as a backup (so one
-    worker runs two calls in a step), Adam; then the object store for the same runs."""
+    worker runs two calls in a step), Adam; then the object store and the sockets for the same runs."""
     options = [dict(workers=2, servers=1), dict(workers=3, servers=2),
                dict(workers=2, servers=1, fault_injection="delay-worker:0@3:1.5")]
     common = dict(batch_size=60, micro_batch=8, steps=6, optimizer="adam")
     shared = [train(train_config(tmp_path, **o, **common)) for o in options]
-    monkeypatch.setattr(shm, "available", lambda: False)
-    stored = [train(train_config(tmp_path, **o, **common)) for o in options]
+    stored = [train(train_config(tmp_path, **o, **common, transport="object-store")) for o in options]
+    sockets = [train(train_config(tmp_path, **o, **common, transport="socket")) for o in options]
     assert {s["transport"] for s in shared} == {"shared-memory"}
     assert {s["transport"] for s in stored} == {"object-store"}
-    assert shared[2]["faults"]["backups"] >= 1
-    assert len({s["weights_sha256"] for s in shared + stored}) == 1
+    assert {s["transport"] for s in sockets} == {"socket"}
+    assert shared[2]["faults"]["backups"] >= 1 and sockets[2]["faults"]["backups"] >= 1
+    assert len({s["weights_sha256"] for s in shared + stored + sockets}) == 1
     leftover = [n for n in os.listdir(shm.ROOT) if n.startswith(f"{shm.PREFIX}{os.getpid()}-")]
     assert leftover == []  # every run removed its board

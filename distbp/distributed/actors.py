@@ -42,10 +42,11 @@ class _Actor:
 class Worker(_Actor):
     """Holds the training data (zero-copy from the object store) and backpropagates micro-batches."""
 
-    def __init__(self, layers, activation, loss, dtype, X, Y, micro_batch, transport: Transport):
-        threadpool_limits(BLAS_THREADS)
+    def __init__(self, layers, activation, loss, dtype, X, Y, micro_batch, transport: Transport, threads: int = 1):
+        """``threads``: micro-batches backpropagated at once, each on one BLAS thread (--threads-per-worker)."""
+        threadpool_limits(BLAS_THREADS)  # per BLAS call, whichever thread makes it
         self.end = transport.worker_end()
-        self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch)
+        self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch, threads)
         self.fault: tuple[Action, float] | None = None  # armed by --fault-injection for the next compute
 
     def arm(self, action: Action, seconds: float = 0.0) -> None:
@@ -65,10 +66,11 @@ class Worker(_Actor):
         if self.fault is not None:
             action, seconds, self.fault = *self.fault, None
             strike(action, seconds)
-        values, parts = self.end.rows(step, len(nodes))
+        values = self.end.rows(step, len(nodes))
+        weights = self.end.weights(weights)
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver, by step
-            info = self.state.compute(self.end.weights(weights), batch, nodes, values)
-        return (*parts, info)
+            info = self.state.compute(weights, batch, nodes, values)
+        return (*self.end.send(values), info)
 
     def spans(self) -> list[tuple[float, float, float]]:
         """Wall-clock (start, end) and CPU seconds of the recent compute calls, oldest first (scripts/bench.py)."""

@@ -2,15 +2,17 @@
 
 ``Session`` connects to Ray (or starts a private local one), places the S servers in a
 placement group of their own (a fixed placement: a lost server restarts in its bundle),
-picks the transport of the step's vectors, puts the training data in the object store once,
+picks the transport of the step's vectors (``--transport``), puts the training data in the
+object store once,
 and starts the actors.  Workers are not in that group: each is placed on its own, so that
 workers can come and go with the cluster's nodes (workers.py, docs/elastic.md).  Closing it
 removes exactly what it made: the actors, the placement group, the shared files, and Ray
 itself if it started it.  The sync loop, the async loop and scripts/bench.py all run on it.
 
-The transport: shared memory when the driver's node is the cluster's only node and no other
-can bring workers (a fixed K, or a private local Ray), with every worker pinned to that
-node; else the object store, which works whichever nodes the workers land on.
+The transport (``auto``): shared memory when the driver's node is the cluster's only node and
+no other can bring workers (a fixed K, or a private local Ray), with every worker pinned to
+that node; else authenticated sockets (channel.py), which reach whichever nodes the workers
+land on, now or when they join.  Each worker reserves ``--threads-per-worker`` CPUs (cores.py).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from ..errors import UsageError
 from ..lecture.network import Layout
 from ..lecture.optim import Hyper
 from ..run import signals
-from . import shm
+from . import cores
 from .actors import ParameterServer, Worker
 from .runtime import PLACEMENT_TIMEOUT_S, connect, disconnect, in_bundle, place
 from .servers import Servers
-from .transport import ObjectStore, SharedMemory, Transport
+from .transport import Transport, choose
 from .workers import WorkerPool
 
 
@@ -47,7 +49,12 @@ class Session:
         self.workers_on: str | None = None  # the node every worker is pinned to (shared memory)
         try:
             users_ray = ray.is_initialized()  # started in this process by the caller (distbp.fit)
-            self.started_ray = connect(config.address, cpus_wanted=self.slots + servers)
+            # T threads a worker, its CPUs reserved: known before a private local Ray starts (it
+            # is this machine), else read off the cluster's nodes.
+            self.threads = config.threads_per_worker or cores.default(config.address, self.slots, servers)
+            self.started_ray = connect(config.address, cpus_wanted=self.slots * (self.threads or 1) + servers)
+            if self.threads is None:
+                self.threads = cores.share(self.slots, servers)
             if users_ray:
                 self._check_fits()
             self.pg = place(servers, "servers")
@@ -62,10 +69,11 @@ class Session:
         """UsageError at once, instead of waiting for a placement that cannot happen, when the
         Ray this process already runs has fewer CPUs than the run has actors."""
         cpus = ray.cluster_resources().get("CPU", 0)
-        if cpus < self.minimum + self.servers:
-            raise UsageError(f"the Ray running in this process has {cpus:g} CPUs but the run needs "
-                             f"{self.minimum + self.servers} one-CPU actors ({self.minimum} workers + "
-                             f"{self.servers} servers): use fewer workers, or ray.init(num_cpus=...) with more")
+        need = self.minimum * self.threads + self.servers
+        if cpus < need:
+            raise UsageError(f"the Ray running in this process has {cpus:g} CPUs but the run needs {need} "
+                             f"({self.minimum} workers of {self.threads} CPUs + {self.servers} one-CPU servers): "
+                             "use fewer workers or --threads-per-worker, or ray.init(num_cpus=...) with more")
 
     def _transport(self, shared_memory: bool) -> Transport:
         size = Layout(self.layers).size
@@ -74,10 +82,11 @@ class Session:
         # An elastic run on a cluster may get workers on nodes that join later: shared files
         # on this node would not reach them.
         fixed = self.minimum == self.slots or self.started_ray
-        if shared_memory and fixed and nodes == {here} and shm.available():
+        transport = choose(self.config.transport if shared_memory else "object-store", fixed and nodes == {here},
+                           size, self.dtype, self.servers)
+        if transport.name == "shared-memory":
             self.workers_on = here
-            return SharedMemory(size, self.dtype, self.servers)
-        return ObjectStore(size, self.dtype, self.servers)
+        return transport
 
     def __enter__(self) -> Session:
         return self
@@ -101,14 +110,14 @@ class Session:
         config = self.config
         where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(self.workers_on, soft=False)
                  if self.workers_on else "SPREAD"}
-        self.pool = WorkerPool(lambda k: Worker.options(**where).remote(
+        self.pool = WorkerPool(lambda k: Worker.options(num_cpus=self.threads, **where).remote(
             self.layers, config.activation, config.loss, self.dtype, self.X, self.Y, config.micro_batch,
-            self.transport), self.slots)
+            self.transport, self.threads), self.slots)
         if not self.pool.wait_started(self.minimum, PLACEMENT_TIMEOUT_S):
             total = ray.cluster_resources().get("CPU", 0)
-            raise UsageError(f"the Ray cluster cannot place {self.minimum} one-CPU worker actors within "
-                             f"{PLACEMENT_TIMEOUT_S} s (it has {total:g} CPUs, {self.servers} for the servers); "
-                             "use fewer --workers")
+            raise UsageError(f"the Ray cluster cannot place {self.minimum} worker actors of {self.threads} "
+                             f"CPUs within {PLACEMENT_TIMEOUT_S} s (it has {total:g} CPUs, {self.servers} for the "
+                             "servers); use fewer --workers or --threads-per-worker")
         return self.pool
 
     def close(self) -> None:

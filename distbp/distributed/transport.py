@@ -2,7 +2,7 @@
 
 Per step, each server sends the workers its range of the new weights, and each worker task
 sends each server that server's columns of its tree-node values (``(nodes, hi - lo)``).
-Two transports carry them, with the same methods, so that actors and the crew never ask
+Three transports carry them, with the same methods, so that actors and the crew never ask
 which one runs:
 
 - ``ObjectStore`` (the actors span nodes): the vectors are numpy arrays that Ray copies
@@ -12,9 +12,17 @@ which one runs:
   ``/dev/shm`` (shm.py); the servers update their ranges of one weights file in place, the
   workers compute into rows of their own files, and only ``shm.Block`` handles (a path, a
   shape, a dtype) go through Ray.  No vector is copied.
+- ``Sockets`` (across nodes, the default there): each server listens on its node's Ray
+  address (channel.py: authenticated TCP); a worker pulls each server's weight range straight
+  into its weight buffer and, once its nodes are computed, pushes each server its columns of
+  them, waiting for the server to have them all before the call returns.  Only ``Handle``s
+  (an address, a key) go through Ray.  Why push and not pull: once the worker's call has
+  returned, the server holds its values, so a worker dying afterwards loses nothing (with
+  the object store the values survive in the node's store too).
 
-A transport is made by the driver (``Session``) and handed to every actor, which makes its
-own end with ``worker_end()`` or ``server_end(s)``.  The transport holds ``bounds``, the
+A transport is made by the driver (``Session``, through ``choose``) and handed to every actor,
+which makes its own end with ``worker_end()`` or ``server_end(s)``.  A worker end gives the
+rows to compute into (``rows``) and then sends them (``send``).  The transport holds ``bounds``, the
 servers' ranges of the flat vector: the one place they are decided (``cuts.aligned``).
 """
 
@@ -22,8 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UsageError
 from ..lecture import cuts
 from . import shm
+from .sockets import Sockets
 
 
 class ObjectStore:
@@ -57,18 +67,21 @@ class _StoreWorker:
             return parts[0]
         return np.concatenate(parts, out=self.flat)  # one buffer, reused from call to call
 
-    def rows(self, step: int, count: int) -> tuple[np.ndarray, list]:
-        """``count`` rows to compute node values into, and what to return to the S servers.
+    def rows(self, step: int, count: int) -> np.ndarray:
+        """``count`` rows to compute node values into.
 
         The rows are a buffer reused from call to call: Ray copies a returned array into the
         object store when the call returns.
         """
         if len(self.out) < count:
             self.out = np.empty((count, self.out.shape[1]), dtype=self.dtype)
-        values = self.out[:count]
+        return self.out[:count]
+
+    def send(self, values: np.ndarray) -> list:
+        """What to return to the S servers: each its columns of the rows."""
         if len(self.bounds) == 1:
-            return values, [values]
-        return values, [values[:, r.start:r.stop] for r in self.bounds]  # server s: its columns
+            return [values]
+        return [values[:, r.start:r.stop] for r in self.bounds]
 
 
 class _StoreServer:
@@ -119,10 +132,14 @@ class _SharedWorker:
         """The shared weights file, read in place: every server updates its range of it."""
         return self.maps.view(parts[0])
 
-    def rows(self, step: int, count: int) -> tuple[np.ndarray, list]:
+    def rows(self, step: int, count: int) -> np.ndarray:
         """Rows of a shared file of this worker's; each server reads its columns of them in place."""
-        block, values = self.out.take(step, count)
-        return values, [block] * self.servers
+        self.block, values = self.out.take(step, count)
+        return values
+
+    def send(self, values: np.ndarray) -> list:
+        """The rows' handle, for every server."""
+        return [self.block] * self.servers
 
 
 class _SharedServer:
@@ -145,4 +162,22 @@ class _SharedServer:
         return [self.maps.view(block)[:, self.bounds.start:self.bounds.stop] for block in parts]
 
 
-Transport = ObjectStore | SharedMemory
+Transport = ObjectStore | SharedMemory | Sockets
+
+
+def choose(name: str, one_node: bool, size: int, dtype, servers: int) -> Transport:
+    """The transport ``--transport name`` asks for; ``one_node``: the driver and every actor
+    share one Ray node (only then can they share files).  ``auto``: shared memory on one node
+    (when /dev/shm is there), sockets across nodes."""
+    if name == "auto":
+        name = "shared-memory" if one_node and shm.available() else "socket"
+    if name == "shared-memory":
+        if not one_node:
+            raise UsageError("--transport shared-memory needs the driver and every actor on one Ray node; "
+                             "across nodes use socket or object-store")
+        if not shm.available():
+            raise UsageError(f"--transport shared-memory: {shm.ROOT} is not there or not writable")
+        return SharedMemory(size, dtype, servers)
+    if name == "socket":
+        return Sockets(size, dtype, servers)
+    return ObjectStore(size, dtype, servers)

@@ -61,7 +61,7 @@ class StepLog:
             self.timeline = spans.Timeline(os.path.join(files.path, spans.NAME))
             files.watchers.insert(0, self.timeline)
         offset, logged = files.open_log()
-        self.logged: dict[int, str] = logged if compare else {}  # step -> grad_sha256 of its first computation
+        self.logged: dict[int, str] = logged if compare else {}  # step -> grad_xxh3 of its first computation
         self.pending: deque[Sent] = deque()
         self.written = files.saved_step  # metrics.jsonl has the lines of the steps up to here
         self.evaluations = files.saved_step  # ... and the evaluations up to here (--eval-every: between checkpoints)
@@ -99,8 +99,8 @@ class StepLog:
         report = reports[sent.step]
         if sent.step in self.logged:  # computed before a failure or an interruption: it must be the same sum
             self.redo["steps_redone"] += 1
-            self.redo["redo_mismatches"] += self.logged[sent.step] != report["grad_sha256"]
-        self.logged[sent.step] = report["grad_sha256"]
+            self.redo["redo_mismatches"] += self.logged[sent.step] != report["grad_xxh3"]
+        self.logged[sent.step] = report["grad_xxh3"]
         if sent.step <= self.written:
             return
         self.written = sent.step
@@ -108,7 +108,7 @@ class StepLog:
         record = {"step": sent.step, "epoch": self.problem.sampler.epoch_of(sent.step), "loss": sent.loss,
                   "lr": self.lr_at(sent.step), "workers": sent.workers,
                   "time": round(self.elapsed() + self.offset, 6),
-                  "grad_sha256": report["grad_sha256"], "worker_compute": sent.seconds,
+                  "grad_xxh3": report["grad_xxh3"], "worker_compute": sent.seconds,
                   "server_sum": report["server_sum"], "update": report["update"],
                   "server_bytes_in": report["bytes_in"]}
         if "grad_norm" in report:  # --clip-norm: the norm before clipping, as clip_grad_norm_ returns it

@@ -84,7 +84,8 @@ def write_json(path: str, obj) -> None:
 
 
 def sha256_le(flat: np.ndarray) -> str:
-    """sha256 of a flat buffer's bytes, little-endian: ``weights_sha256`` and ``grad_sha256``."""
+    """sha256 of a flat buffer's bytes, little-endian: ``weights_sha256`` (a step's gradient has a
+    faster fingerprint, ``grad_xxh3``: step/server.py)."""
     return hashlib.sha256(np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("<")).tobytes()).hexdigest()
 
 

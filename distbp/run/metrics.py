@@ -2,7 +2,7 @@
 plot and the scripts.  The one module that knows the file.
 
 A training step's line has ``step``, ``epoch``, ``loss`` and ``time`` (plus ``lr``,
-``grad_sha256`` and timings in sync mode); an evaluation's line has ``step``, ``epoch`` and
+``grad_xxh3`` and timings in sync mode); an evaluation's line has ``step``, ``epoch`` and
 ``<split>_loss``/``<split>_accuracy``.  Lines are written whole and flushed one by one, so a
 run that dies keeps every finished step; its last line may be cut short.
 """
@@ -58,8 +58,8 @@ def _check(entry: dict) -> None:
         raise ValueError("bad time")
     if "loss" in entry and (isinstance(entry["loss"], bool) or not isinstance(entry["loss"], int | float)):
         raise ValueError("bad loss")
-    if not isinstance(entry.get("grad_sha256", ""), str):  # a resumed run compares its redone steps with it
-        raise ValueError("bad grad_sha256")
+    if not isinstance(entry.get("grad_xxh3", ""), str):  # a resumed run compares its redone steps with it
+        raise ValueError("bad grad_xxh3")
 
 
 def steps(records: list[dict]) -> list[dict]:
@@ -77,7 +77,7 @@ def trim(path: str, step: int) -> tuple[float, dict[int, str]]:
     """
     records = read(path) if os.path.exists(path) else []
     kept = [r for r in records if r["step"] <= step]
-    dropped = {r["step"]: r["grad_sha256"] for r in records if r["step"] > step and "grad_sha256" in r}
+    dropped = {r["step"]: r["grad_xxh3"] for r in records if r["step"] > step and "grad_xxh3" in r}
     offset = max((float(r.get("time", 0.0)) for r in kept), default=0.0)
     atomic_write(path, lambda fh: fh.writelines(json.dumps(r) + "\n" for r in kept), mode="w")
     return offset, dropped

@@ -58,7 +58,7 @@ def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, e
         "resizes": list(resizes),
         "servers": config.servers,
         "server_nodes": server_nodes,
-        "transport": transport,  # of the per-step vectors: shared-memory or object-store
+        "transport": transport,  # of the per-step vectors: shared-memory, socket or object-store
         "mode": "sync",
         "exact": True,  # the same weights, bit for bit, for any K and S (--mode async/ssp: false)
         "resumed_from_step": start if start else None,

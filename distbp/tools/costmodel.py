@@ -99,3 +99,122 @@ def predict(model: Fit, N: int, S: int, P: int, B: int, M: int, itemsize: int = 
     x = features(N, S, P, B, M, itemsize)
     beta = model.beta + (8.0 / network_bps if network_bps else 0.0)
     return float(model.alpha + model.c * x[1] + beta * x[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# N nodes x C cores: the parameter-server step beside ring all-reduce (docs/scaling.md).
+#
+# The fit above describes the machine it was measured on.  To say where the design wins on
+# real clusters, ``Constants`` names each per-unit cost measured here (docs/performance.md
+# gives the command and the load of each) and ``ps_step`` / ``ring_step`` add them up for
+# N nodes of C cores on a network of ``gbit`` Gbit/s.  Both designs use every core of a
+# node for backprop (distbp: one worker per node, --threads-per-worker C), the same global
+# batch, the same bytes per number.
+
+
+@dataclass
+class Constants:
+    """Per-unit costs, each with where it comes from (docs/scaling.md, "N nodes x C cores")."""
+
+    # backprop on one core (one BLAS thread), GFLOP/s: scripts/threads_probe.py, T = 1, 8 micro-batches
+    # of 128 rows of 784-1024-1024-10 (6 flops per weight and sample), load average 3.8
+    gflops_core_fp32: float = 112.0
+    gflops_core_fp64: float = 57.5
+    # of C threads' ideal C-fold rate, what --threads-per-worker got at T = 2 (threads_probe.py: 1.61x fp32)
+    thread_efficiency: float = 0.8
+    ray_step_s: float = 3.0e-3  # Ray's call floor per step, quiet machine (docs/performance.md, floor_run)
+    socket_gbytes: float = 1.0  # one pull of 7.45 MB over channel.py, GB/s: scripts/channel_probe.py, load 17
+    sum_gbytes: float = 2.2  # server sum + update per byte of node values in: bench.py --nodes 2, load 16-34
+    ring_latency_s: float = 50e-6  # ASSUMED, not measured here: one ring hop's latency (gloo)
+    overlap: float = 2 / 3  # ASSUMED: share of the compute (the backward pass) DDP hides its all-reduce behind
+
+    def gflops(self, itemsize: int, cores: int = 1) -> float:
+        """The backprop rate of ``cores`` cores, GFLOP/s."""
+        one = self.gflops_core_fp32 if itemsize <= 4 else self.gflops_core_fp64
+        return one * (cores if cores == 1 else cores * self.thread_efficiency)
+
+
+def _wire(bytes_: float, gbit: float, c: Constants | None = None) -> float:
+    """Seconds to move ``bytes_`` over one link: the wire's rate, or (``c`` given: distbp's
+    Python streams) the slower of the wire and ``c.socket_gbytes``."""
+    return bytes_ / min(gbit * 1e9 / 8, c.socket_gbytes * 1e9 if c is not None else math.inf)
+
+
+def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, c: Constants,
+            colocated: bool = True) -> dict[str, float]:
+    """One synchronous distbp step on N nodes of C cores, S servers, in seconds, by phase.
+
+    Each node runs one worker of C threads (one tree node of P values to send, when its
+    share of micro-batches is a power of two).  ``colocated``: server s sits on node s (S <= N),
+    so a worker's range of its own node's server never crosses the wire.  Per step a worker
+    pushes P values and pulls P values; a server receives N * P / S values and sends as many.
+    The busiest link is a server node's: its worker's traffic plus its server's.  The phases
+    run one after the other (the current implementation does not overlap them).
+    """
+    compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (c.gflops(itemsize, C) * 1e9)
+    vector = P * itemsize
+    remote = (S - 1) / S if colocated and S <= N else 1.0  # of a worker's vector, the share that leaves its node
+    server_in = N * vector / S * ((N - 1) / N if colocated and S <= N else 1.0)  # what crosses into one server
+    push = max(_wire(vector * remote, gbit, c), _wire(server_in, gbit, c))
+    pull = push  # the same bytes the other way
+    total_sum = N * vector / S / (c.sum_gbytes * 1e9)
+    return {"compute": compute, "push": push, "sum": total_sum, "pull": pull, "ray": c.ray_step_s,
+            "step": compute + push + total_sum + pull + c.ray_step_s}
+
+
+def ring_step(N: int, C: int, P: int, B: int, itemsize: int, gbit: float, c: Constants) -> dict[str, float]:
+    """One DDP step (ring all-reduce of the gradient, overlapped with the backward pass) on N nodes
+    of C cores: each node sends and receives 2 (N - 1) / N of the vector, in 2 (N - 1) messages."""
+    compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (c.gflops(itemsize, C) * 1e9)
+    allreduce = 0.0 if N == 1 else 2 * (N - 1) * c.ring_latency_s + _wire(2 * (N - 1) / N * P * itemsize, gbit)
+    hidden = min(allreduce, c.overlap * compute)
+    return {"compute": compute, "allreduce": allreduce, "step": compute + allreduce - hidden}
+
+
+def compare(P: int, batch_per_node: int, itemsize: int, cores: int = 16, gbits=(10, 100),
+            nodes=(1, 2, 4, 8, 16, 32, 64), c: Constants | None = None) -> list[dict]:
+    """Weak scaling (B = N * batch_per_node): the PS step with S = N co-located servers and with
+    one dedicated server, beside ring all-reduce, for each network and node count."""
+    c = c or Constants()
+    rows = []
+    for gbit in gbits:
+        for N in nodes:
+            B = N * batch_per_node
+            shard = ps_step(N, cores, N, P, B, itemsize, gbit, c)
+            one = ps_step(N, cores, 1, P, B, itemsize, gbit, c, colocated=False)
+            ring = ring_step(N, cores, P, B, itemsize, gbit, c)
+            rows.append({"gbit": gbit, "nodes": N, "batch": B, "ps_sharded_ms": shard["step"] * 1e3,
+                         "ps_one_server_ms": one["step"] * 1e3, "ring_ms": ring["step"] * 1e3,
+                         "compute_ms": shard["compute"] * 1e3,
+                         "ps_over_ring": ring["step"] / shard["step"]})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| Gbit/s | N | B | compute | PS, S = N co-located | PS, S = 1 | ring all-reduce | PS speed / ring |"
+    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['gbit']} | {r['nodes']} | {r['batch']} | {r['compute_ms']:.1f} | "
+                     f"{r['ps_sharded_ms']:.1f} | {r['ps_one_server_ms']:.1f} | {r['ring_ms']:.1f} | "
+                     f"{r['ps_over_ring']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distbp.tools.costmodel``: the N-nodes table of docs/scaling.md."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="distbp's step beside ring all-reduce on N nodes x C cores")
+    ap.add_argument("--layers", default="784,1024,1024,10")
+    ap.add_argument("--batch-per-node", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    ap.add_argument("--cores", type=int, default=16)
+    args = ap.parse_args(argv)
+    sizes = [int(v) for v in args.layers.split(",")]
+    P = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    print(markdown(compare(P, args.batch_per_node, np.dtype(args.dtype).itemsize, args.cores)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

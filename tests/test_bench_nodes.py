@@ -1,0 +1,87 @@
+"""The cross-node path on a real 2-node Ray cluster on this machine (token auth on), and
+``scripts/bench.py --nodes 2``, which starts and stops a cluster of its own.
+
+One cluster for the module (scripts/localcluster.py, through cluster/local_cluster.sh); each
+run is a ``distbp train --address`` process with one worker per node, so the step's vectors
+cross between Ray nodes over the actors' authenticated sockets, as between two machines.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import train_config
+
+from distbp.loops.sync import train
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from localcluster import LocalCluster  # noqa: E402
+
+TRAIN = ["--dataset", "spirals", "--layers", "2,16,16,3", "--workers", "2", "--batch-size", "60",
+         "--micro-batch", "8", "--steps", "10", "--optimizer", "momentum", "--checkpoint-every", "2"]
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(sys.platform != "linux", reason="local_cluster.sh uses /proc, setsid and flock"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(workers=1, cpus=3)
+    try:
+        c.start()
+        yield c
+    finally:
+        left = c.stop()
+        assert not left, f"processes of the test cluster survived `down`: {left}"
+
+
+def run_on(cluster, out: Path, *extra: str) -> dict:
+    env = {k: v for k, v in cluster.env.items()} | cluster.client_env()
+    proc = subprocess.run([sys.executable, "-m", "distbp", "train", "--address", cluster.address, *TRAIN,
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def local(ray_session, tmp_path_factory):
+    """The reference: the same run on the session's one-node Ray (shared memory)."""
+    tmp = tmp_path_factory.mktemp("local")
+    return train(train_config(tmp, workers=2, batch_size=60, micro_batch=8, steps=10, optimizer="momentum",
+                              checkpoint_every=2))
+
+
+@pytest.mark.parametrize("transport", ["auto", "object-store"])
+def test_across_nodes_the_bits_are_those_of_one_node(cluster, local, tmp_path, transport):
+    summary = run_on(cluster, tmp_path / "run", "--transport", transport)
+    assert len(set(summary["worker_nodes"])) == 2, summary["worker_nodes"]  # one worker per node
+    assert summary["transport"] == ("socket" if transport == "auto" else transport)
+    assert local["transport"] == "shared-memory"
+    assert summary["weights_sha256"] == local["weights_sha256"]
+
+
+def test_a_worker_killed_across_nodes_changes_nothing(cluster, local, tmp_path):
+    summary = run_on(cluster, tmp_path / "run", "--fault-injection", "kill-worker:1@4,kill-server@7")
+    assert summary["transport"] == "socket"
+    assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] == 1
+    assert summary["weights_sha256"] == local["weights_sha256"]
+
+
+def test_bench_nodes_2_runs_and_stops_what_it_started(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--nodes", "2",
+                           "--layers", "32,64,10", "--configs", "float32:256", "--steps", "3", "--warmup", "2",
+                           "--no-ddp", "--transports", "socket", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "every process it started is gone" in proc.stderr
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    assert run["distbp"]["transport"] == "socket" and len(set(run["distbp"]["worker_nodes"])) == 2
+    assert run["breakdown"]["phases_ms"]["compute"] > 0
+    assert "| float32 B=256 socket |" in proc.stdout

@@ -1,0 +1,116 @@
+"""The socket transport: authenticated connections (channel.py) and exact runs over them (sockets.py).
+
+The cross-node runs (one worker per Ray node of a real 2-node cluster) are in
+tests/test_bench_nodes.py; here everything runs on the session's one-node Ray with
+``--transport socket``, which takes the same path over TCP on 127.0.0.1.
+"""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import train_config
+
+from distbp.distributed import channel
+from distbp.loops.sync import train
+
+
+@pytest.fixture
+def echo():
+    """A Post that answers each message with itself, and then an array of 3 float32."""
+    key = channel.new_key()
+
+    def serve(sock):
+        while True:
+            message = channel.recv(sock)
+            channel.send(sock, message)
+            channel.send_array(sock, np.arange(3, dtype=np.float32))
+
+    post = channel.Post("127.0.0.1", key, serve)
+    yield post, key
+    post.close()
+
+
+def test_a_peer_with_the_key_talks(echo):
+    post, key = echo
+    with channel.connect(post.address, key) as sock:
+        channel.send(sock, ("hello", 7))
+        assert channel.recv(sock) == ("hello", 7)
+        out = np.empty(3, np.float32)
+        channel.recv_array(sock, out)
+        assert out.tolist() == [0, 1, 2]
+    assert post.refused == 0
+
+
+def test_a_peer_with_another_key_is_refused(echo):
+    post, _ = echo
+    with pytest.raises((channel.Refused, EOFError, ConnectionError)):
+        with channel.connect(post.address, channel.new_key()) as sock:
+            channel.send(sock, ("hello",))
+            channel.recv(sock)
+    deadline = time.monotonic() + 5
+    while post.refused < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert post.refused == 1
+
+
+def test_a_peer_without_the_handshake_gets_nothing(echo):
+    """A plain TCP client sending a message as a keyed peer would: the post reads it as a bad
+    answer to its challenge, closes, and sends nothing but the challenge."""
+    post, _ = echo
+    with socket.create_connection(post.address, timeout=5) as sock:
+        got = b""
+        while len(got) < channel.CHALLENGE_BYTES:
+            got += sock.recv(channel.CHALLENGE_BYTES - len(got))
+        sock.sendall(b"\0" * 64)  # where the answer and its own challenge should be
+        rest = b""
+        try:
+            while chunk := sock.recv(4096):
+                rest += chunk
+        except ConnectionResetError:  # closed with our bytes unread: a reset instead of an end of file
+            pass
+    assert rest == b""  # no answer to anything: the connection was closed
+    assert post.refused == 1
+
+
+def test_the_post_listens_on_its_host_only(echo):
+    post, _ = echo
+    assert post.address[0] == "127.0.0.1" and post.sock.getsockname()[0] == "127.0.0.1"
+
+
+def test_a_silent_peer_does_not_block_others(echo):
+    post, key = echo
+    with socket.create_connection(post.address):  # connects and says nothing
+        done = []
+        thread = threading.Thread(target=lambda: done.append(channel.connect(post.address, key).close()))
+        thread.start()
+        thread.join(5)
+        assert done == [None]
+
+
+@pytest.mark.parametrize("workers, servers", [(1, 1), (2, 2), (3, 1)])
+def test_socket_transport_gives_the_bits_of_shared_memory(ray_session, tmp_path, workers, servers):
+    base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32"))
+    run = train(train_config(tmp_path, workers=workers, servers=servers, steps=6, optimizer="momentum",
+                             dtype="float32", transport="socket"))
+    assert (base["transport"], run["transport"]) == ("shared-memory", "socket")
+    assert run["weights_sha256"] == base["weights_sha256"]
+
+
+def test_socket_transport_survives_a_killed_worker_and_a_killed_server(ray_session, tmp_path):
+    base = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2))
+    run = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2, transport="socket",
+                             fault_injection="kill-worker:1@3,kill-server@5"))
+    assert run["weights_sha256"] == base["weights_sha256"]
+    assert run["faults"]["workers_lost"] >= 1 and run["faults"]["server_restarts"] == 1
+    assert run["faults"].get("redo_mismatches", 0) == 0
+
+
+def test_shared_memory_across_nodes_is_refused():
+    from distbp.distributed.transport import choose
+    from distbp.errors import UsageError
+
+    with pytest.raises(UsageError, match="one Ray node"):
+        choose("shared-memory", False, 10, np.float32, 1)

@@ -1,0 +1,59 @@
+"""--threads-per-worker T: the same bits for any K and T (step/worker.py ``WorkerState.threaded``)."""
+
+import numpy as np
+import pytest
+from conftest import train_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
+
+from distbp.lecture import tree
+from distbp.lecture.network import Network
+from distbp.loops.sync import train
+from distbp.step.worker import WorkerState, micro_batches
+
+LAYERS = (5, 12, 7, 3)
+
+
+def node_values(threads: int, batch: np.ndarray, nodes, X, Y, weights, micro_batch: int) -> np.ndarray:
+    state = WorkerState(LAYERS, "tanh", "cross-entropy", X.dtype, X, Y, micro_batch, threads)
+    out = np.empty((len(nodes), len(weights)), X.dtype)
+    with threadpool_limits(1):
+        losses, _ = state.compute(weights, batch, nodes, out)
+    return out, losses
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 9), st.integers(0, 10**6), st.sampled_from(["float32", "float64"]),
+       st.integers(2, 4), st.data())
+def test_threads_send_the_bits_of_one_thread(rows, micro_batch, seed, dtype, threads, data):
+    """Any batch, any share of its micro-batches, any T: the same node values and losses as T = 1."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((64, LAYERS[0])).astype(dtype)
+    Y = rng.integers(0, LAYERS[-1], 64)
+    batch = rng.integers(0, 64, rows)
+    n = len(micro_batches(rows, micro_batch))
+    lo = data.draw(st.integers(0, n - 1))
+    hi = data.draw(st.integers(lo + 1, n))
+    nodes = tree.blocks(range(lo, hi), n)
+    weights = Network(LAYERS, dtype=dtype, seed=seed % 1000).flat
+    one, one_losses = node_values(1, batch, nodes, X, Y, weights, micro_batch)
+    many, many_losses = node_values(threads, batch, nodes, X, Y, weights, micro_batch)
+    assert one.tobytes() == many.tobytes()
+    assert one_losses.tobytes() == many_losses.tobytes()
+
+
+def test_the_weights_are_the_same_for_any_k_and_t(ray_session, tmp_path):
+    runs = {(k, t): train(train_config(tmp_path, workers=k, threads_per_worker=t, steps=6, batch_size=60,
+                                       micro_batch=8, optimizer="adam", dtype="float32"))
+            for k in (1, 2) for t in (1, 2)}
+    assert len({r["weights_sha256"] for r in runs.values()}) == 1, {kt: r["weights_sha256"][:8]
+                                                                    for kt, r in runs.items()}
+
+
+def test_threads_per_worker_must_be_positive():
+    from distbp import Config
+    from distbp.errors import UsageError
+
+    with pytest.raises(UsageError, match="--threads-per-worker must be at least 1"):
+        Config(threads_per_worker=0).validate()
