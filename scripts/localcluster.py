@@ -41,10 +41,10 @@ def _stat(pid: int) -> tuple[str, int, int, str] | None:
     return fields[0], int(fields[1]), int(fields[3]), fields[19]
 
 
-def family(sessions: set[int]) -> dict[int, str]:
-    """pid -> start time of every live process in ``sessions`` and their descendants."""
+def family(sessions: set[int], roots: set[int] = frozenset()) -> dict[int, str]:
+    """pid -> start time of every live process in ``sessions`` or among ``roots``, and their descendants."""
     procs = {int(e.name): st for e in Path("/proc").iterdir() if e.name.isdigit() and (st := _stat(int(e.name)))}
-    mine = {pid for pid, (_, _, sid, _) in procs.items() if sid in sessions}
+    mine = {pid for pid, (_, _, sid, _) in procs.items() if sid in sessions or pid in roots}
     grew = True
     while grew:
         more = {pid for pid, (_, ppid, _, _) in procs.items() if ppid in mine and pid not in mine}

@@ -27,6 +27,8 @@ from distbp.loops.sync import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "local_cluster.sh"
+sys.path.insert(0, str(ROOT / "scripts"))
+from localcluster import family  # noqa: E402, I001  (the benchmark's own count of a cluster's processes)
 RAY_BIN = Path(sys.executable).parent / "ray"  # the ray of this interpreter, not whatever is on PATH
 TRAIN = ["--dataset", "spirals", "--layers", "2,16,16,3", "--workers", "2", "--batch-size", "60",
          "--micro-batch", "8", "--steps", "10"]
@@ -59,22 +61,7 @@ def clean_env(**extra: str) -> dict:
 def our_processes(session_ids: set[int] = frozenset(), roots: set[int] = frozenset()) -> dict[int, str]:
     """pid -> start time of every live process in those sessions or among ``roots``, and their
     descendants (job drivers run in sessions of their own)."""
-    procs = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            # fields[0] is the state, [1] ppid, [3] session id, [19] start time
-            procs[int(entry.name)] = (fields[0], int(fields[1]), int(fields[3]), fields[19])
-    mine = {pid for pid, (_, _, sid, _) in procs.items() if sid in session_ids or pid in roots}
-    grew = True
-    while grew:
-        more = {pid for pid, (_, ppid, _, _) in procs.items() if ppid in mine and pid not in mine}
-        mine |= more
-        grew = bool(more)
-    return {pid: procs[pid][3] for pid in mine if procs[pid][0] not in "ZX"}
+    return family(set(session_ids), set(roots))
 
 
 def still_running(snapshot: dict[int, str]) -> list[int]:
