@@ -72,3 +72,20 @@ def test_more_servers_than_weights_is_refused(tmp_path):
         train(train_config(tmp_path, layers="2,3,3", servers=100))
     with pytest.raises(UsageError, match="--servers must be at least 1"):
         train_config(tmp_path, servers=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_large_vector_whose_chunks_differ_in_length_is_summed_and_updated(dtype):
+    """784-1024-1024-10 (1,863,690 weights): the server's cache-sized chunks are whole blocks
+    (for --clip-norm), so they are not all of one length; every chunk gets its scratch."""
+    from distbp.lecture.optim import Hyper
+    from distbp.step.server import ServerState
+
+    n = Layout((784, 1024, 1024, 10)).size
+    rng = np.random.default_rng(1)
+    w0, a, b = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+    for hyper in (Hyper("sgd"), Hyper("sgd", clip_norm=1e9)):
+        server = ServerState(w0.copy(), hyper, None)
+        assert len({hi - lo for lo, hi in server.chunks}) > 1  # what the test is about
+        server.step(2, [blocks(range(0, 1), 2), blocks(range(1, 2), 2)], [a[None, :], b[None, :]], 0.5, 1, None)
+        assert server.weights.tobytes() == (w0 - dtype(0.5) * (a + b)).tobytes()

@@ -24,7 +24,7 @@ def node_values(threads: int, batch: np.ndarray, nodes, X, Y, weights, micro_bat
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 9), st.integers(0, 10**6), st.sampled_from(["float32", "float64"]),
+@given(st.integers(1, 100), st.integers(1, 9), st.integers(0, 10**6), st.sampled_from(["float32", "float64"]),
        st.integers(2, 4), st.data())
 def test_threads_send_the_bits_of_one_thread(rows, micro_batch, seed, dtype, threads, data):
     """Any batch, any share of its micro-batches, any T: the same node values and losses as T = 1."""
@@ -41,6 +41,19 @@ def test_threads_send_the_bits_of_one_thread(rows, micro_batch, seed, dtype, thr
     many, many_losses = node_values(threads, batch, nodes, X, Y, weights, micro_batch)
     assert one.tobytes() == many.tobytes()
     assert one_losses.tobytes() == many_losses.tobytes()
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_threaded_worker_holds_few_buffers_whatever_its_share(threads):
+    """200 micro-batches in one node: at most T + log2(n) leaf buffers, not one per leaf."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((64, LAYERS[0])), rng.integers(0, LAYERS[-1], 64)
+    state = WorkerState(LAYERS, "tanh", "cross-entropy", X.dtype, X, Y, 1, threads)
+    nodes = tree.blocks(range(0, 200), 200)
+    out = np.empty((len(nodes), state.layout.size))
+    with threadpool_limits(1):
+        state.compute(Network(LAYERS).flat, rng.integers(0, 64, 200), nodes, out)
+    assert len(state.pool.free) <= threads + 8  # every buffer made is back in the pool
 
 
 def test_the_weights_are_the_same_for_any_k_and_t(ray_session, tmp_path):

@@ -81,7 +81,7 @@ class ServerState:
     def _spare(self, i: int, length: int) -> np.ndarray:
         """The i-th chunk-sized scratch buffer, cut to ``length``."""
         while len(self.scratch) <= i:
-            self.scratch.append(np.empty(self.chunks[0][1], dtype=self.weights.dtype))
+            self.scratch.append(np.empty(max(hi - lo for lo, hi in self.chunks), dtype=self.weights.dtype))
         return self.scratch[i][:length]
 
     def _sum_chunk(self, n: int, nodes: dict[tree.Node, np.ndarray], lo: int, hi: int) -> np.ndarray:

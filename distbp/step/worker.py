@@ -121,40 +121,41 @@ class WorkerState:
 
     def threaded(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[range], nodes: list[tree.Node],
                  out: np.ndarray, losses: dict[int, float]) -> None:
-        """``compute``'s nodes with T threads: every leaf at once (T at a time), each into a buffer
-        of its own (a node's first leaf straight into its row), then the tree's additions.
+        """``compute``'s nodes with T threads: a node's leaves T at a time, in order, each into a
+        buffer of its own (the node's first leaf straight into its row), folded into the node as
+        they come.
 
-        The additions are those of ``node``: an inner node is its left child's buffer plus its
-        right child's, into the left one, so every row gets the bits one thread gives it.
+        The fold makes the additions of ``node``: a stack holds the finished subtrees left to
+        right; two siblings on top become their parent (left + right, into the left one); at the
+        end the stack is added up from the right, which is the tree's ``left + right`` where a
+        right part is cut short by ``n``.  So every row gets the bits one thread gives it, and a
+        worker holds at most T + log2(n) leaf buffers, whatever its share.
         """
         n = len(ranges)
-        leaves: dict[int, np.ndarray] = {}
-        for r, node in enumerate(nodes):
-            lo, hi = tree.span(node, n)
-            leaves[lo] = out[r]
-            leaves.update({i: self.pool.take() for i in range(lo + 1, hi)})
-
-        def leaf(i: int) -> None:
-            losses[i] = self.leaf(W, batch[ranges[i].start:ranges[i].stop], leaves[i])
-
-        list(self.executor.map(leaf, sorted(leaves)))  # re-raises a thread's error here
         # Each addition cut into T column ranges, one per thread: elementwise, so the same bits,
         # and the 2 (n - 1) passes over memory of a share's n leaves no longer run on one core.
         cols = [(r.start, r.stop) for r in cuts.even(self.layout.size, self.threads)]
 
-        def add(node: tree.Node) -> np.ndarray:
-            level, i = node
-            if level == 0:
-                return leaves[i]
-            dst = add((level - 1, 2 * i))
-            right = (level - 1, 2 * i + 1)
-            if tree.span(right, n)[0] < n:
-                src = add(right)
-                list(self.executor.map(lambda c: np.add(dst[c[0]:c[1]], src[c[0]:c[1]], out=dst[c[0]:c[1]]), cols))
-            return dst
+        def add(dst: np.ndarray, src: np.ndarray) -> None:
+            list(self.executor.map(lambda c: np.add(dst[c[0]:c[1]], src[c[0]:c[1]], out=dst[c[0]:c[1]]), cols))
+            self.pool.give(src)
 
-        for node in nodes:
-            add(node)
+        for r, node in enumerate(nodes):
             lo, hi = tree.span(node, n)
-            for i in range(lo + 1, hi):  # leaf lo is the node's row: the caller's
-                self.pool.give(leaves[i])
+            stack: list[tuple[tree.Node, np.ndarray]] = []
+            for first in range(lo, hi, self.threads):
+                window = range(first, min(first + self.threads, hi))
+                bufs = {i: out[r] if i == lo else self.pool.take() for i in window}
+                rows = [batch[ranges[i].start:ranges[i].stop] for i in window]
+                # map re-raises a thread's error here
+                for i, loss in zip(window, self.executor.map(self.leaf, [W] * len(window), rows,
+                                                             [bufs[i] for i in window])):
+                    losses[i] = loss
+                    stack.append(((0, i), bufs[i]))
+                    while len(stack) > 1 and stack[-2][0][0] == stack[-1][0][0] and stack[-2][0][1] % 2 == 0:
+                        (level, i_left), left = stack[-2]
+                        add(left, stack.pop()[1])
+                        stack[-1] = ((level + 1, i_left // 2), left)
+            while len(stack) > 1:
+                right = stack.pop()[1]
+                add(stack[-1][1], right)
