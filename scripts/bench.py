@@ -316,7 +316,8 @@ def main(argv=None) -> int:
     if args.nodes > 1:
         from localcluster import LocalCluster
 
-        cluster = LocalCluster(workers=args.nodes - 1, cpus=args.workers + args.servers)  # all the actors fit on each
+        # every actor fits on each node: K workers of T CPUs and S servers
+        cluster = LocalCluster(workers=args.nodes - 1, cpus=args.workers * args.threads_per_worker + args.servers)
         print(f"starting a {args.nodes}-node Ray cluster on 127.0.0.1 ...", file=sys.stderr, flush=True)
         cluster.start()
     try:
@@ -348,7 +349,7 @@ def measure(args, configs, transports, cluster) -> int:
 
     # Ray once for the whole run: each Session (train's and the breakdown's) finds it
     # initialized, so it places its actors in it and leaves it up when it closes.
-    started = connect(address, cpus_wanted=K + args.servers)
+    started = connect(address, cpus_wanted=K * args.threads_per_worker + args.servers)
 
     @ray.remote(num_cpus=0)
     def worker_blas():
