@@ -160,3 +160,18 @@ def test_keep_checkpoints_at_a_url_keeps_the_same_files_as_a_local_run(ray_sessi
     at_url = sorted(os.path.basename(p) for p in s3.ls(f"{s3.bucket}/runs/kept") if "checkpoint" in p)
     here = sorted(name for name in os.listdir(local) if "checkpoint" in name)
     assert at_url == here == ["checkpoint-12.npz", "checkpoint-16.npz", "checkpoint.npz"]
+
+
+def test_a_run_to_a_url_that_stops_names_its_checkpoint_at_the_url(ray_session, s3, tmp_path, capsys):
+    """A run that ends with an error after a checkpoint (here: it diverges) names the checkpoint
+    where the user finds it, at the URL, not in the staging directory, which is gone."""
+    url = f"s3://{s3.bucket}/runs/diverged"
+    code = cli.main(["train", "--layers", "2,16,3", "--loss", "squared", "--activation", "identity",
+                     "--optimizer", "sgd", "--lr", "100", "--reduction", "sum", "--dtype", "float32",
+                     "--batch-size", "60", "--micro-batch", "8", "--steps", "40", "--checkpoint-every", "2",
+                     "--out", url])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("distbp: error: training diverged at step ")
+    assert f"the last good checkpoint is {url}/checkpoint.npz (step " in last
+    assert s3.exists(f"{s3.bucket}/runs/diverged/checkpoint.npz")
+    assert staged(tmp_path) == []

@@ -54,8 +54,9 @@ class StepLog:
         self.progress, self.callbacks = progress, list(callbacks)
         self.workers = workers
         self.reporters = self.timeline = None
-        if config is not None and config.reporters():  # before the log opens: a failure leaves no directory
-            self.reporters = Reporters(config.reporters(), files.path, config.to_dict(), files.saved_step)
+        names = config.reporters() if config is not None else ()
+        if names:  # before the log opens: a failure leaves no directory
+            self.reporters = Reporters(names, files.path, config.to_dict(), files.saved_step)
             files.watchers.insert(0, self.reporters)  # before an upload (remote.py): it sends what they wrote
         if config is not None and config.timeline:
             self.timeline = spans.Timeline(os.path.join(files.path, spans.NAME))

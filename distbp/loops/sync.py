@@ -63,7 +63,7 @@ def train(config: Config, resumed: dict | None = None, data: Dataset | None = No
         try:
             return _run(config, problem, files, net, resumed, callbacks)
         except Diverged as exc:
-            kept = f"the last good checkpoint is {files.checkpoint} (step {files.saved_step})" \
+            kept = f"the last good checkpoint is {files.shown(CHECKPOINT)} (step {files.saved_step})" \
                 if files.saved_step else "no checkpoint was written"
             raise Diverged(f"{exc}; {kept}") from None
 
@@ -141,12 +141,20 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
 
 def _too_few(exc: Exception, step: int, servers, files: RunFiles, log: StepLog, config: Config) -> None:
     """Too few workers after --elastic-timeout: checkpoint step ``step`` and raise one line saying how to go on."""
+    how = _checkpointed(step, servers, files, log, config) or "no step was done, nothing to resume"
+    raise type(exc)(f"stopped before step {step + 1}: {exc}; {how}") from None
+
+
+def _checkpointed(step: int, servers, files: RunFiles, log: StepLog, config: Config) -> str:
+    """A run stopping after step ``step``: checkpoint it (unless it is) and close the bar.  Returns
+    how to go on, naming the run where the user finds it ("" if no step was ever checkpointed)."""
     if step > files.saved_step:
         save(step, servers.snapshot(), files, log, config)
     log.progress.close()
-    kept = f"checkpoint {files.checkpoint} (step {files.saved_step}); continue with: distbp train --resume " \
-           f"{files.path}" if files.saved_step else "no step was done, nothing to resume"
-    raise type(exc)(f"stopped before step {step + 1}: {exc}; {kept}") from None
+    if not files.saved_step:
+        return ""
+    return (f"checkpoint {files.shown(CHECKPOINT)} (step {files.saved_step}); "
+            f"continue with: distbp train --resume {files.shown()}")
 
 
 def _check_resume(config: Config, problem: Problem, resumed: dict | None, data_id: str) -> int:
@@ -216,10 +224,7 @@ def stopped_early(step: int, net: Network, servers, files: RunFiles, log: StepLo
 def _stopped(stop: StopSignals, step: int, total: int, servers, files: RunFiles, log: StepLog,
              config: Config) -> None:
     """Ctrl-C or SIGTERM after step ``step``: checkpoint it and raise Interrupted saying how to go on."""
-    if step > files.saved_step:
-        save(step, servers.snapshot(), files, log, config)
-    log.progress.close()
-    if not files.saved_step:
+    how = _checkpointed(step, servers, files, log, config)
+    if not how:
         raise Interrupted(f"stopped by {stop.name} before the first step; nothing to resume", stop.signum)
-    raise Interrupted(f"stopped by {stop.name} after step {step} of {total}; checkpoint {files.checkpoint} "
-                      f"(step {files.saved_step}); continue with: distbp train --resume {files.path}", stop.signum)
+    raise Interrupted(f"stopped by {stop.name} after step {step} of {total}; {how}", stop.signum)

@@ -35,7 +35,6 @@ from ..errors import Diverged, RunFailed, UsageError
 from . import checkpoint, metrics, remote
 
 CHECKPOINT = "checkpoint.npz"
-KEPT = checkpoint.KEPT  # --keep-checkpoints: checkpoint-<step>.npz
 SUMMARY = "summary.json"
 LOCK = ".lock"
 
@@ -144,7 +143,7 @@ def sweep(directory: str) -> list[str]:
 
 def kept(directory: str, up_to: int | None = None) -> list[int]:
     """The steps of the ``checkpoint-<step>.npz`` files in ``directory`` (up to step ``up_to``), in order."""
-    steps = [int(m.group(1)) for m in map(KEPT.fullmatch, os.listdir(directory)) if m]
+    steps = [int(m.group(1)) for m in map(checkpoint.KEPT.fullmatch, os.listdir(directory)) if m]
     return sorted(s for s in steps if up_to is None or s <= up_to)
 
 
@@ -281,6 +280,12 @@ class RunFiles:
                 os.unlink(os.path.join(self.path, f"checkpoint-{old}.npz"))
             except FileNotFoundError:
                 pass
+
+    def shown(self, name: str = "") -> str:
+        """``name`` in the run as the user finds it: under the URL the run is staged here for
+        (remote.py), else under this directory; the run itself with no name."""
+        where = remote.url_of(self.path) or self.path
+        return f"{where.rstrip('/')}/{name}" if name else where
 
     def latest(self, initial: dict) -> tuple[dict[str, np.ndarray], int]:
         """The arrays and step of the checkpoint on disk, else of ``initial`` (the run's start)."""

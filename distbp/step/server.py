@@ -73,7 +73,8 @@ class ServerState:
         # each chunk's block starts, relative to the chunk: np.add.reduceat's segments
         starts = np.array([b.start for b in self.blocks], dtype=np.intp)
         self.segments = [starts[(starts >= lo) & (starts < hi)] - lo for lo, hi in self.chunks]
-        self.scratch: list[np.ndarray] = []  # chunk-sized work buffers
+        self.scratch: list[np.ndarray] = []  # chunk-sized work buffers, as long as the longest chunk
+        self.widest = max(hi - lo for lo, hi in self.chunks)
         self.squares = np.empty(len(self.blocks), dtype=self.weights.dtype)  # --clip-norm: each block's sum
         self.summed = 0  # the step whose gradient is summed (gather), to be applied
         self.clock: dict[str, float] = {}  # the step under way's times
@@ -81,7 +82,7 @@ class ServerState:
     def _spare(self, i: int, length: int) -> np.ndarray:
         """The i-th chunk-sized scratch buffer, cut to ``length``."""
         while len(self.scratch) <= i:
-            self.scratch.append(np.empty(max(hi - lo for lo, hi in self.chunks), dtype=self.weights.dtype))
+            self.scratch.append(np.empty(self.widest, dtype=self.weights.dtype))
         return self.scratch[i][:length]
 
     def _sum_chunk(self, n: int, nodes: dict[tree.Node, np.ndarray], lo: int, hi: int) -> np.ndarray:
