@@ -72,13 +72,17 @@ class WorkerPool:
             return
         self.events.append(f"worker {k} started on node {self.node_ids[k][:8]}")
 
+    def _take_in(self, count: int, timeout: float | None) -> None:
+        """The starting actors that answer within ``timeout`` seconds (up to ``count``) become live."""
+        by_ref = {ref: k for k, ref in self.starting.items()}
+        ready, _ = ray.wait(list(by_ref), num_returns=count, timeout=timeout)
+        for ref in ready:
+            self.started(by_ref[ref])
+
     def poll(self) -> None:
         """Take in the actors that came up since the last look, without waiting."""
         if self.starting:
-            ready, _ = ray.wait(list(self.starting.values()), num_returns=len(self.starting), timeout=0)
-            by_ref = {ref: k for k, ref in self.starting.items()}
-            for ref in ready:
-                self.started(by_ref[ref])
+            self._take_in(len(self.starting), 0)
 
     def wait_started(self, minimum: int | None = None, timeout: float | None = None) -> bool:
         """Block until ``minimum`` workers (default: every slot) are live, or ``timeout`` seconds
@@ -90,10 +94,7 @@ class WorkerPool:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            ready, _ = ray.wait(list(self.starting.values()), num_returns=1, timeout=left)
-            by_ref = {ref: k for k, ref in self.starting.items()}
-            for ref in ready:
-                self.started(by_ref[ref])
+            self._take_in(1, left)
         return len(self.live()) >= minimum
 
     def resize(self, step: int) -> dict | None:
