@@ -84,9 +84,11 @@ class Config:
                                                "thread each (default: the worker's share of its node's CPUs); "
                                                "the same bits for any T", metavar="T")
     transport: str = opt("auto", "how a step's vectors travel between the actors: auto (shared memory when "
-                                 "everything is on one Ray node, else socket), socket (authenticated "
-                                 "connections between the actors), object-store (Ray's); the same bits either way",
-                         choices=("auto", "shared-memory", "socket", "object-store"))
+                                 "everything is on one Ray node, else socket+shared-memory), socket "
+                                 "(authenticated connections between the actors), socket+shared-memory "
+                                 "(sockets between nodes, shared memory within a node), object-store (Ray's); "
+                                 "the same bits either way",
+                         choices=("auto", "shared-memory", "socket", "socket+shared-memory", "object-store"))
     mode: str = opt("sync", "sync: exact, the same bits for any K and S; async (push when done, pull the latest "
                             "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",
                     choices=("sync", "async", "ssp"))

@@ -37,6 +37,7 @@ The baselines import nothing from distbp, so that a change in distbp cannot move
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -84,23 +85,40 @@ def make_config(dtype: str, batch: int, args, out: str | None, address: str | No
 
 
 def trainer_run(config, warmup: int) -> dict:
-    """``distbp.loops.sync.train`` itself: samples/s from the times of metrics.jsonl."""
+    """``distbp.loops.sync.train`` itself: samples/s from the times of metrics.jsonl, over the
+    timed steps as a whole (the last, which ends the run, left out): with windows of steps
+    (distributed/windows.py) the steps inside a window are closer together than the window's
+    own Ray calls, so a median of step times would leave those out."""
     from distbp.loops.sync import train
     from distbp.run import metrics
 
     summary = train(config)
     times = [r["time"] for r in metrics.steps(metrics.read(os.path.join(config.out, metrics.NAME)))]
-    step = float(np.median(np.diff(times)[warmup:-1]))
+    step = (times[-2] - times[warmup]) / (len(times) - 2 - warmup)
     return {"step_ms": step * 1e3, "samples_per_second": config.batch_size / step,
             "micro_batch": config.micro_batch, "weights_sha256": summary["weights_sha256"],
             "transport": summary["transport"], "worker_nodes": summary["worker_nodes"],
-            "server_nodes": summary.get("server_nodes")}
+            "server_nodes": summary.get("server_nodes"), "windows": summary.get("windows")}
+
+
+@contextlib.contextmanager
+def windows_of(steps: int):
+    """``--transports NAME/W``: the sync loop's windows hold at most W steps (1: steps one by
+    one, with a Ray call each) for this run; 0 leaves distbp's own (distributed/windows.py)."""
+    from distbp.distributed import windows
+
+    default = windows.WINDOW
+    windows.WINDOW = steps or default
+    try:
+        yield
+    finally:
+        windows.WINDOW = default
 
 
 def breakdown_run(config, warmup: int) -> dict:
     """The sync loop's steps (``Crew`` and ``Servers`` on a ``Session``, as ``loops/sync.py``
-    drives them) with per-step timestamps from the actors, split into phases, and the CPU time
-    of each process.
+    drives them: in windows of steps on the socket transports) with per-step timestamps from
+    the actors, split into phases, and the CPU time of each process.
 
     For step t, with ``S_end(t-1)`` the time the server returned the weights and ``k`` the
     worker that finished last, the critical path is: broadcast ``S_end(t-1) -> start_k``
@@ -115,6 +133,7 @@ def breakdown_run(config, warmup: int) -> dict:
     from distbp.data.problem import prepare
     from distbp.distributed.crew import Crew
     from distbp.distributed.session import Session
+    from distbp.distributed.windows import Windows
     from distbp.lecture.network import Network
     from distbp.step.server import merge_reports
 
@@ -141,17 +160,33 @@ def breakdown_run(config, warmup: int) -> dict:
             while len(pending) > keep:
                 reports.update(merge_reports(servers.get(pending.popleft())))
 
-        for step in range(1, total + 1):
+        # as the sync loop runs them: in windows where the transport allows (windows.py)
+        windows = Windows(crew, session.transport) if session.transport.windows and not servers.two_halves else None
+        step = 1
+        while step <= total:
             if step in (first, total):  # between two drains: nothing of another step is in flight
                 servers.get(weights)
                 drain(0)
                 usage[step] = _usage(pids)
+            last = windows.reach(step, total, lambda t: t + 1 in (first, total)) if windows else step
+            if last > step:
+                batches = [sampler.batch(t) for t in range(step, last + 1)]
+                ran, failure = windows.run(step, batches, lambda t: config.lr,
+                                           lambda b: len(b) if config.reduction == "mean" else None, weights)
+                if failure is not None:
+                    raise failure
+                weights = servers.weights()
+                pending.append(servers.report())
+                drain(1)
+                step = last + 1
+                continue
             batch = sampler.batch(step)
             done = crew.compute(step, batch, weights)
             scale = len(batch) if config.reduction == "mean" else None
             weights = servers.step(done.n, done.nodes, config.lr, step, scale, done.values)
             pending.append(servers.report())
             drain(1)  # as the sync loop does: a step's report is read one step late
+            step += 1
         drain(0)
         spans = sorted(span for w in pool.actors for span in ray.get(w.spans.remote()))
 
@@ -298,8 +333,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=1, choices=(1, 2),
                     help="2: start a 2-node local Ray cluster (token auth) and run one worker per node")
     ap.add_argument("--transports", default=None,
-                    help="comma-separated --transport values to run distbp with, side by side "
-                         "(default: auto; with --nodes 2: socket,object-store)")
+                    help="comma-separated --transport values to run distbp with, side by side; NAME/W: with "
+                         "windows of at most W steps (NAME/1: steps one by one, each through Ray's calls) "
+                         "(default: auto; with --nodes 2: socket+shared-memory,socket+shared-memory/1,object-store)")
     ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP baseline")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown runs (halves the time)")
     ap.add_argument("--baseline-nice", type=int, default=RAY_WORKER_NICENESS,
@@ -309,7 +345,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be at least 2: the breakdown times the steps between two readings")
-    transports = (args.transports or ("socket,object-store" if args.nodes > 1 else "auto")).split(",")
+    transports = (args.transports or ("socket+shared-memory,socket+shared-memory/1,object-store" if args.nodes > 1
+                                      else "auto")).split(",")
     pairs = (args.configs or "float64:256,float64:1024,float32:256,float32:1024").split(",")
     configs = [(d, int(b)) for d, b in (c.split(":") for c in pairs)]
     cluster = None
@@ -376,20 +413,21 @@ def measure(args, configs, transports, cluster) -> int:
                 for transport in transports:
                     run = {"round": r, "dtype": dtype, "batch_size": batch, "workers": K, "transport": transport,
                            "numpy": numpy_runs, "ddp": ddp_run}
-                    with tempfile.TemporaryDirectory() as tmp:
-                        config = make_config(dtype, batch, args, os.path.join(tmp, "run"), address, transport)
+                    name, _, window = transport.partition("/")
+                    with tempfile.TemporaryDirectory() as tmp, windows_of(int(window or 0)):
+                        config = make_config(dtype, batch, args, os.path.join(tmp, "run"), address, name)
                         run["distbp"] = trainer_run(config, args.warmup)
+                        if not args.no_breakdown:
+                            run["breakdown"] = breakdown_run(make_config(dtype, batch, args, None, address, name),
+                                                             args.warmup)
                     if cluster is not None and len(set(run["distbp"]["worker_nodes"])) < min(K, args.nodes):
                         raise RuntimeError(f"workers not on distinct nodes: {run['distbp']['worker_nodes']}")
-                    if not args.no_breakdown:
-                        run["breakdown"] = breakdown_run(make_config(dtype, batch, args, None, address, transport),
-                                                         args.warmup)
                     sps = run["distbp"]["samples_per_second"]
                     run["ratios"] = {f"numpy_{n}t": sps / v["samples_per_second"] for n, v in numpy_runs.items()}
                     if ddp_run:
                         run["ratios"]["ddp"] = sps / ddp_run["samples_per_second"]
                     results.append(run)
-                    print(f"round {r} {dtype} B={batch} {run['distbp']['transport']}: distbp {sps:.0f}/s " +
+                    print(f"round {r} {dtype} B={batch} {transport}: distbp {sps:.0f}/s " +
                           " ".join(f"{k} {v:.2f}" for k, v in run["ratios"].items()), file=sys.stderr, flush=True)
     finally:
         if started or cluster is not None:  # ours, or the benchmark's cluster: leave it before it stops

@@ -56,18 +56,30 @@ def local(ray_session, tmp_path_factory):
                               checkpoint_every=2))
 
 
-@pytest.mark.parametrize("transport", ["auto", "object-store"])
+@pytest.mark.parametrize("transport", ["auto", "socket", "object-store"])
 def test_across_nodes_the_bits_are_those_of_one_node(cluster, local, tmp_path, transport):
     summary = run_on(cluster, tmp_path / "run", "--transport", transport)
     assert len(set(summary["worker_nodes"])) == 2, summary["worker_nodes"]  # one worker per node
-    assert summary["transport"] == ("socket" if transport == "auto" else transport)
+    # auto: sockets between the nodes, shared memory between a worker and a server of one node
+    assert summary["transport"] == ("socket+shared-memory" if transport == "auto" else transport)
     assert local["transport"] == "shared-memory"
     assert summary["weights_sha256"] == local["weights_sha256"]
 
 
 def test_a_worker_killed_across_nodes_changes_nothing(cluster, local, tmp_path):
     summary = run_on(cluster, tmp_path / "run", "--fault-injection", "kill-worker:1@4,kill-server@7")
-    assert summary["transport"] == "socket"
+    assert summary["transport"] == "socket+shared-memory"
+    assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] == 1
+    assert summary["weights_sha256"] == local["weights_sha256"]
+
+
+def test_a_server_on_each_node_mixes_shared_memory_and_sockets_with_the_same_bits(cluster, local, tmp_path):
+    """--servers 2 across 2 nodes: each worker has a server of its node (shared memory) and one
+    of the other node (its socket); killing a worker and a server on the way changes nothing."""
+    summary = run_on(cluster, tmp_path / "run", "--servers", "2",
+                     "--fault-injection", "kill-worker:0@4,kill-server@7")
+    assert summary["transport"] == "socket+shared-memory"
+    assert len(set(summary["server_nodes"])) == 2  # a server on each node (a replaced worker goes where Ray puts it)
     assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] == 1
     assert summary["weights_sha256"] == local["weights_sha256"]
 

@@ -99,9 +99,20 @@ def test_socket_transport_gives_the_bits_of_shared_memory(ray_session, tmp_path,
     assert run["weights_sha256"] == base["weights_sha256"]
 
 
-def test_socket_transport_survives_a_killed_worker_and_a_killed_server(ray_session, tmp_path):
+@pytest.mark.parametrize("workers, servers", [(1, 1), (2, 2), (3, 1)])
+def test_memory_shared_within_a_node_gives_the_bits_of_shared_memory(ray_session, tmp_path, workers, servers):
+    """socket+shared-memory on one node: every worker-server pair shares memory (memfds), no socket carries a vector."""
+    base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32"))
+    run = train(train_config(tmp_path, workers=workers, servers=servers, steps=6, optimizer="momentum",
+                             dtype="float32", transport="socket+shared-memory"))
+    assert run["transport"] == "socket+shared-memory"
+    assert run["weights_sha256"] == base["weights_sha256"]
+
+
+@pytest.mark.parametrize("transport", ["socket", "socket+shared-memory"])
+def test_socket_transport_survives_a_killed_worker_and_a_killed_server(ray_session, tmp_path, transport):
     base = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2))
-    run = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2, transport="socket",
+    run = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2, transport=transport,
                              fault_injection="kill-worker:1@3,kill-server@5"))
     assert run["weights_sha256"] == base["weights_sha256"]
     assert run["faults"]["workers_lost"] >= 1 and run["faults"]["server_restarts"] == 1
@@ -114,3 +125,33 @@ def test_shared_memory_across_nodes_is_refused():
 
     with pytest.raises(UsageError, match="one Ray node"):
         choose("shared-memory", False, 10, np.float32, 1)
+
+
+def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_another(ray_session):
+    """socket+shared-memory, both ends in this process: the server "of another node" (its handle
+    names another node) gets the worker's columns over its socket, the one of this node reads
+    them in place from the worker's memfd; each server gets exactly its columns."""
+    from dataclasses import replace
+
+    from distbp.distributed.sockets import Sockets
+
+    transport = Sockets(10, np.float64, 2, share_node=True)
+    servers = [transport.server_end(s) for s in range(2)]
+    for server in servers:
+        server.hold(np.arange(10, dtype=np.float64))
+    here, there = (server.publish(server.held) for server in servers)
+    there = replace(there, node="another node")  # the same server, as if on another node
+    worker = transport.worker_end()
+    values = worker.rows(1, 2)
+    np.testing.assert_array_equal(worker.weights((here, there)), np.arange(10))
+    values[:] = np.arange(20, dtype=np.float64).reshape(2, 10)
+    sent = worker.send(values)
+    assert sent[0].block is not None and sent[0].key == ""  # in place: only a handle
+    assert sent[1].block is None and sent[1].key in servers[1].inbox  # over the socket
+    for server, handle in zip(servers, sent):
+        r = server.bounds
+        (got,) = server.receive((handle,))
+        np.testing.assert_array_equal(got, values[:, r.start:r.stop])
+    assert servers[0].inbox == {}  # nothing of the node's worker came by socket
+    servers[0].held[:] = -1.0  # a server's update is what the worker of its node reads next
+    assert (worker.weights((here, there))[:len(servers[0].held)] == -1.0).all()

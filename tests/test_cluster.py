@@ -189,7 +189,7 @@ def test_job_spreads_workers_over_both_nodes_and_matches_a_local_run(cluster, ra
     assert len(set(summary["worker_nodes"])) == 2, summary["worker_nodes"]  # one worker per node
     assert summary["weights_sha256"] == local["weights_sha256"]
     # across nodes the vectors went over the actors' authenticated sockets; locally through shared memory
-    assert (summary["transport"], local["transport"]) == ("socket", "shared-memory")
+    assert (summary["transport"], local["transport"]) == ("socket+shared-memory", "shared-memory")
     assert local["worker_nodes"][0] not in summary["worker_nodes"]  # the job really ran elsewhere
     # The job's log ends with the summary the CLI prints, a JSON object from a line "{" on.
     lines = log.splitlines()

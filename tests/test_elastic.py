@@ -80,7 +80,7 @@ def test_nodes_joining_mid_run_add_workers_and_keep_the_bits(fixed, reference, t
     assert [(r["from"], r["to"]) for r in resizes] in ([(1, 3)], [(1, 2), (2, 3)]), resizes
     assert all(r["step"] > 3 and "started" in r["why"] for r in resizes)
     assert_fixed_k_steps(tmp_path / "run", reference)  # no step lost or redone, each the same sum
-    assert result["summary"]["transport"] == "socket"  # workers on several nodes
+    assert result["summary"]["transport"] == "socket+shared-memory"  # workers on several nodes
     assert result["summary"]["weights_sha256"] == fixed
 
 
@@ -157,7 +157,7 @@ def test_a_range_on_one_machine_gives_the_fixed_k_bits(fixed, tmp_path):
     counts = [line["workers"] for line in steps_of(Path(summary["out"]))]
     assert summary["weights_sha256"] == fixed
     # The session's Ray is not the run's own: a node could join it, so not shared memory.
-    assert summary["workers"] == "1:3" and summary["transport"] == "socket"
+    assert summary["workers"] == "1:3" and summary["transport"] == "socket+shared-memory"
     assert all(1 <= c <= 3 for c in counts) and counts == sorted(counts)  # nothing lost here: it only grows
     assert all(r["to"] > r["from"] for r in summary["resizes"])
     assert len(summary["worker_nodes"]) >= max(counts)

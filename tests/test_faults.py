@@ -144,19 +144,25 @@ def test_straggler_work_is_taken_over_without_dropping_samples(clean, tmp_path, 
 
 
 def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(ray_session, tmp_path, capsys):
-    out = str(tmp_path / "diverged")
-    code = cli.main(["train", "--layers", "2,16,3", "--loss", "squared", "--activation", "identity",
-                     "--optimizer", "sgd", "--lr", "100", "--reduction", "sum", "--dtype", "float32",
-                     "--batch-size", "60", "--micro-batch", "8", "--steps", "40", "--checkpoint-every", "2",
-                     "--out", out])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
-    assert err[-1].startswith("distbp: error: training diverged at step ")
-    step = int(err[-1].split("at step ")[1].split(":")[0])
-    saved = checkpoint.load(os.path.join(out, "checkpoint.npz"))
-    assert saved["step"] < step and np.isfinite(saved["weights"]).all()
-    assert f"(step {saved['step']})" in err[-1]
-    assert not os.path.exists(os.path.join(out, "summary.json"))
+    """Steps one by one (shared memory) and in windows (socket+shared-memory: windows of 2
+    steps between the checkpoints) stop at the same step, with the same words."""
+    stopped = []
+    for transport in ("shared-memory", "socket+shared-memory"):
+        out = str(tmp_path / transport)
+        code = cli.main(["train", "--layers", "2,16,3", "--loss", "squared", "--activation", "identity",
+                         "--optimizer", "sgd", "--lr", "100", "--reduction", "sum", "--dtype", "float32",
+                         "--batch-size", "60", "--micro-batch", "8", "--steps", "40", "--checkpoint-every", "2",
+                         "--transport", transport, "--out", out])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1
+        assert err[-1].startswith("distbp: error: training diverged at step ")
+        step = int(err[-1].split("at step ")[1].split(":")[0])
+        saved = checkpoint.load(os.path.join(out, "checkpoint.npz"))
+        assert saved["step"] < step and np.isfinite(saved["weights"]).all()
+        assert f"(step {saved['step']})" in err[-1]
+        assert not os.path.exists(os.path.join(out, "summary.json"))
+        stopped.append(err[-1].replace(out, "OUT"))
+    assert stopped[0] == stopped[1]
 
 
 def test_server_refuses_a_non_finite_gradient_and_a_replayed_step():

@@ -12,7 +12,9 @@ because numpy's pool is sized at import and Ray reuses worker processes.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import numpy as np
 import ray
@@ -21,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from ..faults import Action, strike
 from ..lecture import cuts, tree
 from ..lecture.optim import Hyper
-from ..step.server import ServerState
+from ..step.server import NonFiniteGradient, ServerState
 from ..step.worker import WorkerState
 from .transport import Transport
 
@@ -72,6 +74,26 @@ class Worker(_Actor):
             info = self.state.compute(weights, batch, nodes, values)
         return (*self.end.send(values), info)
 
+    def steps(self, window: int, plan: list[tuple], *weights) -> int:
+        """A window of steps without a Ray call each (windows.py; the socket transports only):
+        for each ``(step, batch, nodes, key, fault)`` of ``plan``, wait for the servers' weights after
+        the step before, compute the nodes, hand them to the servers under ``key``.  Returns how
+        many steps it handed in: fewer when the window ended early (called off, or a server
+        stopped)."""
+        done = 0
+        for step, batch, nodes, key, fault in plan:
+            if fault is not None:  # --fault-injection kill-worker at this step
+                strike(fault)
+            values = self.end.rows(step, len(nodes))
+            flat = self.end.weights(weights, ahead=(window, step - 1))
+            if flat is None:
+                break
+            with np.errstate(over="ignore", invalid="ignore"):  # the servers refuse a diverging step
+                losses, seconds = self.state.compute(flat, batch, nodes, values)
+            self.end.hand_in(values, key, (losses.tolist(), seconds))
+            done += 1
+        return done
+
     def spans(self) -> list[tuple[float, float, float]]:
         """Wall-clock (start, end) and CPU seconds of the recent compute calls, oldest first (scripts/bench.py)."""
         return list(self.state.spans)
@@ -89,6 +111,7 @@ class ParameterServer(_Actor):
         lo, hi = transport.bounds[s].start, transport.bounds[s].stop
         self.state = ServerState(self.end.hold(weights), hyper, None if decay_mask is None else decay_mask[lo:hi],
                                  cuts.within(transport.size, transport.bounds[s]))
+        self.end.holds(self.state.t)
         self.fault: Action | None = None  # armed by --fault-injection for the next step
 
     def weights(self):
@@ -104,6 +127,7 @@ class ParameterServer(_Actor):
         if self.fault is not None:
             strike(self.fault)
         self.state.step(n, nodes, self.end.receive(values), lr, t, scale)
+        self.end.holds(t)
         return self.weights()
 
     def gather(self, n, nodes, t, *values):
@@ -115,7 +139,40 @@ class ParameterServer(_Actor):
     def apply(self, lr, t, scale, *squares):
         """``step``'s second half: ``squares`` are every server's ``gather``; update, return the new weights."""
         self.state.apply(lr, t, scale, list(squares))
+        self.end.holds(t)
         return self.weights()
+
+    def steps(self, window: int, plan: list[tuple]) -> tuple[dict[int, tuple], str | None]:
+        """A window of steps without a Ray call each (windows.py): for each ``(step, n, nodes,
+        keys, lr, scale, size, fault)`` of ``plan`` wait for the values handed in under ``keys``, check
+        the step's loss (the micro-batches' errors over ``size`` samples), sum, update, and let
+        the workers have the weights.  Returns ``{step: (loss, [each task's compute seconds],
+        when it was applied (``perf_counter``))}``
+        of the steps applied, and why the window ended early (None if it did not: "called off",
+        or the one line of a diverged step): the steps it leaves are the driver's to redo."""
+        done: dict[int, tuple] = {}
+        self.end.begin(window)
+        try:
+            for step, n, nodes, keys, lr, scale, size, fault in plan:
+                if fault is not None:  # --fault-injection kill-server at this step
+                    strike(fault)
+                got = self.end.collect(keys, step)
+                if got is None:
+                    return done, "called off"
+                values, metas = got
+                loss = math.fsum(x for losses, _ in metas for x in losses) / size
+                if not math.isfinite(loss):  # caught before anything is applied, as the sync loop does
+                    return done, f"training diverged at step {step}: the loss is {loss}"
+                try:
+                    self.state.step(n, nodes, values, lr, step, scale)
+                except NonFiniteGradient:  # the crew's words for it, one by one
+                    return done, f"training diverged at step {step}: the summed gradient has NaN or inf " \
+                                 "(the server did not apply it)"
+                self.end.holds(step)
+                done[step] = (loss, [seconds for _, seconds in metas], time.perf_counter())
+            return done, None
+        finally:
+            self.end.end()
 
     def step_count(self) -> int:
         """Steps applied so far: after a failure the driver resumes from here, never applying one twice."""
@@ -131,3 +188,4 @@ class ParameterServer(_Actor):
     def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
         """This range of the weights and optimizer buffers of a checkpoint taken after step ``t``."""
         self.state.restore(arrays, t)
+        self.end.holds(t)

@@ -19,6 +19,10 @@ The crew uses that freedom three ways:
   ``Servers.recover``, which asks live servers how many steps they hold, or starts new ones
   from the latest checkpoint (servers.py).
 
+On the socket transports the sync loop runs most steps in windows, without the crew's Ray
+calls (windows.py); a window shares each step as ``compute`` shares a step that goes well, and
+the steps after a late worker go through ``compute`` again.
+
 Why a step is never applied twice or with a part missing: the driver sends the server a
 step only once all of its inputs exist; Ray runs an actor task only when its arguments are
 ready and fails it unrun when one of them failed (checked: the server's step counter stays
@@ -148,7 +152,7 @@ class Crew:
         """
         n = -(-len(batch) // self.micro_batch)
         self.step = step
-        self._gather(step)
+        self.gather(step)
         self.stalled = self._arm(step)
         root = Piece(range(n))
         pace: float | None = None  # seconds per micro-batch of the quickest share of this step
@@ -184,7 +188,7 @@ class Crew:
                         [float(v) for task in tasks for v in task.result[0]],
                         max(task.result[1] for task in tasks), len({task.worker for task in tasks}))
 
-    def _gather(self, step: int) -> None:
+    def gather(self, step: int) -> None:
         """Step ``step``'s boundary: workers that came up join; with fewer than ``minimum`` live,
         wait for more, and past ``wait_s`` raise TooFewWorkers (nothing of the step was sent)."""
         if not self.pool.wait_started(self.minimum, self.wait_s):
@@ -200,7 +204,7 @@ class Crew:
         for piece in list(root.unfinished()):
             if piece.children:  # being covered by its children (they are visited too)
                 continue
-            idle = self._idle()
+            idle = self.idle()
             task = piece.task
             if not idle:
                 break
@@ -209,7 +213,7 @@ class Crew:
             elif task.status is Status.RUNNING and pace is not None and time.monotonic() >= self._late_at(task, pace):
                 self.stats["backups"] += 1
                 self._split(piece, idle, batch, weights, redo=True)
-        if pace is None or not self._idle():
+        if pace is None or not self.idle():
             return None
         running = [p.task for p in root.unfinished() if not p.children and p.task and p.task.status is Status.RUNNING]
         return min((self._late_at(task, pace) for task in running), default=None)
@@ -240,7 +244,7 @@ class Crew:
         self.running[k] = task
         return task
 
-    def _idle(self) -> list[int]:
+    def idle(self) -> list[int]:
         """Workers free for a share.  With fewer micro-batches than workers, ``cuts.even`` gives them
         to the last ones: workers armed with --fault-injection delay-worker go last."""
         idle = [k for k in range(len(self.pool)) if k not in self.running and k not in self.pool.starting]

@@ -44,6 +44,7 @@ class Block:
     shape: tuple[int, ...]
     dtype: str
     offset: int = 0
+    tag: str = ""  # tells apart memory that reuses a path (a memfd's /proc/<pid>/fd/<n>: Memfds)
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +65,38 @@ class Board:
         cache their mappings by path (``Maps``).
         """
         return _new_file(self.root, prefix, shape, dtype)
+
+    def remove(self, block: Block) -> None:
+        os.unlink(block.path)
+
+
+class Memfds:
+    """Shared memory of one process that needs no file and no cleanup: each array is a memfd
+    (``os.memfd_create``), which another process of the same user on the same machine maps
+    through ``/proc/<pid>/fd/<fd>``.  Its memory is freed once no process holds it, so an
+    actor that dies leaves nothing behind, on whatever node it ran (the socket transport's
+    arrays shared between actors of one node: sockets.py).  The same methods as ``Board``.
+    """
+
+    def __init__(self):
+        self.fds: dict[Block, int] = {}
+
+    def new(self, prefix: str, shape: tuple[int, ...], dtype) -> Block:
+        fd = os.memfd_create(f"distbp-{prefix}", os.MFD_CLOEXEC)
+        block = Block(f"/proc/{os.getpid()}/fd/{fd}", tuple(int(n) for n in shape), np.dtype(dtype).str,
+                      tag=f"{os.getpid()}-{next(_made)}")
+        self.fds[block] = fd
+        os.ftruncate(fd, max(1, block.nbytes))
+        return block
+
+    def remove(self, block: Block) -> None:
+        """Close the memfd: its memory goes once the processes that map it unmap it."""
+        os.close(self.fds.pop(block))
+
+
+def memfd_available() -> bool:
+    """Whether this system makes memfds that another process can map (Linux)."""
+    return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
 
 
 _made = itertools.count()  # files made by this process
@@ -133,11 +166,11 @@ class Maps:
     """The shared files one process has mapped: each is mapped once, however many steps read it."""
 
     def __init__(self):
-        self.arrays: dict[tuple[str, bool], np.ndarray] = {}
+        self.arrays: dict[tuple[str, str, bool], np.ndarray] = {}
 
     def view(self, block: Block, writable: bool = False) -> np.ndarray:
         """``block`` as an array backed by its file: read-only unless ``writable``."""
-        key = (block.path, writable)
+        key = (block.path, block.tag, writable)
         flat = self.arrays.get(key)
         end = block.offset + int(np.prod(block.shape))
         if flat is None or flat.dtype != np.dtype(block.dtype) or len(flat) < end:
@@ -146,11 +179,18 @@ class Maps:
             flat = self.arrays[key] = np.frombuffer(mem, dtype=block.dtype)
         return flat[block.offset:end].reshape(block.shape)
 
-    def retain(self, paths: set[str]) -> None:
-        """Unmap every file but ``paths`` (a worker's file of node values changes when it grows or
-        the worker is replaced): the memory of a removed file is freed once nobody maps it."""
-        for key in [key for key in self.arrays if key[0] not in paths]:
+    def retain(self, blocks) -> None:
+        """Unmap every file but those of ``blocks`` (a worker's file of node values changes when
+        it grows or the worker is replaced): the memory of a removed file is freed once nobody
+        maps it."""
+        keep = {(block.path, block.tag) for block in blocks}
+        for key in [key for key in self.arrays if key[:2] not in keep]:
             del self.arrays[key]
+
+    def drop(self, block: Block) -> None:
+        """Unmap ``block``'s file (both ways it may be mapped)."""
+        for writable in (False, True):
+            self.arrays.pop((block.path, block.tag, writable), None)
 
 
 class Rows:
@@ -165,28 +205,28 @@ class Rows:
     stop making files.
     """
 
-    def __init__(self, board: Board, maps: Maps, width: int, dtype):
+    def __init__(self, board: Board | Memfds, maps: Maps, width: int, dtype):
         self.board, self.maps, self.width, self.dtype = board, maps, width, np.dtype(dtype)
         self.file: Block | None = None  # the file being filled
         self.used = 0  # its rows taken in step ``self.step``
         self.step: int | None = None
-        self.retired: list[str] = []  # files filled earlier in this step: the servers may still read them
+        self.retired: list[Block] = []  # files filled earlier in this step: the servers may still read them
 
     def take(self, step: int, rows: int) -> tuple[Block, np.ndarray]:
         """``rows`` fresh rows for a call of step ``step``: their Block (what the servers read) and
         a writable view of them."""
         if step != self.step:
             self.step, self.used = step, 0
-            for path in self.retired:
-                os.unlink(path)
+            for old in self.retired:
+                self.board.remove(old)
             self.retired = []
         if self.file is None or self.used + rows > self.file.shape[0]:
             capacity = rows
             if self.file is not None:
-                self.retired.append(self.file.path)
+                self.retired.append(self.file)
+                self.maps.drop(self.file)  # this process is done with it: it has sent those rows
                 capacity = max(rows, 2 * self.file.shape[0])
             self.file, self.used = self.board.new("nodes-", (capacity, self.width), self.dtype), 0
-            self.maps.retain({self.file.path, self.board.weights.path})
-        block = Block(self.file.path, (rows, self.width), self.file.dtype, self.used * self.width)
+        block = Block(self.file.path, (rows, self.width), self.file.dtype, self.used * self.width, self.file.tag)
         self.used += rows
         return block, self.maps.view(block, writable=True)

@@ -15,6 +15,22 @@ and the driver sends the servers step t + 1 only once the calls it uses have ret
 is after their pushes were acknowledged.  A late copy nobody waits for may pull weights while
 a server updates them, or push after the step was taken: its result is dropped.
 
+With ``share_node`` (transport ``socket+shared-memory``, what ``auto`` picks across nodes) a
+worker and a server on the same Ray node skip the socket: the server keeps its range in shared
+memory (a memfd: shm.Memfds, nothing to clean up when an actor dies), which the worker copies
+(or, with one server, reads in place), and the worker computes its node values into shared
+memory too, so that a server of its node reads its columns in place and only a handle goes
+through Ray.  Only the bytes between nodes then cross a socket: with one server per node,
+what a reduce-scatter plus an all-gather would send.
+
+Windows of steps (windows.py) use the same connections: a worker asks each server for the
+weights after a given step of a window (``("reached", window, version, pull)``, answered once
+the server holds them, or no if the window ended before), and hands in its rows under a key
+the driver chose (``push`` or, on the server's node, ``put`` of a memfd's handle) with its
+micro-batch losses and compute time; the server's step waits for its keys (``collect``).  The
+driver calls a window off (``call_off``: a connection of its own, with the run's key) when
+something in it failed, and every server then ends its steps and says no to waiting workers.
+
 Failures keep the crew's meaning: a server that cannot be reached (it died, its node is
 gone) makes the worker's call fail with ``PeerLost``, an ``ObjectLostError`` ("the step's
 inputs are lost"), so the driver recovers the servers as it does when an object is lost; a
@@ -35,7 +51,9 @@ import ray
 from ray.exceptions import ObjectLostError
 
 from ..lecture import cuts
-from . import channel
+from . import channel, shm
+
+WAIT_S = 600.0  # a window's wait for a step's values or weights gives up after this (windows.py)
 
 
 class PeerLost(ObjectLostError):
@@ -57,19 +75,23 @@ class Handle:
     """Where a server listens and, for node values, which of its inbox entries: a few dozen bytes."""
 
     address: tuple[str, int]
-    key: str = ""  # the inbox entry (empty for the weights)
+    key: str = ""  # the inbox entry (empty for the weights, and for node values in ``block``)
     step: int = 0
+    node: str = ""  # with share_node: the Ray node of the actor that made it
+    block: shm.Block | None = None  # with share_node: the same array in that actor's shared memory
 
 
 class Sockets:
-    """The vectors over authenticated TCP between the actors: works across nodes."""
+    """The vectors over authenticated TCP between the actors: works across nodes.  With
+    ``share_node``, actors of one Ray node share memory instead."""
 
-    name = "socket"
-
-    def __init__(self, size: int, dtype, servers: int):
+    def __init__(self, size: int, dtype, servers: int, share_node: bool = False):
         self.size, self.dtype = size, np.dtype(dtype)
         self.bounds = cuts.aligned(size, servers)
         self.key = channel.new_key()  # made for this run; reaches the actors in their Ray arguments
+        self.share_node = share_node
+        self.name = "socket+shared-memory" if share_node else "socket"
+        self.windows = True  # the actors talk directly: steps can go without Ray calls (windows.py)
 
     def worker_end(self) -> _SocketWorker:
         return _SocketWorker(self)
@@ -91,6 +113,11 @@ class _SocketWorker:
         self.me = f"{os.getpid()}-{os.urandom(4).hex()}"
         self.calls = itertools.count()
         self.step = 0
+        # share_node: the node values in shared memory, the servers' weights of this node mapped
+        self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
+        self.maps = shm.Maps()
+        self.shared = shm.Rows(shm.Memfds(), self.maps, transport.size, transport.dtype) if self.node else None
+        self.block: shm.Block | None = None  # the rows of the current call, in shared memory
 
     def _talk(self, address: tuple[str, int], talk):
         """``talk(sock)`` on the connection to ``address``; PeerLost if the server cannot be reached."""
@@ -105,21 +132,65 @@ class _SocketWorker:
                 sock.close()
             raise PeerLost(f"the server at {address[0]}:{address[1]} cannot be reached ({exc})") from None
 
-    def weights(self, parts: tuple[Handle, ...]) -> np.ndarray:
-        """The whole weight vector, each server's range pulled into its place in one buffer."""
+    def _here(self, handle: Handle) -> bool:
+        """Whether ``handle``'s server shares this worker's node (and memory): share_node only."""
+        return handle.block is not None and handle.node == self.node
+
+    def _view(self, handle: Handle) -> np.ndarray:
+        """A server's weight range of this node, mapped in place; PeerLost if it is gone."""
+        try:
+            return self.maps.view(handle.block)
+        except OSError as exc:
+            raise PeerLost(f"the server at {handle.address[0]}:{handle.address[1]} is gone ({exc})") from None
+
+    def weights(self, parts: tuple[Handle, ...], ahead: tuple[int, int] | None = None) -> np.ndarray | None:
+        """The whole weight vector, each server's range pulled into its place in one buffer (or,
+        from a server of this node, copied from its memory; one such server: read in place).
+
+        ``ahead = (window, version)``: a step of a window (windows.py), whose weights are those
+        after step ``version``: each server answers once it holds them, or says the window
+        ended before (then None)."""
+        if self.node:  # unmap the weights of servers that were replaced
+            mine = [self.shared.file] if self.shared.file else []
+            self.maps.retain([h.block for h in parts if self._here(h)] + mine)
         self.servers = parts
+        single = len(parts) == 1 and self._here(parts[0])  # read in place
         for handle, r in zip(parts, self.bounds):
-            def pull(sock, dst=self.flat[r.start:r.stop]):
-                channel.send(sock, ("pull",))
+            dst = self.flat[r.start:r.stop]
+            if self._here(handle):
+                if ahead is not None and not self._talk(handle.address, lambda sock: self._reached(sock, ahead, False)):
+                    return None
+                if not single:
+                    np.copyto(dst, self._view(handle))
+                continue
+
+            def pull(sock, dst=dst) -> bool:
+                if ahead is None:
+                    channel.send(sock, ("pull",))
+                elif not self._reached(sock, ahead, True):
+                    return False
                 channel.recv_array(sock, dst)
-            self._talk(handle.address, pull)
-        return self.flat
+                return True
+            if not self._talk(handle.address, pull):
+                return None
+        return self._view(parts[0]) if single else self.flat
+
+    @staticmethod
+    def _reached(sock: socket.socket, ahead: tuple[int, int], pull: bool) -> bool:
+        """Ask a server whether it holds the weights after step ``version`` of ``window``, waiting
+        until it does; with ``pull`` a yes is followed by the range's bytes (``weights`` reads them)."""
+        channel.send(sock, ("reached", *ahead, pull))
+        return channel.recv(sock) == (True,)
 
     def rows(self, step: int, count: int) -> np.ndarray:
-        """``count`` rows to compute node values into: a buffer of this worker's, reused."""
+        """``count`` rows to compute node values into: a buffer of this worker's, reused (in shared
+        memory with share_node: a server of this node reads them in place)."""
+        self.step = step
+        if self.shared is not None:
+            self.block, values = self.shared.take(step, count)
+            return values
         if len(self.out) < count:
             self.out = np.empty((count, self.out.shape[1]), dtype=self.dtype)
-        self.step = step
         return self.out[:count]
 
     def send(self, values: np.ndarray) -> list[Handle]:
@@ -127,15 +198,45 @@ class _SocketWorker:
         key = f"{self.me}-{next(self.calls)}"
         handles = []
         for handle, r in zip(self.servers, self.bounds):
-            def push(sock, lo=r.start, hi=r.stop):
-                channel.send(sock, ("push", key, self.step, len(values)))
-                for row in values:
-                    channel.send_array(sock, row[lo:hi])  # each row's columns are contiguous
-                if channel.recv(sock) != (True,):
-                    raise EOFError("the server did not take the rows")
-            self._talk(handle.address, push)
+            if self._here(handle):  # the server reads its columns in place
+                handles.append(Handle(handle.address, "", self.step, self.node, self.block))
+                continue
+            self._talk(handle.address, lambda sock, lo=r.start, hi=r.stop: self._push(sock, key, values, lo, hi))
             handles.append(Handle(handle.address, key, self.step))
         return handles
+
+    def hand_in(self, values: np.ndarray, key: str, meta: tuple) -> None:
+        """A window's step (windows.py): each server gets its columns of ``values`` under ``key``, with
+        ``meta`` (the micro-batches' errors and the compute seconds); a server of this node gets
+        only where the rows are in this worker's memory."""
+        for handle, r in zip(self.servers, self.bounds):
+            if self._here(handle):
+                def put(sock):
+                    channel.send(sock, ("put", key, self.step, self.block, meta))
+                    if channel.recv(sock) != (True,):
+                        raise EOFError("the server did not take the rows")
+                self._talk(handle.address, put)
+            else:
+                def push(sock, lo=r.start, hi=r.stop):
+                    self._push(sock, key, values, lo, hi, meta)
+                self._talk(handle.address, push)
+
+    def _push(self, sock: socket.socket, key: str, values: np.ndarray, lo: int, hi: int, meta=None) -> None:
+        channel.send(sock, ("push", key, self.step, len(values), meta))
+        for row in values:
+            channel.send_array(sock, row[lo:hi])  # each row's columns are contiguous
+        if channel.recv(sock) != (True,):
+            raise EOFError("the server did not take the rows")
+
+
+@dataclass
+class _Entry:
+    """Node values in a server's inbox: pushed ``rows``, or a ``block`` of a worker of its node."""
+
+    step: int
+    rows: np.ndarray | None
+    block: shm.Block | None = None
+    meta: tuple | None = None  # a window's step: (the micro-batches' errors, compute seconds)
 
 
 class _SocketServer:
@@ -143,11 +244,20 @@ class _SocketServer:
         self.bounds, self.dtype = bounds, transport.dtype
         self.width = bounds.stop - bounds.start
         self.held: np.ndarray | None = None
-        self.inbox: dict[str, tuple[int, np.ndarray]] = {}  # key -> (step, rows), complete pushes only
+        self.inbox: dict[str, _Entry] = {}  # complete pushes only
         self.spare: list[np.ndarray] = []  # buffers of taken steps, reused for new pushes
         self.taken: list[np.ndarray] = []  # the buffers the last step read
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # the inbox, the steps held, the window
+        # Windows (windows.py): the steps this server holds, the window it runs or ran last,
+        # whether that one is over, and the highest window the driver called off.
+        self.version, self.window, self.over, self.called_off = 0, 0, True, 0
         self.post = channel.Post(ray.util.get_node_ip_address(), transport.key, self._serve)
+        # share_node: the range in shared memory, for workers of this node; their rows mapped
+        self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
+        self.maps = shm.Maps()
+        self.memory = shm.Memfds() if self.node else None
+        self.block: shm.Block | None = None
 
     def _buffer(self, rows: int) -> np.ndarray:
         with self.lock:
@@ -157,42 +267,139 @@ class _SocketServer:
         return np.empty((max(rows, 2), self.width), dtype=self.dtype)[:rows]
 
     def _serve(self, sock: socket.socket) -> None:
-        """One worker's requests, until it leaves."""
+        """One peer's requests (a worker's, or the driver's call-off), until it leaves."""
         while True:
             request = channel.recv(sock)
             if request[0] == "pull":
                 channel.send_array(sock, self.held)
+            elif request[0] == "reached":
+                _, window, version, pull = request
+                ok = self._reached(window, version)
+                channel.send(sock, (ok,))
+                if ok and pull:
+                    channel.send_array(sock, self.held)
             elif request[0] == "push":
-                _, key, step, rows = request
+                _, key, step, rows, meta = request
                 buf = self._buffer(rows)
                 for row in buf:
                     channel.recv_array(sock, row)
-                with self.lock:
-                    self.inbox[key] = (step, buf)
+                self._file(key, _Entry(step, buf, None, meta))
+                channel.send(sock, (True,))
+            elif request[0] == "put":
+                _, key, step, block, meta = request
+                self._file(key, _Entry(step, None, block, meta))
+                channel.send(sock, (True,))
+            elif request[0] == "call off":
+                with self.changed:
+                    self.called_off = max(self.called_off, request[1])
+                    self.over = self.over or self.window <= self.called_off
+                    self.changed.notify_all()
                 channel.send(sock, (True,))
             else:
                 raise EOFError(f"unknown request {request[0]!r}")
 
+    def _file(self, key: str, entry: _Entry) -> None:
+        with self.changed:
+            self.inbox[key] = entry
+            self.changed.notify_all()
+
+    def _reached(self, window: int, version: int) -> bool:
+        """Whether this server comes to hold ``version`` steps in ``window``: waits until it does
+        (True), or until that window is over, called off or past without it (False)."""
+        def known() -> bool:
+            return self.version >= version or self.window > window or self.called_off >= window or \
+                (self.window == window and self.over)
+        with self.changed:
+            self.changed.wait_for(known, timeout=WAIT_S)
+            return self.version >= version
+
     def hold(self, weights: np.ndarray) -> np.ndarray:
         """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
-        self.held = np.array(weights[self.bounds.start:self.bounds.stop])
+        mine = weights[self.bounds.start:self.bounds.stop]
+        if self.memory is None:
+            self.held = np.array(mine)
+        else:
+            self.block = self.memory.new("weights-", (self.width,), self.dtype)
+            self.held = self.maps.view(self.block, writable=True)
+            np.copyto(self.held, mine)
         return self.held
 
     def publish(self, held: np.ndarray) -> Handle:
-        """Where the workers pull the range from."""
-        return Handle(self.post.address)
+        """Where the workers pull the range from (or, on this node, map it)."""
+        return Handle(self.post.address, node=self.node or "", block=self.block)
+
+    def holds(self, steps: int) -> None:
+        """The server holds the weights after ``steps`` steps (a step applied, or a checkpoint loaded)."""
+        with self.changed:
+            self.version = steps
+            self.changed.notify_all()
 
     def receive(self, parts: tuple[Handle, ...]) -> list[np.ndarray]:
-        """Each task's rows of this server's columns, from the inbox.  The rows of the step
-        before go back to the spare buffers, and entries of earlier steps (late copies nobody
-        used) are dropped."""
+        """Each task's rows of this server's columns, from the inbox (or read in place from a
+        worker of this node).  The rows of the step before go back to the spare buffers, and
+        entries of earlier steps (late copies nobody used) are dropped."""
         step = max((part.step for part in parts), default=0)
         with self.lock:
-            self.spare += [buf.base if buf.base is not None else buf for buf in self.taken]
-            missing = [part.key for part in parts if part.key not in self.inbox]
+            missing = [part.key for part in parts if part.block is None and part.key not in self.inbox]
             if missing:
                 raise RuntimeError(f"node values {missing} never reached this server")
-            self.taken = [self.inbox.pop(part.key)[1] for part in parts]
-            for key in [k for k, (s, _) in self.inbox.items() if s < step]:
-                self.spare.append(self.inbox.pop(key)[1].base)
-        return list(self.taken)
+            entries = [_Entry(part.step, None, part.block) if part.block is not None else self.inbox.pop(part.key)
+                       for part in parts]
+        return self._values(entries, step)
+
+    def begin(self, window: int) -> None:
+        """Window ``window`` starts (windows.py): unless the driver has called it off already."""
+        with self.changed:
+            self.window, self.over = window, window <= self.called_off
+            self.changed.notify_all()
+
+    def end(self) -> None:
+        """The window is over: a worker still waiting for a step it will not have is told so."""
+        with self.changed:
+            self.over = True
+            self.changed.notify_all()
+
+    def collect(self, keys: list[str], step: int) -> tuple[list[np.ndarray], list[tuple]] | None:
+        """A window's step: the values and metas under ``keys``, once all are in; None if the
+        window is called off (or nothing came for ``WAIT_S``) before."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.over or all(key in self.inbox for key in keys), timeout=WAIT_S) \
+                    or self.over:
+                return None
+            entries = [self.inbox.pop(key) for key in keys]
+        return self._values(entries, step), [entry.meta for entry in entries]
+
+    def _values(self, entries: list[_Entry], step: int) -> list[np.ndarray]:
+        """The entries' columns: pushed rows, or rows of a worker of this node read in place.  The
+        rows the step before read go back to the spare buffers; entries of earlier steps (late
+        copies nobody used) are dropped."""
+        if self.node:  # unmap the rows of calls done with, keep the weights
+            self.maps.retain([*(e.block for e in entries if e.block is not None), self.block])
+        with self.lock:
+            self.spare += [buf.base if buf.base is not None else buf for buf in self.taken]
+            self.taken = [e.rows for e in entries if e.block is None]
+            for key in [k for k, e in self.inbox.items() if e.step < step]:
+                old = self.inbox.pop(key)
+                if old.rows is not None:
+                    self.spare.append(old.rows.base)
+        return [e.rows if e.block is None else self._columns(e.block) for e in entries]
+
+    def _columns(self, block: shm.Block) -> np.ndarray:
+        """This server's columns of a worker's rows on this node, read in place; PeerLost (the
+        step's inputs are lost) if the worker is gone and its memory with it."""
+        try:
+            return self.maps.view(block)[:, self.bounds.start:self.bounds.stop]
+        except OSError as exc:
+            raise PeerLost(f"the node values of a worker on this node are gone ({exc})") from None
+
+
+def call_off(transport: Sockets, servers: list[Handle], window: int) -> None:
+    """The driver calls window ``window`` off (a worker of it failed): each server that can be
+    reached ends its steps there and tells its waiting workers so."""
+    for handle in servers:
+        try:
+            with channel.connect(handle.address, transport.key) as sock:
+                channel.send(sock, ("call off", window))
+                channel.recv(sock)
+        except (OSError, EOFError):
+            pass  # a server that is gone runs no window

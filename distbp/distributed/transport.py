@@ -12,13 +12,18 @@ which one runs:
   ``/dev/shm`` (shm.py); the servers update their ranges of one weights file in place, the
   workers compute into rows of their own files, and only ``shm.Block`` handles (a path, a
   shape, a dtype) go through Ray.  No vector is copied.
-- ``Sockets`` (across nodes, the default there): each server listens on its node's Ray
+- ``Sockets`` (across nodes): each server listens on its node's Ray
   address (channel.py: authenticated TCP); a worker pulls each server's weight range straight
   into its weight buffer and, once its nodes are computed, pushes each server its columns of
   them, waiting for the server to have them all before the call returns.  Only ``Handle``s
   (an address, a key) go through Ray.  Why push and not pull: once the worker's call has
   returned, the server holds its values, so a worker dying afterwards loses nothing (with
   the object store the values survive in the node's store too).
+- ``socket+shared-memory`` (across nodes, the default there): ``Sockets`` between nodes, and
+  between a worker and a server of one node shared memory (a memfd of the actor that owns
+  the array, mapped by the other: sockets.py), so that only the bytes between nodes are
+  copied.  A worker that dies after its call returned takes its node values with it: the
+  server's step then fails with the step's inputs lost, and the driver redoes the step.
 
 A transport is made by the driver (``Session``, through ``choose``) and handed to every actor,
 which makes its own end with ``worker_end()`` or ``server_end(s)``.  A worker end gives the
@@ -40,6 +45,7 @@ class ObjectStore:
     """The vectors as arrays through Ray's object store: works across nodes."""
 
     name = "object-store"
+    windows = False  # windows of steps (windows.py) need the actors to talk directly
 
     def __init__(self, size: int, dtype, servers: int):
         self.size, self.dtype = size, np.dtype(dtype)
@@ -96,6 +102,9 @@ class _StoreServer:
         """What a step returns for the workers: the range itself."""
         return held
 
+    def holds(self, steps: int) -> None:
+        """Nothing to tell anyone: windows of steps (windows.py) run only on sockets."""
+
     def receive(self, parts: tuple) -> list[np.ndarray]:
         """Each task's node values for this server's columns."""
         return list(parts)
@@ -105,6 +114,7 @@ class SharedMemory:
     """The vectors in shared files under ``/dev/shm``: only when every process is on one node."""
 
     name = "shared-memory"
+    windows = False
 
     def __init__(self, size: int, dtype, servers: int):
         self.size, self.dtype = size, np.dtype(dtype)
@@ -156,9 +166,12 @@ class _SharedServer:
         """The weights file's handle: the workers read every range of it in place."""
         return self.board.weights
 
+    def holds(self, steps: int) -> None:
+        """Nothing to tell anyone: windows of steps (windows.py) run only on sockets."""
+
     def receive(self, parts: tuple) -> list[np.ndarray]:
         """Each task's rows, this server's columns of them, read in place."""
-        self.maps.retain({block.path for block in parts} | {self.board.weights.path})
+        self.maps.retain({*parts, self.board.weights})
         return [self.maps.view(block)[:, self.bounds.start:self.bounds.stop] for block in parts]
 
 
@@ -168,9 +181,13 @@ Transport = ObjectStore | SharedMemory | Sockets
 def choose(name: str, one_node: bool, size: int, dtype, servers: int) -> Transport:
     """The transport ``--transport name`` asks for; ``one_node``: the driver and every actor
     share one Ray node (only then can they share files).  ``auto``: shared memory on one node
-    (when /dev/shm is there), sockets across nodes."""
+    (when /dev/shm is there), across nodes sockets between nodes and shared memory between the
+    actors of a node (where the system has memfds)."""
     if name == "auto":
-        name = "shared-memory" if one_node and shm.available() else "socket"
+        if one_node and shm.available():
+            name = "shared-memory"
+        else:
+            name = "socket+shared-memory" if shm.memfd_available() else "socket"
     if name == "shared-memory":
         if not one_node:
             raise UsageError("--transport shared-memory needs the driver and every actor on one Ray node; "
@@ -178,6 +195,10 @@ def choose(name: str, one_node: bool, size: int, dtype, servers: int) -> Transpo
         if not shm.available():
             raise UsageError(f"--transport shared-memory: {shm.ROOT} is not there or not writable")
         return SharedMemory(size, dtype, servers)
+    if name == "socket+shared-memory":
+        if not shm.memfd_available():
+            raise UsageError("--transport socket+shared-memory needs memfds (Linux); use socket")
+        return Sockets(size, dtype, servers, share_node=True)
     if name == "socket":
         return Sockets(size, dtype, servers)
     return ObjectStore(size, dtype, servers)

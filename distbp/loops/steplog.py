@@ -38,6 +38,7 @@ class Sent:
     report: list  # refs of the servers' reports
     weights: list  # refs of the step's new weights: fetching them raises why the step failed
     workers: int  # how many workers computed it (--workers MIN:MAX: it changes as the run resizes)
+    when: float | None = None  # when it was done (perf_counter), if not when its line is written (windows.py)
 
 
 class StepLog:
@@ -108,7 +109,7 @@ class StepLog:
         self.seen += sent.batch_size
         record = {"step": sent.step, "epoch": self.problem.sampler.epoch_of(sent.step), "loss": sent.loss,
                   "lr": self.lr_at(sent.step), "workers": sent.workers,
-                  "time": round(self.elapsed() + self.offset, 6),
+                  "time": round((time.perf_counter() if sent.when is None else sent.when) - self.t0 + self.offset, 6),
                   "grad_xxh3": report["grad_xxh3"], "worker_compute": sent.seconds,
                   "server_sum": report["server_sum"], "update": report["update"],
                   "server_bytes_in": report["bytes_in"]}

@@ -74,6 +74,7 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
     from ..distributed.crew import Crew
     from ..distributed.servers import ServerFailed
     from ..distributed.session import Session
+    from ..distributed.windows import Windows
     from ..distributed.workers import TooFewWorkers
 
     # Where the run starts: what a server lost before the first checkpoint is restarted from.
@@ -97,24 +98,48 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
                       config=config, workers=pool)
         applied, weights = start, servers.weights()  # steps the servers hold, and their weights
         few = None  # TooFewWorkers: the run stops at a step boundary, checkpointed
+        # Windows of steps without a Ray call each, where the transport and the run allow them
+        windows = Windows(crew, session.transport) if session.transport.windows and not servers.two_halves \
+            and not callbacks else None
+
+        def scale_of(batch) -> int | None:
+            return len(batch) if config.reduction == "mean" else None
+
+        def after(step: int) -> None:
+            """The driver's part after step ``step``: an evaluation, a checkpoint, an epoch's end."""
+            if sampler.ends_epoch(step) or step == total:
+                end_of_epoch(step, net, problem, servers, files, log, config)
+            else:
+                between_epochs(step, net, problem, servers, files, log, config)
+
         with StopSignals() as stop:
             while applied < total and stop.signum is None and not log.stop_requested:
                 step = applied + 1
-                batch = sampler.batch(step)
                 try:
+                    last = step if windows is None else windows.reach(step, total, lambda t: busy(t, config, sampler))
+                    if last > step:
+                        ran, failure = windows.run(step, [sampler.batch(t) for t in range(step, last + 1)], lr_at,
+                                                   scale_of, weights)
+                        reports, weights = servers.report(), servers.weights()
+                        for r in ran:
+                            log.sent(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, weights, r.workers, r.when))
+                            after(r.step)
+                            applied = r.step
+                        if failure is not None:
+                            raise failure
+                        continue
+                    batch = sampler.batch(step)
                     # Every micro-batch of the step, whichever workers die or lag on the way.
                     done = crew.compute(step, batch, weights)
                     loss = math.fsum(done.losses) / len(batch)
                     if not math.isfinite(loss):  # caught before the servers apply anything
                         raise Diverged(f"training diverged at step {step}: the loss is {loss}")
-                    scale = len(batch) if config.reduction == "mean" else None
-                    weights = servers.step(done.n, done.nodes, lr_at(step), step, scale, done.values)
+                    weights = servers.step(done.n, done.nodes, lr_at(step), step, scale_of(batch), done.values)
                     log.sent(Sent(step, len(batch), loss, done.seconds, servers.report(), weights, done.workers))
-                    if sampler.ends_epoch(step) or step == total:
-                        end_of_epoch(step, net, problem, servers, files, log, config)
-                    else:
-                        between_epochs(step, net, problem, servers, files, log, config)
+                    after(step)
                     applied = step
+                    if windows is not None:
+                        windows.ran_one()
                 except TooFewWorkers as exc:  # nothing of the step was applied: stop after `applied`
                     few = exc
                     break
@@ -136,7 +161,14 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
     return summary.sync(config, problem, files, net, log, elapsed, start, applied,
                         crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
                         worker_nodes=[node for node in pool.nodes() if node], server_nodes=server_nodes,
-                        transport=session.transport_name, resizes=crew.resizes)
+                        transport=session.transport_name, resizes=crew.resizes,
+                        windows=windows.stats if windows else None)
+
+
+def busy(step: int, config: Config, sampler) -> bool:
+    """Whether the driver has something to do after ``step`` (a window ends there)."""
+    return sampler.ends_epoch(step) or bool(config.eval_every and step % config.eval_every == 0) or \
+        bool(config.checkpoint_every and step % config.checkpoint_every == 0)
 
 
 def _too_few(exc: Exception, step: int, servers, files: RunFiles, log: StepLog, config: Config) -> None:

@@ -44,7 +44,7 @@ def results(net: Network, problem: Problem, last: dict) -> dict:
 
 def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, elapsed: float, start: int,
          steps: int, crew_stats: dict, worker_nodes: list, server_nodes: list, transport: str,
-         resizes: list = ()) -> dict:
+         resizes: list = (), windows: dict | None = None) -> dict:
     """The summary of a sync run that went from step ``start`` to ``steps``; written to summary.json."""
     samples = problem.sampler.samples(start + 1, steps)
     out = {
@@ -58,7 +58,9 @@ def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, e
         "resizes": list(resizes),
         "servers": config.servers,
         "server_nodes": server_nodes,
-        "transport": transport,  # of the per-step vectors: shared-memory, socket or object-store
+        "transport": transport,  # of the per-step vectors: shared-memory, socket, socket+shared-memory or object-store
+        # steps run in windows without a Ray call each (socket transports): {"windows", "steps", "called_off"}
+        "windows": dict(windows) if windows is not None else None,
         "mode": "sync",
         "exact": True,  # the same weights, bit for bit, for any K and S (--mode async/ssp: false)
         "resumed_from_step": start if start else None,

@@ -1,0 +1,213 @@
+"""Windows of steps without a Ray call each: the workers and servers hand each other the steps.
+
+A step of the sync loop costs Ray task calls: each worker's compute, each server's step and
+report, and the driver in between (the "Ray call floor", about 3-4 ms a step here, which is
+all of a small model's step).  On the socket transports the actors already talk directly, so
+for a run of steps with nothing to decide between them the driver plans them all at once: one
+call to each worker and one to each server for the whole window, and then the actors go on
+over their sockets (sockets.py):
+
+- a worker, for each step, asks each server for the weights after the step before (the server
+  answers once it holds them), computes its share's tree nodes and hands them in under a key
+  the driver chose, with its micro-batches' errors and its compute time;
+- a server, for each step, waits until every key of the step is in, checks the step's loss
+  (the errors' exact sum, as the sync loop does, before anything is applied), sums in the
+  tree's order, updates, and lets the waiting workers have the weights.
+
+Each step is shared out as the crew shares a step that goes well (``cuts.even`` over the idle
+workers, ``tree.blocks`` of each share), and the servers add the same nodes in the same order:
+the bits are those of steps run one by one (tests/test_windows.py).
+
+What a window is not used for, so that everything else keeps its meaning:
+
+- steps with an injected fault, and a window may not run past a checkpoint, an evaluation or
+  the end of an epoch (each needs the driver between two steps);
+- runs with ``--clip-norm`` over several servers (a step needs every server's sums first) and
+  ``fit`` callbacks (they may stop the run after any step);
+- the steps after a window where a worker was late: those go one by one, where the crew hands
+  a late worker's share to another (a window cannot).
+
+When something fails in a window (a worker or a server dies, a step diverges), the driver calls
+the window off: every server ends its steps there and tells its waiting workers so.  The steps
+every server applied are kept (and logged); a dead worker is replaced; servers that do not
+agree, or a dead one, are recovered as in the sync loop (``ServerFailed``).  Nothing is applied
+twice and no step is lost: what the window did not finish is redone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import ObjectLostError, RayActorError
+
+from ..errors import Diverged
+from ..faults import Action
+from ..lecture import cuts, tree
+from .crew import LATE_FACTOR, LATE_MIN_S, Crew
+from .servers import ServerFailed
+from .sockets import call_off
+
+WINDOW = 16  # steps a window holds at most: new workers join, and Ctrl-C acts, at its end
+
+
+@dataclass
+class Ran:
+    """A step a window applied on every server."""
+
+    step: int
+    batch_size: int
+    loss: float
+    seconds: float  # the slowest task's compute time
+    workers: int
+    when: float  # when it was applied, on the driver's perf_counter (the server's clock, anchored at the window's end)
+
+
+class Windows:
+    """Runs windows of steps for the sync loop, over the crew's workers and servers."""
+
+    def __init__(self, crew: Crew, transport):
+        self.crew, self.pool, self.servers, self.transport = crew, crew.pool, crew.servers, transport
+        self.count = 0  # windows started: each one's number (from 1) tells its messages apart
+        self.calm = 0  # steps to run one by one first (a worker was late)
+        self.stats = {"windows": 0, "steps": 0, "called_off": 0}
+        self.ended = 0.0  # when the last window's calls had all ended (perf_counter)
+
+    def reach(self, step: int, total: int, boundary) -> int:
+        """The last step of a window from ``step`` (``step`` itself: run it one by one).
+        ``boundary(t)``: the driver has something to do after step ``t``."""
+        if self.calm > 0 or self.crew.running or self.pool.starting:
+            return step
+        last = min(total, step + WINDOW - 1)
+        stalls = [f.step for f in self.crew.faults if f.action is Action.DELAY and f.step >= step]
+        if stalls:  # a stalled worker's share goes to another: one by one
+            last = min(last, min(stalls) - 1)
+        for t in range(step, last):
+            if boundary(t):
+                return t
+        return last
+
+    def ran_one(self) -> None:
+        """A step went one by one."""
+        self.calm = max(0, self.calm - 1)
+
+    def run(self, first: int, batches: list, lr_at, scale_of, weights: list) -> tuple[list[Ran], Exception | None]:
+        """Steps from ``first`` on (``batches[i]`` is step ``first + i``'s batch), on the weights
+        ``weights`` (the servers' refs).  Returns the steps every server applied, in order, and
+        what to raise once they are logged (None if nothing failed)."""
+        self.crew.gather(first)  # workers that came up join; TooFewWorkers with too few
+        idle = self.crew.idle()
+        self.count += 1
+        window = self.count
+        steps = range(first, first + len(batches))
+        # --fault-injection kills within the window strike at their step, in the actor's loop
+        kills = [f for f in self.crew.faults if f.step in steps]
+        for fault in kills:
+            self.crew.faults.remove(fault)  # each strikes once, even if its step is redone
+        worker_plans: dict[int, list] = {k: [] for k in idle}
+        server_plan = []
+        shares: dict[int, list[tuple[int, int]]] = {}  # step -> (worker, micro-batches) per task
+        for i, batch in enumerate(batches):
+            step = first + i
+            n = -(-len(batch) // self.crew.micro_batch)
+            tasks = [(k, part) for k, part in zip(idle, cuts.even(n, len(idle))) if part]
+            nodes, keys = [], []
+            for k, part in tasks:
+                nodes.append(tree.blocks(range(part.start, part.stop), n))
+                keys.append(f"{window}-{step}-{k}")
+                fault = _strike(kills, "kill-worker", step, k)
+                worker_plans[k].append((step, batch, nodes[-1], keys[-1], fault))
+            server_plan.append((step, n, nodes, keys, lr_at(step), scale_of(batch), len(batch),
+                                _strike(kills, "kill-server", step)))
+            shares[step] = [(k, len(part)) for k, part in tasks]
+        for fault in kills:  # a worker with no share at its step dies at once, as in a step of its own
+            planned = worker_plans.get(fault.target, ())
+            if fault.kind == "kill-worker" and not any(e[0] == fault.step and e[4] is not None for e in planned):
+                self.pool.arm(fault.target, fault.action, fault.seconds)
+        # kill-server strikes the first server, as Servers.arm does
+        calls = {a.steps.remote(window, server_plan if s == 0 else [(*p[:-1], None) for p in server_plan]):
+                 ("server", s) for s, a in enumerate(self.servers.actors)}
+        calls.update({self.pool.actors[k].steps.remote(window, plan, *weights): ("worker", k)
+                      for k, plan in worker_plans.items() if plan})
+        planned = {("worker", k): len(plan) for k, plan in worker_plans.items()}
+        results, failed = self._wait(calls, window, weights, planned)
+        self.ended = time.perf_counter()
+        self.stats["windows"] += 1
+        self.stats["called_off"] += failed
+        return self._outcome(first, batches, shares, results)
+
+    def _wait(self, calls: dict, window: int, weights: list, planned: dict) -> tuple[dict, bool]:
+        """Every call's result (or its exception).  The first call that failed or ended short
+        (a server that stopped at a diverging step, a worker told so) calls the window off, so
+        that no actor waits for a step that will not come."""
+        results, pending, failed = {}, list(calls), False
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            who = calls[ready[0]]
+            try:
+                result = results[who] = ray.get(ready[0])
+                short = result[1] is not None if who[0] == "server" else result < planned[who]
+            except Exception as exc:  # noqa: BLE001 - sorted out in _outcome, once every call has ended
+                results[who], short = exc, True
+            if short and not failed:
+                failed = True
+                call_off(self.transport, ray.get(weights), window)
+        return results, failed
+
+    def _outcome(self, first: int, batches: list, shares: dict, results: dict) -> tuple[list[Ran], Exception | None]:
+        problem: Exception | None = None
+        for (role, k), result in sorted(results.items()):
+            if role == "worker" and isinstance(result, RayActorError):
+                self.pool.replace(k)  # the steps it did not hand in are redone by others
+            elif role == "worker" and isinstance(result, ObjectLostError):  # a server it needed is gone
+                problem = problem or ServerFailed(f"a server of window steps {first}+ is lost")
+            elif isinstance(result, Exception) and role == "worker":
+                problem = problem or result  # an error in the task itself
+        applied = []
+        for s in range(len(self.servers.actors)):
+            result = results[("server", s)]
+            if isinstance(result, (RayActorError, ObjectLostError)):
+                problem = problem or ServerFailed(f"server {s} failed in the window of steps {first}+")
+                applied.append({})
+            elif isinstance(result, Exception):
+                problem = problem or result
+                applied.append({})
+            else:
+                done, why = result
+                if why is not None and why.startswith("training diverged"):
+                    problem = Diverged(why)  # the run ends here, as when a step diverges one by one
+                applied.append(done)
+        counts = [len(done) for done in applied]
+        if len(set(counts)) > 1 and not isinstance(problem, Diverged):
+            problem = ServerFailed(f"the servers applied {counts} steps of a window")  # recover them
+        ran = []
+        done = applied[0]
+        for i in range(min(counts)):
+            step = first + i
+            loss, seconds, at = done[step]
+            when = self.ended - (done[first + min(counts) - 1][2] - at)
+            ran.append(Ran(step, len(batches[i]), loss, max(seconds), len(seconds), when))
+        self._pace(ran, shares, applied[0])
+        self.stats["steps"] += len(ran)
+        return ran, problem
+
+    def _pace(self, ran: list[Ran], shares: dict, done: dict) -> None:
+        """The crew's yardstick from the window's last step; a worker late as the crew judges
+        it (``LATE_FACTOR`` times the quickest share's time per micro-batch, plus
+        ``LATE_MIN_S``) sends the next WINDOW steps one by one, where its share can go to another."""
+        for r in ran:
+            counts = [count for _, count in shares[r.step]]
+            seconds = done[r.step][1]
+            pace = min(s / c for s, c in zip(seconds, counts))
+            if any(s > LATE_FACTOR * pace * c + LATE_MIN_S for s, c in zip(seconds, counts)):
+                self.calm = WINDOW
+            self.crew.pace = pace
+
+
+def _strike(faults: list, kind: str, step: int, target: int | None = None) -> Action | None:
+    """The action of the fault of ``kind`` at ``step`` (on worker ``target``), if there is one."""
+    for fault in faults:
+        if fault.kind == kind and fault.step == step and fault.target == target:
+            return fault.action
+    return None
