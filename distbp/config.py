@@ -83,11 +83,12 @@ class Config:
     threads_per_worker: int | None = opt(None, "threads each worker backpropagates micro-batches on, one BLAS "
                                                "thread each (default: the worker's share of its node's CPUs); "
                                                "the same bits for any T", metavar="T")
-    transport: str = opt("auto", "how a step's vectors travel between the actors: auto (shared memory when "
-                                 "everything is on one Ray node, else socket+shared-memory), socket "
-                                 "(authenticated connections between the actors), socket+shared-memory "
-                                 "(sockets between nodes, shared memory within a node), object-store (Ray's); "
-                                 "the same bits either way",
+    transport: str = opt("auto", "how a step's vectors travel between the actors: socket+shared-memory "
+                                 "(sockets between nodes, shared memory within a node; steps go in windows "
+                                 "without Ray calls), socket (authenticated connections between the actors, "
+                                 "windows too), shared-memory (files, all on one Ray node; steps one by one), "
+                                 "object-store (Ray's); auto: socket+shared-memory on Linux; the same bits "
+                                 "either way",
                          choices=("auto", "shared-memory", "socket", "socket+shared-memory", "object-store"))
     mode: str = opt("sync", "sync: exact, the same bits for any K and S; async (push when done, pull the latest "
                             "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",

@@ -53,7 +53,7 @@ def local(ray_session, tmp_path_factory):
     """The reference: the same run on the session's one-node Ray (shared memory)."""
     tmp = tmp_path_factory.mktemp("local")
     return train(train_config(tmp, workers=2, batch_size=60, micro_batch=8, steps=10, optimizer="momentum",
-                              checkpoint_every=2))
+                              checkpoint_every=2, transport="shared-memory"))
 
 
 @pytest.mark.parametrize("transport", ["auto", "socket", "object-store"])

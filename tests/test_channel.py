@@ -92,7 +92,8 @@ def test_a_silent_peer_does_not_block_others(echo):
 
 @pytest.mark.parametrize("workers, servers", [(1, 1), (2, 2), (3, 1)])
 def test_socket_transport_gives_the_bits_of_shared_memory(ray_session, tmp_path, workers, servers):
-    base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32"))
+    base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32",
+                              transport="shared-memory"))
     run = train(train_config(tmp_path, workers=workers, servers=servers, steps=6, optimizer="momentum",
                              dtype="float32", transport="socket"))
     assert (base["transport"], run["transport"]) == ("shared-memory", "socket")
@@ -102,7 +103,8 @@ def test_socket_transport_gives_the_bits_of_shared_memory(ray_session, tmp_path,
 @pytest.mark.parametrize("workers, servers", [(1, 1), (2, 2), (3, 1)])
 def test_memory_shared_within_a_node_gives_the_bits_of_shared_memory(ray_session, tmp_path, workers, servers):
     """socket+shared-memory on one node: every worker-server pair shares memory (memfds), no socket carries a vector."""
-    base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32"))
+    base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32",
+                              transport="shared-memory"))
     run = train(train_config(tmp_path, workers=workers, servers=servers, steps=6, optimizer="momentum",
                              dtype="float32", transport="socket+shared-memory"))
     assert run["transport"] == "socket+shared-memory"
@@ -111,7 +113,7 @@ def test_memory_shared_within_a_node_gives_the_bits_of_shared_memory(ray_session
 
 @pytest.mark.parametrize("transport", ["socket", "socket+shared-memory"])
 def test_socket_transport_survives_a_killed_worker_and_a_killed_server(ray_session, tmp_path, transport):
-    base = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2))
+    base = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2, transport="shared-memory"))
     run = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2, transport=transport,
                              fault_injection="kill-worker:1@3,kill-server@5"))
     assert run["weights_sha256"] == base["weights_sha256"]

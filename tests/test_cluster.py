@@ -175,7 +175,7 @@ def test_job_spreads_workers_over_both_nodes_and_matches_a_local_run(cluster, ra
         runtime_env={"working_dir": str(ROOT)},
     )
     # The reference, in this process's own local Ray, while the job runs.
-    local = train(train_config(tmp_path, workers=2, batch_size=60, micro_batch=8, steps=10))
+    local = train(train_config(tmp_path, workers=2, batch_size=60, micro_batch=8, steps=10, transport="shared-memory"))
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (status := client.get_job_status(job)).is_terminal():

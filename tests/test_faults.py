@@ -32,6 +32,12 @@ from distbp.step.server import NonFiniteGradient, ServerState
 STEPS = 30
 
 
+def one_by_one(tmp, **options):
+    """A run whose steps go one by one through the crew (shared files): these tests are about
+    the crew's redos and backups; the same faults inside windows of steps are tests/test_windows.py's."""
+    return train_config(tmp, transport="shared-memory", **options)
+
+
 def step_lines(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         return [entry for entry in map(json.loads, fh) if "loss" in entry]
@@ -40,7 +46,7 @@ def step_lines(run_dir) -> list[dict]:
 @pytest.fixture(scope="module")
 def clean(ray_session, tmp_path_factory):
     """The fault-free run every faulty one must reproduce, and its per-step gradient hashes."""
-    summary = train(train_config(tmp_path_factory.mktemp("clean"), steps=STEPS))
+    summary = train(one_by_one(tmp_path_factory.mktemp("clean"), steps=STEPS))
     return summary, [e["grad_xxh3"] for e in step_lines(summary["out"])]
 
 
@@ -54,7 +60,7 @@ def assert_same_run(summary, clean) -> None:
 
 
 def test_injected_worker_kills_lose_no_sample(clean, tmp_path):
-    summary = train(train_config(tmp_path, workers=3, steps=STEPS,
+    summary = train(one_by_one(tmp_path, workers=3, steps=STEPS,
                                  fault_injection="kill-worker:1@5,kill-worker:2@5,kill-worker:0@17"))
     assert_same_run(summary, clean)
     assert summary["faults"]["workers_lost"] == 3
@@ -63,7 +69,7 @@ def test_injected_worker_kills_lose_no_sample(clean, tmp_path):
 
 def test_worker_process_killed_by_pid_from_outside(clean, tmp_path):
     """SIGKILL of a real worker process, found through Ray's actor table, while the run goes on."""
-    config = train_config(tmp_path, workers=2, steps=STEPS, fault_injection="delay-worker:0@20:2")
+    config = one_by_one(tmp_path, workers=2, steps=STEPS, fault_injection="delay-worker:0@20:2")
     job = ray.get_runtime_context().get_job_id()
     killed = []
 
@@ -93,7 +99,7 @@ def test_worker_process_killed_by_pid_from_outside(clean, tmp_path):
     ("kill-server@3", 0, 0),  # before any checkpoint: back to the initial weights
 ])
 def test_lost_server_restarts_from_the_latest_checkpoint(clean, tmp_path, spec, checkpoint_every, restarted_from):
-    summary = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec,
+    summary = train(one_by_one(tmp_path, workers=2, steps=STEPS, fault_injection=spec,
                                  checkpoint_every=checkpoint_every))
     assert_same_run(summary, clean)
     assert summary["faults"]["server_restarts"] == 1
@@ -119,7 +125,7 @@ def test_lost_inputs_on_a_live_server_resume_from_its_own_step_count(clean, tmp_
         return original(self, *args)
 
     monkeypatch.setattr(owner, name, fails_once)
-    summary = train(train_config(tmp_path, workers=2, steps=STEPS))
+    summary = train(one_by_one(tmp_path, workers=2, steps=STEPS))
     assert calls["n"] > 8
     assert_same_run(summary, clean)
     assert summary["faults"]["steps_redone"] == 0 and "server_restarts" not in summary["faults"]
@@ -133,9 +139,9 @@ def test_straggler_work_is_taken_over_without_dropping_samples(clean, tmp_path, 
         return max(b - a for a, b in zip(times, times[1:]))
 
     spec = "delay-worker:1@4:2"
-    stealing = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
+    stealing = train(one_by_one(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
     monkeypatch.setattr(crew, "LATE_FACTOR", 1e9)  # never late: no backups
-    waiting = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
+    waiting = train(one_by_one(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
     assert_same_run(stealing, clean)
     assert_same_run(waiting, clean)
     assert stealing["faults"]["backups"] >= 1 and "backups" not in waiting["faults"]

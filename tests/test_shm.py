@@ -84,13 +84,16 @@ def test_shared_memory_object_store_and_sockets_give_the_same_bits(ray_session, 
     options = [dict(workers=2, servers=1), dict(workers=3, servers=2),
                dict(workers=2, servers=1, fault_injection="delay-worker:0@3:1.5")]
     common = dict(batch_size=60, micro_batch=8, steps=6, optimizer="adam")
-    shared = [train(train_config(tmp_path, **o, **common)) for o in options]
+    shared = [train(train_config(tmp_path, **o, **common, transport="shared-memory")) for o in options]
     stored = [train(train_config(tmp_path, **o, **common, transport="object-store")) for o in options]
     sockets = [train(train_config(tmp_path, **o, **common, transport="socket")) for o in options]
+    mixed = [train(train_config(tmp_path, **o, **common)) for o in options]  # auto: windows over memfds
     assert {s["transport"] for s in shared} == {"shared-memory"}
     assert {s["transport"] for s in stored} == {"object-store"}
     assert {s["transport"] for s in sockets} == {"socket"}
+    assert {s["transport"] for s in mixed} == {"socket+shared-memory"}
     assert shared[2]["faults"]["backups"] >= 1 and sockets[2]["faults"]["backups"] >= 1
-    assert len({s["weights_sha256"] for s in shared + stored + sockets}) == 1
+    assert mixed[2]["faults"]["backups"] >= 1  # the stalled step went one by one, with a backup
+    assert len({s["weights_sha256"] for s in shared + stored + sockets + mixed}) == 1
     leftover = [n for n in os.listdir(shm.ROOT) if n.startswith(f"{shm.PREFIX}{os.getpid()}-")]
     assert leftover == []  # every run removed its board

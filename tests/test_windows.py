@@ -21,7 +21,7 @@ def lines(summary: dict) -> list[dict]:
 def one_by_one(ray_session, tmp_path_factory):
     """The reference: 20 steps one by one on shared memory (no windows there)."""
     run = train(train_config(tmp_path_factory.mktemp("ref"), workers=2, steps=20, optimizer="momentum",
-                             dtype="float32"))
+                             dtype="float32", transport="shared-memory"))
     assert run["windows"] is None
     return run
 
@@ -47,7 +47,7 @@ def test_windows_give_the_bits_and_the_lines_of_steps_one_by_one(one_by_one, tmp
 def test_a_window_ends_where_the_driver_has_work(ray_session, tmp_path):
     """Checkpoints, evaluations and epoch ends fall between windows: each comes after its step."""
     options = dict(workers=2, steps=26, checkpoint_every=4, eval_every=6, val_fraction=0.2, optimizer="momentum")
-    ref = train(train_config(tmp_path, **options))
+    ref = train(train_config(tmp_path, transport="shared-memory", **options))
     run = train(train_config(tmp_path, transport="socket+shared-memory", **options))
     assert run["weights_sha256"] == ref["weights_sha256"]
     assert run["windows"]["steps"] >= 20 and run["windows"]["windows"] >= 8
@@ -63,7 +63,7 @@ def test_a_worker_and_a_server_killed_inside_windows(ray_session, tmp_path):
     """kill-worker at step 3 and kill-server at step 6 strike inside their windows: each window
     is called off, its finished steps kept, the rest redone; the bits do not change."""
     options = dict(workers=2, steps=12, checkpoint_every=4, optimizer="momentum")
-    ref = train(train_config(tmp_path, **options))
+    ref = train(train_config(tmp_path, transport="shared-memory", **options))
     run = train(train_config(tmp_path, transport="socket+shared-memory",
                              fault_injection="kill-worker:1@3,kill-server@6", **options))
     assert run["weights_sha256"] == ref["weights_sha256"]

@@ -9,10 +9,12 @@ workers can come and go with the cluster's nodes (workers.py, docs/elastic.md). 
 removes exactly what it made: the actors, the placement group, the shared files, and Ray
 itself if it started it.  The sync loop, the async loop and scripts/bench.py all run on it.
 
-The transport (``auto``): shared memory when the driver's node is the cluster's only node and
-no other can bring workers (a fixed K, or a private local Ray), with every worker pinned to
-that node; else authenticated sockets (channel.py), which reach whichever nodes the workers
-land on, now or when they join.  Each worker reserves ``--threads-per-worker`` CPUs (cores.py).
+The transport (``auto``, transport.choose): on Linux ``socket+shared-memory``, authenticated
+sockets (channel.py) between nodes and memfds between a worker and a server of one node, which
+reach whichever nodes the workers land on, now or when they join, and let the steps go in
+windows without Ray calls (windows.py).  Without memfds: shared files when the driver's node is
+the cluster's only node and no other can bring workers (a fixed K, or a private local Ray),
+with every worker pinned to that node; else sockets.  Each worker reserves ``--threads-per-worker`` CPUs (cores.py).
 """
 
 from __future__ import annotations

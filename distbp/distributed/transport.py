@@ -19,7 +19,7 @@ which one runs:
   (an address, a key) go through Ray.  Why push and not pull: once the worker's call has
   returned, the server holds its values, so a worker dying afterwards loses nothing (with
   the object store the values survive in the node's store too).
-- ``socket+shared-memory`` (across nodes, the default there): ``Sockets`` between nodes, and
+- ``socket+shared-memory`` (what ``auto`` picks on Linux): ``Sockets`` between nodes, and
   between a worker and a server of one node shared memory (a memfd of the actor that owns
   the array, mapped by the other: sockets.py), so that only the bytes between nodes are
   copied.  A worker that dies after its call returned takes its node values with it: the
@@ -180,14 +180,15 @@ Transport = ObjectStore | SharedMemory | Sockets
 
 def choose(name: str, one_node: bool, size: int, dtype, servers: int) -> Transport:
     """The transport ``--transport name`` asks for; ``one_node``: the driver and every actor
-    share one Ray node (only then can they share files).  ``auto``: shared memory on one node
-    (when /dev/shm is there), across nodes sockets between nodes and shared memory between the
-    actors of a node (where the system has memfds)."""
+    share one Ray node (only then can they share files).  ``auto``: where the system has memfds
+    (Linux), ``socket+shared-memory`` on one node and across nodes, whose sockets let the steps
+    go in windows without Ray calls (windows.py; measured faster on one node too, docs/performance.md);
+    else shared files on one node, sockets across nodes."""
     if name == "auto":
-        if one_node and shm.available():
-            name = "shared-memory"
+        if shm.memfd_available():
+            name = "socket+shared-memory"
         else:
-            name = "socket+shared-memory" if shm.memfd_available() else "socket"
+            name = "shared-memory" if one_node and shm.available() else "socket"
     if name == "shared-memory":
         if not one_node:
             raise UsageError("--transport shared-memory needs the driver and every actor on one Ray node; "
