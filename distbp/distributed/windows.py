@@ -152,7 +152,7 @@ class Windows:
                 results[who], short = exc, True
             if short and not failed:
                 failed = True
-                call_off(self.transport, ray.get(weights), window)
+                call_off(self.transport, _handles(weights), window)
         return results, failed
 
     def _outcome(self, first: int, batches: list, shares: dict, results: dict) -> tuple[list[Ran], Exception | None]:
@@ -211,3 +211,15 @@ def _strike(faults: list, kind: str, step: int, target: int | None = None) -> Ac
         if fault.kind == kind and fault.step == step and fault.target == target:
             return fault.action
     return None
+
+
+def _handles(weights: list) -> list:
+    """The servers' handles behind ``weights``, leaving out any whose server died before it
+    answered (a dead server runs no window: nothing to call off there)."""
+    handles = []
+    for ref in weights:
+        try:
+            handles.append(ray.get(ref))
+        except (RayActorError, ObjectLostError):
+            pass
+    return handles
