@@ -162,6 +162,9 @@ def breakdown_run(config, warmup: int) -> dict:
 
         # as the sync loop runs them: in windows where the transport allows (windows.py)
         windows = Windows(crew, session.transport) if session.transport.windows and not servers.two_halves else None
+
+        def scale_of(batch) -> int | None:
+            return len(batch) if config.reduction == "mean" else None
         step = 1
         while step <= total:
             if step in (first, total):  # between two drains: nothing of another step is in flight
@@ -171,8 +174,7 @@ def breakdown_run(config, warmup: int) -> dict:
             last = windows.reach(step, total, lambda t: t + 1 in (first, total)) if windows else step
             if last > step:
                 batches = [sampler.batch(t) for t in range(step, last + 1)]
-                ran, failure = windows.run(step, batches, lambda t: config.lr,
-                                           lambda b: len(b) if config.reduction == "mean" else None, weights)
+                ran, failure = windows.run(step, batches, lambda t: config.lr, scale_of, weights)
                 if failure is not None:
                     raise failure
                 weights = servers.weights()
@@ -182,8 +184,7 @@ def breakdown_run(config, warmup: int) -> dict:
                 continue
             batch = sampler.batch(step)
             done = crew.compute(step, batch, weights)
-            scale = len(batch) if config.reduction == "mean" else None
-            weights = servers.step(done.n, done.nodes, config.lr, step, scale, done.values)
+            weights = servers.step(done.n, done.nodes, config.lr, step, scale_of(batch), done.values)
             pending.append(servers.report())
             drain(1)  # as the sync loop does: a step's report is read one step late
             step += 1

@@ -90,24 +90,16 @@ def test_a_silent_peer_does_not_block_others(echo):
         assert done == [None]
 
 
+@pytest.mark.parametrize("transport", ["socket", "socket+shared-memory"])
 @pytest.mark.parametrize("workers, servers", [(1, 1), (2, 2), (3, 1)])
-def test_socket_transport_gives_the_bits_of_shared_memory(ray_session, tmp_path, workers, servers):
+def test_socket_transports_give_the_bits_of_shared_memory(ray_session, tmp_path, workers, servers, transport):
+    """socket: every vector over a socket; socket+shared-memory on one node: every worker-server
+    pair shares memory (memfds), no socket carries a vector."""
     base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32",
                               transport="shared-memory"))
     run = train(train_config(tmp_path, workers=workers, servers=servers, steps=6, optimizer="momentum",
-                             dtype="float32", transport="socket"))
-    assert (base["transport"], run["transport"]) == ("shared-memory", "socket")
-    assert run["weights_sha256"] == base["weights_sha256"]
-
-
-@pytest.mark.parametrize("workers, servers", [(1, 1), (2, 2), (3, 1)])
-def test_memory_shared_within_a_node_gives_the_bits_of_shared_memory(ray_session, tmp_path, workers, servers):
-    """socket+shared-memory on one node: every worker-server pair shares memory (memfds), no socket carries a vector."""
-    base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32",
-                              transport="shared-memory"))
-    run = train(train_config(tmp_path, workers=workers, servers=servers, steps=6, optimizer="momentum",
-                             dtype="float32", transport="socket+shared-memory"))
-    assert run["transport"] == "socket+shared-memory"
+                             dtype="float32", transport=transport))
+    assert (base["transport"], run["transport"]) == ("shared-memory", transport)
     assert run["weights_sha256"] == base["weights_sha256"]
 
 

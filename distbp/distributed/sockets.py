@@ -15,7 +15,7 @@ and the driver sends the servers step t + 1 only once the calls it uses have ret
 is after their pushes were acknowledged.  A late copy nobody waits for may pull weights while
 a server updates them, or push after the step was taken: its result is dropped.
 
-With ``share_node`` (transport ``socket+shared-memory``, what ``auto`` picks across nodes) a
+With ``share_node`` (transport ``socket+shared-memory``, what ``auto`` picks on Linux) a
 worker and a server on the same Ray node skip the socket: the server keeps its range in shared
 memory (a memfd: shm.Memfds, nothing to clean up when an actor dies), which the worker copies
 (or, with one server, reads in place), and the worker computes its node values into shared
@@ -213,8 +213,7 @@ class _SocketWorker:
             if self._here(handle):
                 def put(sock):
                     channel.send(sock, ("put", key, self.step, self.block, meta))
-                    if channel.recv(sock) != (True,):
-                        raise EOFError("the server did not take the rows")
+                    _taken(sock)
                 self._talk(handle.address, put)
             else:
                 def push(sock, lo=r.start, hi=r.stop):
@@ -225,8 +224,13 @@ class _SocketWorker:
         channel.send(sock, ("push", key, self.step, len(values), meta))
         for row in values:
             channel.send_array(sock, row[lo:hi])  # each row's columns are contiguous
-        if channel.recv(sock) != (True,):
-            raise EOFError("the server did not take the rows")
+        _taken(sock)
+
+
+def _taken(sock: socket.socket) -> None:
+    """The server's answer to a push or a put: it has the rows (EOFError if it says otherwise)."""
+    if channel.recv(sock) != (True,):
+        raise EOFError("the server did not take the rows")
 
 
 @dataclass

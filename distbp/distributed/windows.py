@@ -20,8 +20,9 @@ the bits are those of steps run one by one (tests/test_windows.py).
 
 What a window is not used for, so that everything else keeps its meaning:
 
-- steps with an injected fault, and a window may not run past a checkpoint, an evaluation or
-  the end of an epoch (each needs the driver between two steps);
+- a step with an injected stall (``delay-worker``: its share goes to another worker), and a
+  window may not run past a checkpoint, an evaluation or the end of an epoch (each needs the
+  driver between two steps); injected kills strike inside windows, at their step;
 - runs with ``--clip-norm`` over several servers (a step needs every server's sums first) and
   ``fit`` callbacks (they may stop the run after any step);
 - the steps after a window where a worker was late: those go one by one, where the crew hands
@@ -72,7 +73,6 @@ class Windows:
         self.count = 0  # windows started: each one's number (from 1) tells its messages apart
         self.calm = 0  # steps to run one by one first (a worker was late)
         self.stats = {"windows": 0, "steps": 0, "called_off": 0}
-        self.ended = 0.0  # when the last window's calls had all ended (perf_counter)
 
     def reach(self, step: int, total: int, boundary) -> int:
         """The last step of a window from ``step`` (``step`` itself: run it one by one).
@@ -132,10 +132,10 @@ class Windows:
                       for k, plan in worker_plans.items() if plan})
         planned = {("worker", k): len(plan) for k, plan in worker_plans.items()}
         results, failed = self._wait(calls, window, weights, planned)
-        self.ended = time.perf_counter()
+        ended = time.perf_counter()
         self.stats["windows"] += 1
         self.stats["called_off"] += failed
-        return self._outcome(first, batches, shares, results)
+        return self._outcome(first, batches, shares, results, ended)
 
     def _wait(self, calls: dict, window: int, weights: list, planned: dict) -> tuple[dict, bool]:
         """Every call's result (or its exception).  The first call that failed or ended short
@@ -155,7 +155,10 @@ class Windows:
                 call_off(self.transport, _handles(weights), window)
         return results, failed
 
-    def _outcome(self, first: int, batches: list, shares: dict, results: dict) -> tuple[list[Ran], Exception | None]:
+    def _outcome(self, first: int, batches: list, shares: dict, results: dict,
+                 ended: float) -> tuple[list[Ran], Exception | None]:
+        """The steps every server applied (``ended``: when the window's calls had all ended,
+        on the driver's perf_counter) and what to raise once they are logged."""
         problem: Exception | None = None
         for (role, k), result in sorted(results.items()):
             if role == "worker" and isinstance(result, RayActorError):
@@ -186,7 +189,7 @@ class Windows:
         for i in range(min(counts)):
             step = first + i
             loss, seconds, at = done[step]
-            when = self.ended - (done[first + min(counts) - 1][2] - at)
+            when = ended - (done[first + min(counts) - 1][2] - at)
             ran.append(Ran(step, len(batches[i]), loss, max(seconds), len(seconds), when))
         self._pace(ran, shares, applied[0])
         self.stats["steps"] += len(ran)

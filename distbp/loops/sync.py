@@ -166,9 +166,14 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
 
 
 def busy(step: int, config: Config, sampler) -> bool:
-    """Whether the driver has something to do after ``step`` (a window ends there)."""
-    return sampler.ends_epoch(step) or bool(config.eval_every and step % config.eval_every == 0) or \
-        bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+    """Whether the driver has something to do after ``step`` (a window ends there): what
+    ``end_of_epoch`` and ``between_epochs`` do after it."""
+    return sampler.ends_epoch(step) or every(config.eval_every, step) or every(config.checkpoint_every, step)
+
+
+def every(n: int, step: int) -> bool:
+    """--eval-every / --checkpoint-every ``n`` (0: never): whether ``step`` is one of them."""
+    return bool(n) and step % n == 0
 
 
 def _too_few(exc: Exception, step: int, servers, files: RunFiles, log: StepLog, config: Config) -> None:
@@ -223,9 +228,9 @@ def between_epochs(step: int, net: Network, problem: Problem, servers, files: Ru
                    config: Config) -> None:
     """Every --eval-every steps evaluate, every --checkpoint-every steps checkpoint (one snapshot for both)."""
     snapshot = None
-    if config.eval_every and step % config.eval_every == 0:
+    if every(config.eval_every, step):
         snapshot = evaluated(step, net, problem, servers, log)
-    if config.checkpoint_every and step % config.checkpoint_every == 0:
+    if every(config.checkpoint_every, step):
         save(step, snapshot or servers.snapshot(), files, log, config)
 
 
