@@ -149,3 +149,54 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     assert servers[0].inbox == {}  # nothing of the node's worker came by socket
     servers[0].held[:] = -1.0  # a server's update is what the worker of its node reads next
     assert (worker.weights((here, there))[:len(servers[0].held)] == -1.0).all()
+
+
+def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_chunk(ray_session):
+    """In a window, a server's step starts on a push as soon as it starts: ``ready`` says yes for
+    the columns in so far, waits for the rest, and says no once the window is called off.  A
+    pull after a step is answered when the update starts, each chunk as it holds its new weights."""
+    from distbp.distributed import sockets
+
+    size = 3 * sockets.PIECE_BYTES // 8 + 5  # four pieces of float64, the last one short
+    transport = sockets.Sockets(size, np.float64, 1)
+    server = transport.server_end(0)
+    server.hold(np.zeros(size))
+    server.begin(1)
+    first = server.pieces[0]
+    with channel.connect(server.post.address, transport.key) as sock:
+        rows = np.arange(2 * size, dtype=np.float64).reshape(2, size)
+        channel.send(sock, ("push", "k", 1, 2, ([0.5], 0.1)))
+        for row in rows:
+            channel.send_array(sock, row[first.start:first.stop])  # the first piece only
+        values, metas, ready = server.collect(["k"], 1)
+        assert metas == [([0.5], 0.1)] and ready(0, first.stop)
+        np.testing.assert_array_equal(values[0][:, :first.stop], rows[:, :first.stop])
+        waited: list[bool] = []
+        waiting = threading.Thread(target=lambda: waited.append(ready(first.stop, size)))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()  # the rest has not come
+        sockets.call_off(transport, [server.publish(server.held)], 1)
+        waiting.join(10)
+        assert waited == [False]
+    server.end()
+
+    server.begin(2)
+    new = np.arange(size, dtype=np.float64) + 1.0
+    cut = server.pieces[1].start
+    with channel.connect(server.post.address, transport.key) as sock:
+        sock.settimeout(10)  # a chunk that does not come fails the test instead of hanging it
+        channel.send(sock, ("reached", 2, 1, True))
+        time.sleep(0.2)
+        server.held[:cut] = new[:cut]
+        server.updated(1, (0, cut))  # the update of step 1 has started: its first chunk is done
+        assert channel.recv(sock) == (True,)
+        got = np.empty(size)
+        channel.recv_array(sock, got[:cut])
+        np.testing.assert_array_equal(got[:cut], new[:cut])
+        server.held[cut:] = new[cut:]
+        server.updated(1, (cut, size))
+        server.holds(1)
+        channel.recv_array(sock, got[cut:])
+        np.testing.assert_array_equal(got, new)
+    server.end()

@@ -89,3 +89,60 @@ def test_a_large_vector_whose_chunks_differ_in_length_is_summed_and_updated(dtyp
         assert len({hi - lo for lo, hi in server.chunks}) > 1  # what the test is about
         server.step(2, [blocks(range(0, 1), 2), blocks(range(1, 2), 2)], [a[None, :], b[None, :]], 0.5, 1, None)
         assert server.weights.tobytes() == (w0 - dtype(0.5) * (a + b)).tobytes()
+
+
+def _pass_case(dtype):
+    """A 784-1024-1024-10 vector and the nodes of 3 workers over 5 micro-batches."""
+    n = Layout((784, 1024, 1024, 10)).size
+    rng = np.random.default_rng(2)
+    shares = [range(0, 2), range(2, 3), range(3, 5)]
+    nodes = [blocks(share, 5) for share in shares]
+    values = [rng.standard_normal((len(node_list), n)).astype(dtype) for node_list in nodes]
+    return rng.standard_normal(n).astype(dtype), nodes, values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_servers_pass_gives_the_same_bits_on_any_number_of_threads(dtype):
+    """The sum, its check, the hash and the update run over the chunks on T threads: elementwise,
+    so every T gives the bits of one thread (weights, optimizer state, grad_xxh3, norm)."""
+    from distbp.lecture.optim import Hyper
+    from distbp.step.server import ServerState
+
+    w0, nodes, values = _pass_case(dtype)
+    mask = np.ones_like(w0)
+    mask[::7] = 0
+    for hyper, scale in ((Hyper("sgd"), 256.0), (Hyper("adamw", weight_decay=0.01), None),
+                         (Hyper("momentum", clip_norm=1.0), 256.0)):
+        runs = []
+        for threads in (1, 2, 3):
+            server = ServerState(w0.copy(), hyper, mask, threads=threads)
+            assert server.threads == threads
+            for t in (1, 2):
+                server.step(5, nodes, values, 0.1, t, scale)
+            report = server.report()
+            runs.append((server.weights.tobytes(), [buf.tobytes() for buf in server.state.values()],
+                         [(r["grad_xxh3"], r.get("grad_norm")) for r in report.values()]))
+        assert runs[1] == runs[0] and runs[2] == runs[0], hyper
+
+
+def test_a_step_whose_inputs_stop_coming_is_abandoned_and_changes_nothing():
+    """``ready`` says no for a late chunk (a window called off while a push was under way): the
+    step raises Abandoned, nothing is applied or hashed, and the same step then goes through
+    with the bits of a server that never saw it; ``updated`` names every chunk once."""
+    from distbp.lecture.optim import Hyper
+    from distbp.step.server import Abandoned, ServerState
+
+    w0, nodes, values = _pass_case(np.float32)
+    server = ServerState(w0.copy(), Hyper("adam"), None, threads=2)
+    last = server.chunks[-1]
+    with pytest.raises(Abandoned):
+        server.step(5, nodes, values, 0.1, 1, None, ready=lambda lo, hi: (lo, hi) != last)
+    assert server.t == 0 and server.report() == {}
+    assert server.weights.tobytes() == w0.tobytes() and not server.state["m"].any()
+    done: list[int] = []
+    server.step(5, nodes, values, 0.1, 1, None, updated=done.append)
+    assert sorted(done) == list(range(len(server.chunks)))
+    fresh = ServerState(w0.copy(), Hyper("adam"), None)
+    fresh.step(5, nodes, values, 0.1, 1, None)
+    assert server.weights.tobytes() == fresh.weights.tobytes()
+    assert server.report()[1]["grad_xxh3"] == fresh.report()[1]["grad_xxh3"]

@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from ..faults import Action, strike
 from ..lecture import cuts, tree
 from ..lecture.optim import Hyper
-from ..step.server import NonFiniteGradient, ServerState
+from ..step.server import Abandoned, NonFiniteGradient, ServerState, pass_threads
 from ..step.worker import WorkerState
 from .transport import Transport
 
@@ -110,7 +110,7 @@ class ParameterServer(_Actor):
         self.end = transport.server_end(s)
         lo, hi = transport.bounds[s].start, transport.bounds[s].stop
         self.state = ServerState(self.end.hold(weights), hyper, None if decay_mask is None else decay_mask[lo:hi],
-                                 cuts.within(transport.size, transport.bounds[s]))
+                                 cuts.within(transport.size, transport.bounds[s]), pass_threads())
         self.end.holds(self.state.t)
         self.fault: Action | None = None  # armed by --fault-injection for the next step
 
@@ -159,12 +159,15 @@ class ParameterServer(_Actor):
                 got = self.end.collect(keys, step)
                 if got is None:
                     return done, "called off"
-                values, metas = got
+                values, metas, ready = got  # the values may still be coming in: ready() waits for each chunk
                 loss = math.fsum(x for losses, _ in metas for x in losses) / size
                 if not math.isfinite(loss):  # caught before anything is applied, as the sync loop does
                     return done, f"training diverged at step {step}: the loss is {loss}"
                 try:
-                    self.state.step(n, nodes, values, lr, step, scale)
+                    self.state.step(n, nodes, values, lr, step, scale, ready,
+                                    lambda i, step=step: self.end.updated(step, self.state.chunks[i]))
+                except Abandoned:
+                    return done, "called off"
                 except NonFiniteGradient:  # the crew's words for it, one by one
                     return done, f"training diverged at step {step}: the summed gradient has NaN or inf " \
                                  "(the server did not apply it)"

@@ -31,6 +31,14 @@ micro-batch losses and compute time; the server's step waits for its keys (``col
 driver calls a window off (``call_off``: a connection of its own, with the run's key) when
 something in it failed, and every server then ends its steps and says no to waiting workers.
 
+Within a window's step the bytes between nodes flow as in BytePS: a push goes piece by piece
+(``PIECE_BYTES`` of every row at a time) and the server sums each chunk of the gradient as soon
+as its pieces are in (``collect``'s ``ready``), while the rest still arrives; and a pull of the
+weights after a step is answered as soon as the server starts updating, chunk by chunk in the
+order of the vector, each chunk the moment it holds its new weights (``updated``, ``_stream``).
+A server sends nothing of a step it refuses: it checks the loss and the whole sum before it
+updates any chunk.
+
 Failures keep the crew's meaning: a server that cannot be reached (it died, its node is
 gone) makes the worker's call fail with ``PeerLost``, an ``ObjectLostError`` ("the step's
 inputs are lost"), so the driver recovers the servers as it does when an object is lost; a
@@ -44,6 +52,7 @@ import itertools
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +63,12 @@ from ..lecture import cuts
 from . import channel, shm
 
 WAIT_S = 600.0  # a window's wait for a step's values or weights gives up after this (windows.py)
+PIECE_BYTES = 1 << 20  # a push goes this many bytes of every row at a time
+
+
+def pieces(width: int, itemsize: int) -> list[range]:
+    """The column ranges of a push to a server of ``width`` entries, in the order they go."""
+    return cuts.fixed(width, max(1, PIECE_BYTES // itemsize))
 
 
 class PeerLost(ObjectLostError):
@@ -221,9 +236,12 @@ class _SocketWorker:
                 self._talk(handle.address, push)
 
     def _push(self, sock: socket.socket, key: str, values: np.ndarray, lo: int, hi: int, meta=None) -> None:
+        """Columns ``[lo, hi)`` of every row, piece by piece (``pieces``): the server sums a piece
+        while the next arrives."""
         channel.send(sock, ("push", key, self.step, len(values), meta))
-        for row in values:
-            channel.send_array(sock, row[lo:hi])  # each row's columns are contiguous
+        for piece in pieces(hi - lo, values.itemsize):
+            for row in values:
+                channel.send_array(sock, row[lo + piece.start:lo + piece.stop])  # contiguous in a row
         _taken(sock)
 
 
@@ -241,6 +259,8 @@ class _Entry:
     rows: np.ndarray | None
     block: shm.Block | None = None
     meta: tuple | None = None  # a window's step: (the micro-batches' errors, compute seconds)
+    upto: int = 0  # pushed rows: the columns in so far, of every row
+    complete: bool = True  # pushed rows: all in (until then a thread still writes ``rows``)
 
 
 class _SocketServer:
@@ -248,14 +268,17 @@ class _SocketServer:
         self.bounds, self.dtype = bounds, transport.dtype
         self.width = bounds.stop - bounds.start
         self.held: np.ndarray | None = None
-        self.inbox: dict[str, _Entry] = {}  # complete pushes only
+        self.inbox: dict[str, _Entry] = {}  # pushes as soon as they start, and puts
+        self.pieces = pieces(self.width, self.dtype.itemsize)
         self.spare: list[np.ndarray] = []  # buffers of taken steps, reused for new pushes
-        self.taken: list[np.ndarray] = []  # the buffers the last step read
+        self.taken: list[_Entry] = []  # the pushed entries the last step read
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # the inbox, the steps held, the window
         # Windows (windows.py): the steps this server holds, the window it runs or ran last,
         # whether that one is over, and the highest window the driver called off.
         self.version, self.window, self.over, self.called_off = 0, 0, True, 0
+        # The step being updated, and the chunks done so far: start -> (stop, step) (``updated``)
+        self.started, self.fresh = 0, {}
         self.post = channel.Post(ray.util.get_node_ip_address(), transport.key, self._serve)
         # share_node: the range in shared memory, for workers of this node; their rows mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
@@ -278,16 +301,22 @@ class _SocketServer:
                 channel.send_array(sock, self.held)
             elif request[0] == "reached":
                 _, window, version, pull = request
-                ok = self._reached(window, version)
+                ok = self._reached(window, version, pull)
                 channel.send(sock, (ok,))
                 if ok and pull:
-                    channel.send_array(sock, self.held)
+                    self._stream(sock, version)
             elif request[0] == "push":
                 _, key, step, rows, meta = request
-                buf = self._buffer(rows)
-                for row in buf:
-                    channel.recv_array(sock, row)
-                self._file(key, _Entry(step, buf, None, meta))
+                entry = _Entry(step, self._buffer(rows), None, meta, complete=False)
+                self._file(key, entry)  # at once: a window's step sums each piece as it is in
+                for piece in self.pieces:
+                    for row in entry.rows:
+                        channel.recv_array(sock, row[piece.start:piece.stop])
+                    with self.changed:
+                        entry.upto = piece.stop
+                        self.changed.notify_all()
+                with self.changed:
+                    entry.complete = True
                 channel.send(sock, (True,))
             elif request[0] == "put":
                 _, key, step, block, meta = request
@@ -307,15 +336,40 @@ class _SocketServer:
             self.inbox[key] = entry
             self.changed.notify_all()
 
-    def _reached(self, window: int, version: int) -> bool:
+    def _reached(self, window: int, version: int, pull: bool) -> bool:
         """Whether this server comes to hold ``version`` steps in ``window``: waits until it does
-        (True), or until that window is over, called off or past without it (False)."""
+        (True), or until that window is over, called off or past without it (False).  With
+        ``pull``, until it starts updating step ``version``: ``_stream`` sends the chunks as
+        they are done."""
+        def there() -> bool:
+            return self.version >= version or (pull and self.started >= version)
+
         def known() -> bool:
-            return self.version >= version or self.window > window or self.called_off >= window or \
+            return there() or self.window > window or self.called_off >= window or \
                 (self.window == window and self.over)
         with self.changed:
             self.changed.wait_for(known, timeout=WAIT_S)
-            return self.version >= version
+            return there()
+
+    def _stream(self, sock: socket.socket, version: int) -> None:
+        """The range after step ``version``, in order, each chunk as soon as it holds its new
+        weights (a pull in a window: the update of the later chunks goes on meanwhile)."""
+        at = 0
+        while at < self.width:
+            with self.changed:
+                if not self.changed.wait_for(lambda at=at: self.version >= version or
+                                             self.fresh.get(at, (0, -1))[1] >= version, timeout=WAIT_S):
+                    raise EOFError(f"the weights after step {version} did not come")  # the worker's PeerLost
+                stop = self.width if self.version >= version else self.fresh[at][0]
+            channel.send_array(sock, self.held[at:stop])
+            at = stop
+
+    def updated(self, step: int, chunk: tuple[int, int]) -> None:
+        """Entries ``chunk`` of the range hold the weights after ``step`` (while the rest is updated)."""
+        with self.changed:
+            self.started = max(self.started, step)
+            self.fresh[chunk[0]] = (chunk[1], step)
+            self.changed.notify_all()
 
     def hold(self, weights: np.ndarray) -> np.ndarray:
         """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
@@ -335,7 +389,8 @@ class _SocketServer:
     def holds(self, steps: int) -> None:
         """The server holds the weights after ``steps`` steps (a step applied, or a checkpoint loaded)."""
         with self.changed:
-            self.version = steps
+            self.version = self.started = steps
+            self.fresh.clear()
             self.changed.notify_all()
 
     def receive(self, parts: tuple[Handle, ...]) -> list[np.ndarray]:
@@ -344,7 +399,8 @@ class _SocketServer:
         entries of earlier steps (late copies nobody used) are dropped."""
         step = max((part.step for part in parts), default=0)
         with self.lock:
-            missing = [part.key for part in parts if part.block is None and part.key not in self.inbox]
+            missing = [part.key for part in parts
+                       if part.block is None and (part.key not in self.inbox or not self.inbox[part.key].complete)]
             if missing:
                 raise RuntimeError(f"node values {missing} never reached this server")
             entries = [_Entry(part.step, None, part.block) if part.block is not None else self.inbox.pop(part.key)
@@ -363,15 +419,23 @@ class _SocketServer:
             self.over = True
             self.changed.notify_all()
 
-    def collect(self, keys: list[str], step: int) -> tuple[list[np.ndarray], list[tuple]] | None:
-        """A window's step: the values and metas under ``keys``, once all are in; None if the
-        window is called off (or nothing came for ``WAIT_S``) before."""
+    def collect(self, keys: list[str], step: int) -> tuple[list[np.ndarray], list[tuple], Callable] | None:
+        """A window's step: the values and metas under ``keys``, once each has started to come in;
+        None if the window is called off (or nothing came for ``WAIT_S``) before.  The third
+        item is ``ready(lo, hi)`` for the server's sum (step/server.py): it waits until columns
+        ``[lo, hi)`` of every pushed row are in, or says no when the window is called off."""
         with self.changed:
             if not self.changed.wait_for(lambda: self.over or all(key in self.inbox for key in keys), timeout=WAIT_S) \
                     or self.over:
                 return None
             entries = [self.inbox.pop(key) for key in keys]
-        return self._values(entries, step), [entry.meta for entry in entries]
+        pushed = [entry for entry in entries if entry.block is None]
+
+        def ready(lo: int, hi: int) -> bool:
+            with self.changed:
+                return self.changed.wait_for(lambda: self.over or all(e.upto >= hi for e in pushed),
+                                             timeout=WAIT_S) and not self.over
+        return self._values(entries, step), [entry.meta for entry in entries], ready
 
     def _values(self, entries: list[_Entry], step: int) -> list[np.ndarray]:
         """The entries' columns: pushed rows, or rows of a worker of this node read in place.  The
@@ -379,13 +443,13 @@ class _SocketServer:
         copies nobody used) are dropped."""
         if self.node:  # unmap the rows of calls done with, keep the weights
             self.maps.retain([*(e.block for e in entries if e.block is not None), self.block])
-        with self.lock:
-            self.spare += [buf.base if buf.base is not None else buf for buf in self.taken]
-            self.taken = [e.rows for e in entries if e.block is None]
+        with self.lock:  # a buffer goes back only once no thread writes it (its push is complete)
+            self.spare += [_whole(e.rows) for e in self.taken if e.complete]
+            self.taken = [e for e in entries if e.block is None]
             for key in [k for k, e in self.inbox.items() if e.step < step]:
                 old = self.inbox.pop(key)
-                if old.rows is not None:
-                    self.spare.append(old.rows.base)
+                if old.rows is not None and old.complete:
+                    self.spare.append(_whole(old.rows))
         return [e.rows if e.block is None else self._columns(e.block) for e in entries]
 
     def _columns(self, block: shm.Block) -> np.ndarray:
@@ -395,6 +459,11 @@ class _SocketServer:
             return self.maps.view(block)[:, self.bounds.start:self.bounds.stop]
         except OSError as exc:
             raise PeerLost(f"the node values of a worker on this node are gone ({exc})") from None
+
+
+def _whole(rows: np.ndarray) -> np.ndarray:
+    """The buffer ``rows`` was cut from (``_buffer``)."""
+    return rows.base if rows.base is not None else rows
 
 
 def call_off(transport: Sockets, servers: list[Handle], window: int) -> None:

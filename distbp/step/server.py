@@ -3,7 +3,10 @@
 ``ServerState.step`` adds the tree nodes of every worker's share into the batch gradient in
 the tree's fixed order (tree.py), checks it is finite, fingerprints it, and applies the optimizer
 to the server's range of the flat parameter vector.  The sum and the update are elementwise,
-so a range's entries get the same bits whichever server owns them (``--servers S``).
+so a range's entries get the same bits whichever server owns them (``--servers S``), and
+whichever thread of the server computes them: the sum, its check and the update run chunk by
+chunk, the chunks shared out over the server's threads (``threads``), which the workers leave
+idle while they wait for the new weights.
 
 ``--clip-norm`` needs one number of the whole vector, the gradient's norm.  The vector is cut
 into fixed blocks by its size alone (``cuts.blocks``) and a server's range is whole blocks
@@ -17,10 +20,11 @@ server's ``gather`` returns its blocks' sums and every server's ``apply`` gets a
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
-from queue import SimpleQueue
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xxhash
@@ -31,6 +35,13 @@ from ..lecture.optim import Hyper, clip_coef, init_state, update
 # The server sums, checks and updates the vector this many bytes at a time, so that a chunk's
 # operands stay in cache between those passes (ServerState._sum).
 CHUNK_BYTES = 1 << 20
+# The server's pass is bound by memory bandwidth, which a few cores saturate (docs/performance.md).
+MOST_THREADS = 8
+
+
+def pass_threads() -> int:
+    """The threads a server's pass runs on: the cores this process may use, at most MOST_THREADS."""
+    return max(1, min(MOST_THREADS, len(os.sched_getaffinity(0))))
 
 
 def chunks(blocks: list[range], itemsize: int) -> list[tuple[int, int]]:
@@ -49,16 +60,30 @@ class NonFiniteGradient(ArithmeticError):
     """A step's summed gradient holds NaN or inf: training diverged; the server did not update."""
 
 
+class Abandoned(RuntimeError):
+    """A step's inputs stopped coming in (``ready`` said no): nothing was applied."""
+
+
+def always(lo: int, hi: int) -> bool:
+    """``ready`` when a step's inputs are all in before it starts: every chunk is."""
+    return True
+
+
+def nothing(i: int) -> None:
+    """``updated`` when nobody waits for the chunks of the new weights."""
+
+
 class ServerState:
     """Weights and optimizer state for one range of the flat parameter vector (all of it with
     one server; ``--servers S``: the range the transport gives server s)."""
 
     def __init__(self, weights: np.ndarray, hyper: Hyper, decay_mask: np.ndarray | None,
-                 blocks: list[range] | None = None):
+                 blocks: list[range] | None = None, threads: int = 1):
         """``weights`` holds this range's starting values; the server owns it and updates it in
         place (an array of its own, or its range of the shared weights file: transport.py).
         ``blocks``: the range's ``cuts.blocks`` of the whole vector, relative to its start
-        (``cuts.within``); None when the server holds the whole vector."""
+        (``cuts.within``); None when the server holds the whole vector.  ``threads``: how many
+        threads share out the chunks of a step's pass (the same bits for any number)."""
         self.weights = weights
         self.hyper = hyper
         self.state = init_state(hyper.optimizer, len(self.weights), self.weights.dtype)
@@ -73,17 +98,44 @@ class ServerState:
         # each chunk's block starts, relative to the chunk: np.add.reduceat's segments
         starts = np.array([b.start for b in self.blocks], dtype=np.intp)
         self.segments = [starts[(starts >= lo) & (starts < hi)] - lo for lo, hi in self.chunks]
-        self.scratch: list[np.ndarray] = []  # chunk-sized work buffers, as long as the longest chunk
+        self.first_block = np.cumsum([0] + [len(seg) for seg in self.segments]).tolist()  # each chunk's
+        self.local = threading.local()  # each thread's chunk-sized work buffers (``_spare``)
         self.widest = max(hi - lo for lo, hi in self.chunks)
         self.squares = np.empty(len(self.blocks), dtype=self.weights.dtype)  # --clip-norm: each block's sum
+        self.threads = max(1, min(threads, len(self.chunks)))
+        self.pool = ThreadPoolExecutor(self.threads - 1, "distbp-pass") if self.threads > 1 else None
         self.summed = 0  # the step whose gradient is summed (gather), to be applied
         self.clock: dict[str, float] = {}  # the step under way's times
 
     def _spare(self, i: int, length: int) -> np.ndarray:
-        """The i-th chunk-sized scratch buffer, cut to ``length``."""
-        while len(self.scratch) <= i:
-            self.scratch.append(np.empty(self.widest, dtype=self.weights.dtype))
-        return self.scratch[i][:length]
+        """The calling thread's i-th chunk-sized scratch buffer, cut to ``length``."""
+        scratch = self.local.__dict__.setdefault("scratch", [])
+        while len(scratch) <= i:
+            scratch.append(np.empty(self.widest, dtype=self.weights.dtype))
+        return scratch[i][:length]
+
+    def _each(self, job: Callable[[int], None]) -> None:
+        """``job(i)`` for every chunk ``i``, the chunks taken in order by the server's threads
+        (this one among them) as each finishes its last; returns once all are done."""
+        if self.pool is None:
+            for i in range(len(self.chunks)):
+                job(i)
+            return
+        order, lock = iter(range(len(self.chunks))), threading.Lock()
+
+        def run() -> None:
+            while True:
+                with lock:
+                    i = next(order, None)
+                if i is None:
+                    return
+                job(i)
+        helpers = [self.pool.submit(run) for _ in range(self.threads - 1)]
+        try:
+            run()
+        finally:
+            for helper in helpers:  # they write the step's buffers: none may outlive the pass
+                helper.result()
 
     def _sum_chunk(self, n: int, nodes: dict[tree.Node, np.ndarray], lo: int, hi: int) -> np.ndarray:
         """Entries ``[lo, hi)`` of the batch gradient, added in the tree's order into ``self.grad[lo:hi]``.
@@ -106,32 +158,39 @@ class ServerState:
         return out
 
     def _sum(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray],
-             summed: Callable[[tuple[int, int] | None], None] = lambda chunk: None) -> bool:
+             summed: Callable[[int], None] = nothing, ready: Callable[[int, int], bool] = always) -> bool:
         """Fill ``self.grad`` with the batch gradient; True if every entry is finite.
 
-        ``summed((lo, hi))`` is called as each chunk is done, ``summed(None)`` at the end.
+        ``summed(i)`` is called as chunk ``i`` (``self.chunks[i]``) is done, from the thread that did it.
+        ``ready(lo, hi)`` waits until entries ``[lo, hi)`` of every value are in (they may still
+        be arriving when the sum starts: the socket transport's windows); False: they will
+        not come, and the sum stops (``Abandoned``).
 
         ``values[k]`` (shape ``(len(nodes[k]), P)``) holds the values of the nodes ``nodes[k]``.
         Chunk by chunk, so each chunk's additions and its check run while it is in cache: the
         same additions as one pass over whole vectors (they are elementwise), one trip to memory.
         """
         table = {node: row for node_list, value in zip(nodes, values) for node, row in zip(node_list, value)}
-        finite, b = True, 0
-        for (lo, hi), segments in zip(self.chunks, self.segments):
+        finite = [True] * len(self.chunks)
+
+        def chunk(i: int) -> None:
+            lo, hi = self.chunks[i]
+            if not ready(lo, hi):
+                raise Abandoned(f"the inputs of entries {lo}:{hi} will not come")
             g = self._sum_chunk(n, {node: row[lo:hi] for node, row in table.items()}, lo, hi)
             # A NaN or inf anywhere makes the sum non-finite (so would an overflow of finite
             # entries, which needs entries near the dtype's max: diverged too).
-            finite = finite and bool(np.isfinite(g.sum()))
+            finite[i] = bool(np.isfinite(g.sum()))
             if self.hyper.clip_norm is not None:  # each block's sum of squares, while the chunk is in cache
                 with np.errstate(over="ignore"):  # an overflow is an inf norm: apply() refuses it
                     square = np.square(g, out=self._spare(0, hi - lo))
                 # reduceat sums each block with numpy's pairwise sum: bits that depend on the
                 # block's values alone, not on where the block lies in memory or in the chunk
-                np.add.reduceat(square, segments, out=self.squares[b:b + len(segments)])
-                b += len(segments)
-            summed((lo, hi))
-        summed(None)
-        return finite
+                b = self.first_block[i]
+                np.add.reduceat(square, self.segments[i], out=self.squares[b:self.first_block[i + 1]])
+            summed(i)
+        self._each(chunk)
+        return all(finite)
 
     def gradient(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray]) -> np.ndarray:
         """The batch gradient over this range: every worker's nodes added in the tree's order.
@@ -143,16 +202,22 @@ class ServerState:
         return self.grad
 
     def step(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], lr: float, t: int,
-             scale: float | None) -> np.ndarray:
+             scale: float | None, ready: Callable[[int, int], bool] = always,
+             updated: Callable[[int], None] = nothing) -> np.ndarray:
         """Step ``t`` (counted from 1): sum, update in place, return the new weights of this range.
 
         The server holds the whole vector (or no clipping needs the whole norm): both halves here.
+        ``ready`` and ``updated``: as ``gather`` and ``apply`` take them.
         """
-        squares = self.gather(n, nodes, values, t)
-        return self.apply(lr, t, scale, None if squares is None else [squares])
+        squares = self.gather(n, nodes, values, t, ready)
+        return self.apply(lr, t, scale, None if squares is None else [squares], updated)
 
-    def gather(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], t: int) -> np.ndarray | None:
+    def gather(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], t: int,
+               ready: Callable[[int, int], bool] = always) -> np.ndarray | None:
         """The first half of step ``t``: the batch gradient over this range, summed and checked.
+
+        ``ready``: as ``_sum`` takes it; a chunk waits for its inputs, not the whole sum for all
+        of them.  ``Abandoned`` if they stop coming: nothing is applied.
 
         Returns, under ``--clip-norm``, each of the range's blocks' sum of squares of the summed
         gradient (its dtype, in block order), else None.
@@ -166,10 +231,17 @@ class ServerState:
         # sums and updates.  XXH3-128, not sha256: it only has to tell two computations of one
         # step apart (a redo against its first run), not resist an adversary, and sha256 cost
         # 4.2 ms (fp32) / 8.5 ms (fp64) of a core the workers need for 784-1024-1024-10.
-        chunks: SimpleQueue = SimpleQueue()
-        self._hashing = threading.Thread(target=self._hash, args=(t, chunks))
+        done = [threading.Event() for _ in self.chunks]
+        self._hashing = threading.Thread(target=self._hash, args=(t, done))
         self._hashing.start()
-        if not self._sum(n, nodes, values, chunks.put):  # refuse it: the weights stay those of the last good step
+        try:
+            finite = self._sum(n, nodes, values, lambda i: done[i].set(), ready)
+        except BaseException:
+            for event in done:  # the hash ends, and is forgotten with the step
+                event.set()
+            self._refuse()
+            raise
+        if not finite:  # refuse it: the weights stay those of the last good step
             self._refuse()
             raise NonFiniteGradient(f"the summed gradient of step {t} has non-finite values")
         self.summed = t
@@ -177,11 +249,14 @@ class ServerState:
                       "summed": time.perf_counter(), "bytes_in": sum(v.nbytes for v in values)}
         return self.squares.copy() if self.hyper.clip_norm is not None else None
 
-    def apply(self, lr: float, t: int, scale: float | None, squares: list[np.ndarray] | None) -> np.ndarray:
+    def apply(self, lr: float, t: int, scale: float | None, squares: list[np.ndarray] | None,
+              updated: Callable[[int], None] = nothing) -> np.ndarray:
         """The second half of step ``t``: update this range in place; return its new weights.
 
         ``squares``: under ``--clip-norm``, what ``gather`` returned on every server, in range
-        order; each server adds up the same numbers to the same norm.
+        order; each server adds up the same numbers to the same norm.  ``updated(i)`` is called
+        as chunk ``i`` holds its new weights (from the thread that updated it), so that they can
+        go out while the others are updated.
         """
         if self.summed != t:
             raise ValueError(f"step {t} is to be applied but the gradient summed is of step {self.summed}")
@@ -195,11 +270,15 @@ class ServerState:
                 raise NonFiniteGradient(f"the norm of the summed gradient of step {t} is not finite")
             clip = clip_coef(norm, self.hyper.clip_norm)
         mask = self.decay_mask
-        for lo, hi in self.chunks:
+
+        def chunk(i: int) -> None:
+            lo, hi = self.chunks[i]
             g = self._spare(0, hi - lo)
             np.copyto(g, self.grad[lo:hi])  # update() overwrites its gradient; self.grad is being hashed
             update(self.weights[lo:hi], g, {name: buf[lo:hi] for name, buf in self.state.items()}, self.hyper,
                    lr, t, scale, None if mask is None else mask[lo:hi], clip)
+            updated(i)
+        self._each(chunk)
         self.t, self.summed = t, 0
         done, c = time.perf_counter(), self.clock
         # start and end are wall-clock times, comparable with the workers' spans (scripts/bench.py)
@@ -217,13 +296,14 @@ class ServerState:
         self.hashes.pop(self.t + 1, None)
         self.summed = 0
 
-    def _hash(self, t: int, chunks: SimpleQueue) -> None:
-        """XXH3-128 of ``self.grad``'s bytes, little-endian, fed chunk by chunk as ``chunks`` names
-        them: the same digest as ``grad_xxh3`` of the whole, read in place."""
+    def _hash(self, t: int, done: list[threading.Event]) -> None:
+        """XXH3-128 of ``self.grad``'s bytes, little-endian, fed chunk by chunk in order as each
+        is summed (``done``): the same digest as ``grad_xxh3`` of the whole, read in place."""
         digest = xxhash.xxh3_128()
         little = self.grad.dtype.newbyteorder("<")
-        while (chunk := chunks.get()) is not None:
-            digest.update(np.ascontiguousarray(self.grad[chunk[0]:chunk[1]], little))
+        for (lo, hi), event in zip(self.chunks, done):
+            event.wait()
+            digest.update(np.ascontiguousarray(self.grad[lo:hi], little))
         self.hashes[t] = digest.hexdigest()
 
     def wait_hashes(self) -> None:
