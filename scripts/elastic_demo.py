@@ -60,6 +60,7 @@ FAST_FAILURE = {"health_check_period_ms": 500, "health_check_failure_threshold":
                 "health_check_initial_delay_ms": 0}
 RUN = dict(dataset="spirals", layers="2,16,16,3", batch_size=60, micro_batch=8, optimizer="adam")
 WAIT_S = 60
+SETTLE_S = 1.0  # after new workers show alive in Ray, before the run's next step (Events)
 
 
 class LocalCluster:
@@ -153,6 +154,8 @@ class Events:
                          for a in ray._private.state.actors().values()]
                 raise RuntimeError(f"after '{what}': {live_workers()} live workers, not {want}: {table}")
             time.sleep(0.05)
+        if what != "kill":  # the run takes a new worker in once its first call is answered, a moment
+            time.sleep(SETTLE_S)  # after Ray shows it alive: give it that moment before the next step
         self.log.append({"after_step": record["step"], "event": what, "live_workers": want})
 
 

@@ -96,14 +96,10 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
         log = StepLog(files, problem, lr_at, servers.get, progress, callbacks,
                       compare=not resumed or resumed["config"].get("servers", 1) == config.servers,
                       config=config, workers=pool)
-        applied, weights = start, servers.weights()  # steps the servers hold, and their weights
         few = None  # TooFewWorkers: the run stops at a step boundary, checkpointed
         # Windows of steps without a Ray call each, where the transport and the run allow them
         windows = Windows(crew, session.transport) if session.transport.windows and not servers.two_halves \
             and not callbacks else None
-
-        def scale_of(batch) -> int | None:
-            return len(batch) if config.reduction == "mean" else None
 
         def after(step: int) -> None:
             """The driver's part after step ``step``: an evaluation, a checkpoint, an epoch's end."""
@@ -112,44 +108,20 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
             else:
                 between_epochs(step, net, problem, servers, files, log, config)
 
+        steps = Steps(config, sampler, crew, servers, windows, log, lr_at, after, start)
         with StopSignals() as stop:
-            while applied < total and stop.signum is None and not log.stop_requested:
-                step = applied + 1
+            while steps.applied < total and stop.signum is None and not log.stop_requested:
                 try:
-                    last = step if windows is None else windows.reach(step, total, lambda t: busy(t, config, sampler))
-                    if last > step:
-                        ran, failure = windows.run(step, [sampler.batch(t) for t in range(step, last + 1)], lr_at,
-                                                   scale_of, weights)
-                        reports, weights = servers.report(), servers.weights()
-                        for r in ran:
-                            log.sent(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, weights, r.workers, r.when))
-                            after(r.step)
-                            applied = r.step
-                        if failure is not None:
-                            raise failure
-                        continue
-                    batch = sampler.batch(step)
-                    # Every micro-batch of the step, whichever workers die or lag on the way.
-                    done = crew.compute(step, batch, weights)
-                    loss = math.fsum(done.losses) / len(batch)
-                    if not math.isfinite(loss):  # caught before the servers apply anything
-                        raise Diverged(f"training diverged at step {step}: the loss is {loss}")
-                    weights = servers.step(done.n, done.nodes, lr_at(step), step, scale_of(batch), done.values)
-                    log.sent(Sent(step, len(batch), loss, done.seconds, servers.report(), weights, done.workers))
-                    after(step)
-                    applied = step
-                    if windows is not None:
-                        windows.ran_one()
-                except TooFewWorkers as exc:  # nothing of the step was applied: stop after `applied`
+                    steps.next(total)
+                except TooFewWorkers as exc:  # nothing of the step was applied: stop after the steps applied
                     few = exc
                     break
                 except ServerFailed:
                     # Live servers say how many steps they hold; lost ones restart from the
                     # latest checkpoint.  Either way the loop goes on from there: steps are
                     # redone (to the same bits), never applied twice.
-                    applied = servers.recover(lambda: files.latest(initial))
-                    weights = servers.weights()
-                    log.forget_after(applied)
+                    steps.recover(lambda: files.latest(initial))
+        applied = steps.applied
         if stop.signum is not None:
             _stopped(stop, applied, total, servers, files, log, config)
         if few is not None:
@@ -163,6 +135,65 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
                         worker_nodes=[node for node in pool.nodes() if node], server_nodes=server_nodes,
                         transport=session.transport_name, resizes=crew.resizes,
                         windows=windows.stats if windows else None)
+
+
+class Steps:
+    """How the loop applies its steps: a window of them where windows.py allows (no Ray call a
+    step), else one through the crew, whose workers may die or lag on the way.  ``applied``
+    counts the steps the servers hold, ``weights`` are their references to those weights."""
+
+    def __init__(self, config: Config, sampler, crew, servers, windows, log: StepLog, lr_at, after, applied: int):
+        self.config, self.sampler, self.crew, self.servers, self.windows = config, sampler, crew, servers, windows
+        self.log, self.lr_at, self.after = log, lr_at, after  # after(step): the driver's part after a step
+        self.applied, self.weights = applied, servers.weights()
+
+    def scale_of(self, batch) -> int | None:
+        """What the servers divide the summed gradient by: B under --reduction mean."""
+        return len(batch) if self.config.reduction == "mean" else None
+
+    def next(self, total: int) -> None:
+        """Apply the next step, or a window of steps from it (of at most ``total``).  A failure is
+        raised once the steps applied before it are logged."""
+        step = self.applied + 1
+        last = step if self.windows is None else \
+            self.windows.reach(step, total, lambda t: busy(t, self.config, self.sampler))
+        if last > step:
+            self._window(step, last)
+        else:
+            self._one(step)
+
+    def _window(self, step: int, last: int) -> None:
+        """Steps ``step`` to ``last`` in one window (windows.py), logged as steps one by one."""
+        ran, failure = self.windows.run(step, [self.sampler.batch(t) for t in range(step, last + 1)], self.lr_at,
+                                        self.scale_of, self.weights)
+        reports, self.weights = self.servers.report(), self.servers.weights()
+        for r in ran:
+            self.log.sent(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, self.weights, r.workers, r.when))
+            self.after(r.step)
+            self.applied = r.step
+        if failure is not None:
+            raise failure
+
+    def _one(self, step: int) -> None:
+        """Step ``step`` through the crew: every micro-batch, whichever workers die or lag on the way."""
+        batch = self.sampler.batch(step)
+        done = self.crew.compute(step, batch, self.weights)
+        loss = math.fsum(done.losses) / len(batch)
+        if not math.isfinite(loss):  # caught before the servers apply anything
+            raise Diverged(f"training diverged at step {step}: the loss is {loss}")
+        self.weights = self.servers.step(done.n, done.nodes, self.lr_at(step), step, self.scale_of(batch), done.values)
+        self.log.sent(Sent(step, len(batch), loss, done.seconds, self.servers.report(), self.weights, done.workers))
+        self.after(step)
+        self.applied = step
+        if self.windows is not None:
+            self.windows.ran_one()
+
+    def recover(self, latest) -> None:
+        """A server failed: go on from the steps the servers hold after ``Servers.recover``
+        (``latest()``: the checkpoint a lost one restarts from)."""
+        self.applied = self.servers.recover(latest)
+        self.weights = self.servers.weights()
+        self.log.forget_after(self.applied)
 
 
 def busy(step: int, config: Config, sampler) -> bool:
