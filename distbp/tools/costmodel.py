@@ -123,8 +123,12 @@ class Constants:
     # of C threads' ideal C-fold rate, what --threads-per-worker got at T = 2 (threads_probe.py: 1.61x fp32)
     thread_efficiency: float = 0.8
     ray_step_s: float = 3.0e-3  # Ray's call floor per step, quiet machine (docs/performance.md, floor_run)
+    window: int = 16  # steps per window (distributed/windows.py): a window's Ray calls are spread over them
     socket_gbytes: float = 1.0  # one pull of 7.45 MB over channel.py, GB/s: scripts/channel_probe.py, load 17
     sum_gbytes: float = 2.2  # server sum + update per byte of node values in: bench.py --nodes 2, load 16-34
+    # the server's pass on its threads against one (step/server.pass_threads): 7.10 -> 4.45 ms on 2
+    # threads (docs/performance.md); more threads are ASSUMED to add nothing (memory bandwidth)
+    pass_speedup: float = 1.6
     ring_latency_s: float = 50e-6  # ASSUMED, not measured here: one ring hop's latency (gloo)
     overlap: float = 2 / 3  # ASSUMED: share of the compute (the backward pass) DDP hides its all-reduce behind
 
@@ -148,8 +152,10 @@ def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, 
     share of micro-batches is a power of two).  ``colocated``: server s sits on node s (S <= N),
     so a worker's range of its own node's server never crosses the wire.  Per step a worker
     pushes P values and pulls P values; a server receives N * P / S values and sends as many.
-    The busiest link is a server node's: its worker's traffic plus its server's.  The phases
-    run one after the other (the current implementation does not overlap them).
+    The busiest link is a server node's: its worker's traffic plus its server's.  As the
+    implementation runs them (windows.py, sockets.py): the sum (half the server's pass) while
+    the push comes in, the update (the other half) while the pull goes out, and Ray's calls
+    once a window.
     """
     compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (c.gflops(itemsize, C) * 1e9)
     vector = P * itemsize
@@ -157,9 +163,10 @@ def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, 
     server_in = N * vector / S * ((N - 1) / N if colocated and S <= N else 1.0)  # what crosses into one server
     push = max(_wire(vector * remote, gbit, c), _wire(server_in, gbit, c))
     pull = push  # the same bytes the other way
-    total_sum = N * vector / S / (c.sum_gbytes * 1e9)
-    return {"compute": compute, "push": push, "sum": total_sum, "pull": pull, "ray": c.ray_step_s,
-            "step": compute + push + total_sum + pull + c.ray_step_s}
+    total_sum = N * vector / S / (c.sum_gbytes * 1e9 * (c.pass_speedup if C > 1 else 1.0))
+    ray = c.ray_step_s / c.window
+    return {"compute": compute, "push": push, "sum": total_sum, "pull": pull, "ray": ray,
+            "step": compute + max(push, total_sum / 2) + max(pull, total_sum / 2) + ray}
 
 
 def ring_step(N: int, C: int, P: int, B: int, itemsize: int, gbit: float, c: Constants) -> dict[str, float]:
