@@ -92,6 +92,7 @@ class Worker(_Actor):
                 losses, seconds = self.state.compute(flat, batch, nodes, values)
             self.end.hand_in(values, key, (losses.tolist(), seconds))
             done += 1
+        self.end.settle()  # every server's answer to the hand-ins read: what it returns was taken
         return done
 
     def spans(self) -> list[tuple[float, float, float]]:

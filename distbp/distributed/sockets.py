@@ -124,6 +124,8 @@ class _SocketWorker:
         self.flat = np.empty(transport.size, transport.dtype)
         self.out = np.empty((0, transport.size), dtype=transport.dtype)
         self.links: dict[tuple[str, int], socket.socket] = {}  # one connection per server, kept
+        # servers whose answer to a window's hand-in is still to be read: before their next answer
+        self.unacked: set[tuple[str, int]] = set()
         self.servers: tuple[Handle, ...] = ()
         self.me = f"{os.getpid()}-{os.urandom(4).hex()}"
         self.calls = itertools.count()
@@ -143,6 +145,7 @@ class _SocketWorker:
             return talk(sock)
         except (OSError, EOFError) as exc:
             self.links.pop(address, None)
+            self.unacked.discard(address)
             if sock is not None:
                 sock.close()
             raise PeerLost(f"the server at {address[0]}:{address[1]} cannot be reached ({exc})") from None
@@ -172,30 +175,46 @@ class _SocketWorker:
         single = len(parts) == 1 and self._here(parts[0])  # read in place
         for handle, r in zip(parts, self.bounds):
             dst = self.flat[r.start:r.stop]
+            address = handle.address
             if self._here(handle):
-                if ahead is not None and not self._talk(handle.address, lambda sock: self._reached(sock, ahead, False)):
+                def reached(sock, address=address) -> bool:
+                    return self._reached(sock, address, ahead, False)
+                if ahead is not None and not self._talk(address, reached):
                     return None
                 if not single:
                     np.copyto(dst, self._view(handle))
                 continue
 
-            def pull(sock, dst=dst) -> bool:
+            def pull(sock, dst=dst, address=address) -> bool:
                 if ahead is None:
                     channel.send(sock, ("pull",))
-                elif not self._reached(sock, ahead, True):
+                    self._acked(sock, address)
+                elif not self._reached(sock, address, ahead, True):
                     return False
                 channel.recv_array(sock, dst)
                 return True
-            if not self._talk(handle.address, pull):
+            if not self._talk(address, pull):
                 return None
         return self._view(parts[0]) if single else self.flat
 
-    @staticmethod
-    def _reached(sock: socket.socket, ahead: tuple[int, int], pull: bool) -> bool:
+    def _reached(self, sock: socket.socket, address: tuple[str, int], ahead: tuple[int, int], pull: bool) -> bool:
         """Ask a server whether it holds the weights after step ``version`` of ``window``, waiting
         until it does; with ``pull`` a yes is followed by the range's bytes (``weights`` reads them)."""
         channel.send(sock, ("reached", *ahead, pull))
+        self._acked(sock, address)
         return channel.recv(sock) == (True,)
+
+    def _acked(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """Read the server's answer to this worker's last hand-in, if it is still to be read: it
+        comes before the answer to the request just sent (one connection, answered in order)."""
+        if address in self.unacked:
+            self.unacked.discard(address)
+            _taken(sock)
+
+    def settle(self) -> None:
+        """Read every answer to a hand-in still to be read (the end of a window's call)."""
+        for address in list(self.unacked):
+            self._talk(address, lambda sock, address=address: self._acked(sock, address))
 
     def rows(self, step: int, count: int) -> np.ndarray:
         """``count`` rows to compute node values into: a buffer of this worker's, reused (in shared
@@ -223,26 +242,35 @@ class _SocketWorker:
     def hand_in(self, values: np.ndarray, key: str, meta: tuple) -> None:
         """A window's step (windows.py): each server gets its columns of ``values`` under ``key``, with
         ``meta`` (the micro-batches' errors and the compute seconds); a server of this node gets
-        only where the rows are in this worker's memory."""
+        only where the rows are in this worker's memory.  The servers' answers are read with the
+        next request to each (``_acked``), not waited for here: no round trip of its own."""
         for handle, r in zip(self.servers, self.bounds):
+            self._acked_before(handle.address)
             if self._here(handle):
                 def put(sock):
                     channel.send(sock, ("put", key, self.step, self.block, meta))
-                    _taken(sock)
                 self._talk(handle.address, put)
             else:
                 def push(sock, lo=r.start, hi=r.stop):
-                    self._push(sock, key, values, lo, hi, meta)
+                    self._push(sock, key, values, lo, hi, meta, wait=False)
                 self._talk(handle.address, push)
+            self.unacked.add(handle.address)
 
-    def _push(self, sock: socket.socket, key: str, values: np.ndarray, lo: int, hi: int, meta=None) -> None:
+    def _acked_before(self, address: tuple[str, int]) -> None:
+        """A hand-in's answer still to be read from ``address`` is read before the next hand-in."""
+        if address in self.unacked:
+            self._talk(address, lambda sock: self._acked(sock, address))
+
+    def _push(self, sock: socket.socket, key: str, values: np.ndarray, lo: int, hi: int, meta=None,
+              wait: bool = True) -> None:
         """Columns ``[lo, hi)`` of every row, piece by piece (``pieces``): the server sums a piece
-        while the next arrives."""
+        while the next arrives.  ``wait``: read the server's answer now."""
         channel.send(sock, ("push", key, self.step, len(values), meta))
         for piece in pieces(hi - lo, values.itemsize):
             for row in values:
                 channel.send_array(sock, row[lo + piece.start:lo + piece.stop])  # contiguous in a row
-        _taken(sock)
+        if wait:
+            _taken(sock)
 
 
 def _taken(sock: socket.socket) -> None:

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import xxhash
@@ -91,7 +91,8 @@ class ServerState:
         self.t = 0  # steps applied so far: the driver asks for it after a failure, so no step is applied twice
         self.hashes: dict[int, str] = {}
         self.timings: dict[int, dict[str, float]] = {}
-        self._hashing: threading.Thread | None = None
+        self._hashing: Future | None = None
+        self.hasher = ThreadPoolExecutor(1, "distbp-hash")  # one thread for every step's hash
         self.grad = np.empty_like(self.weights)  # the last step's batch gradient, kept for its hash
         self.blocks = cuts.blocks(len(self.weights)) if blocks is None else blocks
         self.chunks = chunks(self.blocks, self.weights.itemsize)
@@ -232,8 +233,7 @@ class ServerState:
         # step apart (a redo against its first run), not resist an adversary, and sha256 cost
         # 4.2 ms (fp32) / 8.5 ms (fp64) of a core the workers need for 784-1024-1024-10.
         done = [threading.Event() for _ in self.chunks]
-        self._hashing = threading.Thread(target=self._hash, args=(t, done))
-        self._hashing.start()
+        self._hashing = self.hasher.submit(self._hash, t, done)
         try:
             finite = self._sum(n, nodes, values, lambda i: done[i].set(), ready)
         except BaseException:
@@ -308,8 +308,8 @@ class ServerState:
 
     def wait_hashes(self) -> None:
         if self._hashing is not None:
-            self._hashing.join()
-            self._hashing = None
+            hashing, self._hashing = self._hashing, None
+            hashing.result()
 
     def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
         """This range's weights and optimizer buffers of a checkpoint taken after step ``t``."""
