@@ -214,7 +214,12 @@ class _SocketWorker:
     def settle(self) -> None:
         """Read every answer to a hand-in still to be read (the end of a window's call)."""
         for address in list(self.unacked):
-            self._talk(address, lambda sock, address=address: self._acked(sock, address))
+            self._owed(address)
+
+    def _owed(self, address: tuple[str, int]) -> None:
+        """Read the answer to a hand-in that ``address`` still owes, on its own (no request with it)."""
+        if address in self.unacked:
+            self._talk(address, lambda sock: self._acked(sock, address))
 
     def rows(self, step: int, count: int) -> np.ndarray:
         """``count`` rows to compute node values into: a buffer of this worker's, reused (in shared
@@ -245,7 +250,7 @@ class _SocketWorker:
         only where the rows are in this worker's memory.  The servers' answers are read with the
         next request to each (``_acked``), not waited for here: no round trip of its own."""
         for handle, r in zip(self.servers, self.bounds):
-            self._acked_before(handle.address)
+            self._owed(handle.address)  # the last hand-in's answer comes before this one's
             if self._here(handle):
                 def put(sock):
                     channel.send(sock, ("put", key, self.step, self.block, meta))
@@ -255,11 +260,6 @@ class _SocketWorker:
                     self._push(sock, key, values, lo, hi, meta, wait=False)
                 self._talk(handle.address, push)
             self.unacked.add(handle.address)
-
-    def _acked_before(self, address: tuple[str, int]) -> None:
-        """A hand-in's answer still to be read from ``address`` is read before the next hand-in."""
-        if address in self.unacked:
-            self._talk(address, lambda sock: self._acked(sock, address))
 
     def _push(self, sock: socket.socket, key: str, values: np.ndarray, lo: int, hi: int, meta=None,
               wait: bool = True) -> None:
@@ -305,8 +305,8 @@ class _SocketServer:
         # Windows (windows.py): the steps this server holds, the window it runs or ran last,
         # whether that one is over, and the highest window the driver called off.
         self.version, self.window, self.over, self.called_off = 0, 0, True, 0
-        # The step being updated, and the chunks done so far: start -> (stop, step) (``updated``)
-        self.started, self.fresh = 0, {}
+        # The chunks updated since the last step held: start -> (stop, step) (``updated``)
+        self.fresh: dict[int, tuple[int, int]] = {}
         self.post = channel.Post(ray.util.get_node_ip_address(), transport.key, self._serve)
         # share_node: the range in shared memory, for workers of this node; their rows mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
@@ -370,7 +370,7 @@ class _SocketServer:
         ``pull``, until it starts updating step ``version``: ``_stream`` sends the chunks as
         they are done."""
         def there() -> bool:
-            return self.version >= version or (pull and self.started >= version)
+            return self.version >= version or (pull and any(step >= version for _, step in self.fresh.values()))
 
         def known() -> bool:
             return there() or self.window > window or self.called_off >= window or \
@@ -395,7 +395,6 @@ class _SocketServer:
     def updated(self, step: int, chunk: tuple[int, int]) -> None:
         """Entries ``chunk`` of the range hold the weights after ``step`` (while the rest is updated)."""
         with self.changed:
-            self.started = max(self.started, step)
             self.fresh[chunk[0]] = (chunk[1], step)
             self.changed.notify_all()
 
@@ -417,7 +416,7 @@ class _SocketServer:
     def holds(self, steps: int) -> None:
         """The server holds the weights after ``steps`` steps (a step applied, or a checkpoint loaded)."""
         with self.changed:
-            self.version = self.started = steps
+            self.version = steps
             self.fresh.clear()
             self.changed.notify_all()
 
