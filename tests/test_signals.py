@@ -120,6 +120,42 @@ def test_a_third_signal_ends_the_process_at_once():
     assert seconds < 30
 
 
+SIGTERM_IN_A_FINALIZER = """
+    import os, signal, sys, time
+
+    def like_rays(signum, frame):  # ray._private.worker's handler in an actor's process
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, like_rays)
+    if {ours}:
+        from distbp.distributed.actors import end_at_once_on_sigterm
+        end_at_once_on_sigterm()
+
+    class Pool:
+        def __del__(self):  # as a thread pool's weakref callback runs while Ray ends the actor
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+
+    pool = Pool()
+    del pool
+    print("went on")
+"""
+
+
+@pytest.mark.parametrize("ours", [False, True], ids=["rays-handler", "actors-handler"])
+def test_an_actor_ended_by_sigterm_in_a_finalizer_prints_no_traceback(ours):
+    """Ray ends each run's servers with SIGTERM; taken in a finalizer, Ray's SystemExit is printed
+    as a traceback (the first case shows the scene does that).  The actors' handler ends the
+    process at once instead, silent, with 128 + SIGTERM."""
+    proc, _ = run_python(SIGTERM_IN_A_FINALIZER.format(ours=ours))
+    if not ours:
+        assert "Exception ignored" in proc.stderr and "SystemExit" in proc.stderr, proc.stderr
+        assert proc.stdout == "went on\n"
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+        assert proc.stderr == "" and proc.stdout == ""
+
+
 # --- the command, with a stand-in for the training loop ---
 
 def test_a_stop_that_ray_converts_is_still_reported_as_the_signal(monkeypatch, capfd, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -28,6 +29,19 @@ from ..step.worker import WorkerState
 from .transport import Transport
 
 BLAS_THREADS = 1
+
+
+def end_at_once_on_sigterm() -> None:
+    """An actor's process ends at once on SIGTERM, as ``ray.kill`` ends it, with status 128 + 15.
+
+    Ray sends SIGTERM to an actor whose placement group is removed: every run's servers, at
+    the run's end.  Ray's own handler raises SystemExit wherever the main thread is.  In a
+    finalizer (a thread pool's weakref callback, as the actor's objects are collected) Python
+    prints that as "Exception ignored ... Traceback" on the actor's stderr, which Ray copies
+    to the driver's.  An actor keeps nothing that its process's end could lose: the driver
+    owns every file and the shared memory.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
 
 
 class _Actor:
@@ -47,6 +61,7 @@ class Worker(_Actor):
     def __init__(self, layers, activation, loss, dtype, X, Y, micro_batch, transport: Transport, threads: int = 1):
         """``threads``: micro-batches backpropagated at once, each on one BLAS thread (--threads-per-worker)."""
         threadpool_limits(BLAS_THREADS)  # per BLAS call, whichever thread makes it
+        end_at_once_on_sigterm()
         self.end = transport.worker_end()
         self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch, threads)
         self.fault: tuple[Action, float] | None = None  # armed by --fault-injection for the next compute
@@ -108,6 +123,7 @@ class ParameterServer(_Actor):
     def __init__(self, s: int, weights, hyper: Hyper, decay_mask, transport: Transport):
         """``weights`` and ``decay_mask`` are whole vectors; the server keeps its range of them."""
         threadpool_limits(BLAS_THREADS)
+        end_at_once_on_sigterm()
         self.end = transport.server_end(s)
         lo, hi = transport.bounds[s].start, transport.bounds[s].stop
         self.state = ServerState(self.end.hold(weights), hyper, None if decay_mask is None else decay_mask[lo:hi],
