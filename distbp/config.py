@@ -21,8 +21,15 @@ from .lecture.optim import OPTIMIZERS, parse_betas
 from .lecture.schedule import SCHEDULES, parse_milestones
 
 
-def opt(default, help: str, choices=None, metavar=None):
-    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+def opt(default, help: str, choices=None, metavar=None, removed=None):
+    """A field of Config; ``removed``: {value an earlier version took: the one that replaced it}."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar,
+                                            "removed": removed or {}})
+
+
+# --transport names of earlier versions: each was one way of the direct transport, which now
+# picks sockets or shared memory for each worker-server pair by itself.
+REMOVED_TRANSPORTS = {"shared-memory": "direct", "socket": "direct", "socket+shared-memory": "direct"}
 
 
 @dataclass
@@ -83,13 +90,12 @@ class Config:
     threads_per_worker: int | None = opt(None, "threads each worker backpropagates micro-batches on, one BLAS "
                                                "thread each (default: the worker's share of its node's CPUs); "
                                                "the same bits for any T", metavar="T")
-    transport: str = opt("auto", "how a step's vectors travel between the actors: socket+shared-memory "
-                                 "(sockets between nodes, shared memory within a node; steps go in windows "
-                                 "without Ray calls), socket (authenticated connections between the actors, "
-                                 "windows too), shared-memory (files, all on one Ray node; steps one by one), "
-                                 "object-store (Ray's); auto: socket+shared-memory on Linux; the same bits "
-                                 "either way",
-                         choices=("auto", "shared-memory", "socket", "socket+shared-memory", "object-store"))
+    transport: str = opt("auto", "how a step's vectors travel between the actors: direct (the actors talk to each "
+                                 "other: authenticated sockets between nodes, shared memory within a node; steps go "
+                                 "in windows without Ray calls) or object-store (Ray's); auto: direct; the same "
+                                 "bits either way",
+                         choices=("auto", "direct", "object-store"), metavar="auto|direct|object-store",
+                         removed=REMOVED_TRANSPORTS)
     mode: str = opt("sync", "sync: exact, the same bits for any K and S; async (push when done, pull the latest "
                             "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",
                     choices=("sync", "async", "ssp"))
@@ -152,6 +158,10 @@ class Config:
         if (self.lr_schedule == "step") != bool(milestones):
             raise UsageError("--lr-schedule step and --lr-step-epochs go together: give both or neither")
         for f in fields(self):
+            gone = f.metadata["removed"].get(getattr(self, f.name))
+            if gone is not None:
+                raise UsageError(f"--{flag(f.name)} {getattr(self, f.name)} was removed: use {gone}, which "
+                                 "takes its place (the same bits)")
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UsageError(f"--{flag(f.name)}: unknown value {getattr(self, f.name)!r}; "
@@ -308,8 +318,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=help_text(f))
             continue
         kind = workers_flag if f.name == "workers" else kind
+        choices = f.metadata.get("choices")  # a removed value passes, for validate() to say what replaced it
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
-                            choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+                            choices=choices and (*choices, *f.metadata["removed"]), metavar=f.metadata.get("metavar"),
                             help=help_text(f))
 
 
@@ -383,6 +394,8 @@ def for_resume(stored: dict, options: dict, directory: str) -> Config:
         if not (value is None or takes(name, kind, value)):
             raise DataError(f"{directory}/checkpoint.npz: corrupt config ({name} = {value!r})")
     values = {f.name: f.default for f in fields(Config)} | stored
+    for f in fields(Config):  # a run saved by an earlier version goes on on what replaced its choice
+        values[f.name] = f.metadata["removed"].get(values[f.name], values[f.name])
     try:  # the stored options alone: a bad one is a damaged file, not a bad flag (a reporter whose
         # extra is missing here is no damage: the final validate below says what to install)
         Config(**(values | {"out": directory, "report_to": None})).validate()

@@ -117,7 +117,7 @@ def windows_of(steps: int):
 
 def breakdown_run(config, warmup: int) -> dict:
     """The sync loop's steps (``Crew`` and ``Servers`` on a ``Session``, as ``loops/sync.py``
-    drives them: in windows of steps on the socket transports) with per-step timestamps from
+    drives them: in windows of steps on the direct transport) with per-step timestamps from
     the actors, split into phases, and the CPU time of each process.
 
     For step t, with ``S_end(t-1)`` the time the server returned the weights and ``k`` the
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     ap.add_argument("--transports", default=None,
                     help="comma-separated --transport values to run distbp with, side by side; NAME/W: with "
                          "windows of at most W steps (NAME/1: steps one by one, each through Ray's calls) "
-                         "(default: auto; with --nodes 2: socket+shared-memory,socket+shared-memory/1,object-store)")
+                         "(default: auto; with --nodes 2: direct,direct/1,object-store)")
     ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP baseline")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown runs (halves the time)")
     ap.add_argument("--baseline-nice", type=int, default=RAY_WORKER_NICENESS,
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be at least 2: the breakdown times the steps between two readings")
-    transports = (args.transports or ("socket+shared-memory,socket+shared-memory/1,object-store" if args.nodes > 1
+    transports = (args.transports or ("direct,direct/1,object-store" if args.nodes > 1
                                       else "auto")).split(",")
     pairs = (args.configs or "float64:256,float64:1024,float32:256,float32:1024").split(",")
     configs = [(d, int(b)) for d, b in (c.split(":") for c in pairs)]

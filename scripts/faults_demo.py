@@ -5,7 +5,7 @@
 For each run: the final weights_sha256, whether every step's summed-gradient hash equals the
 fault-free run's (the same samples, each counted once), the longest and the median step time
 (from metrics.jsonl), and what the crew did.  "delay, no stealing" is the same delayed run
-with backups switched off (``distbp.distributed.crew.LATE_FACTOR`` raised), for the cost of
+with backups switched off (``distbp.step.plan.LATE_FACTOR`` raised), for the cost of
 waiting for a straggler.  The figures in docs/reliability.md come from this script.
 """
 
@@ -23,8 +23,8 @@ from distbp.run import metrics, resume
 keep_local_ray_on_loopback("local")  # before Ray is imported: its local Ray listens on 127.0.0.1 only
 import ray  # noqa: E402
 
-from distbp.distributed import crew  # noqa: E402  (imports Ray)
 from distbp.loops.sync import train  # noqa: E402  (imports Ray)
+from distbp.step import plan  # noqa: E402
 
 
 def step_lines(out: str) -> list[dict]:
@@ -67,12 +67,12 @@ def main() -> None:
         else:
             config = Config(**{**base, **extra, "out": out})
             config.validate()
-            late = crew.LATE_FACTOR
-            crew.LATE_FACTOR = 1e9 if no_stealing else late
+            late = plan.LATE_FACTOR
+            plan.LATE_FACTOR = 1e9 if no_stealing else late
             try:
                 summary = train(config)
             finally:
-                crew.LATE_FACTOR = late
+                plan.LATE_FACTOR = late
         lines = step_lines(out)
         times = [e["time"] for e in lines]
         steps = [b - a for a, b in zip(times, times[1:])]

@@ -32,6 +32,15 @@ def free_port() -> int:
             return port
 
 
+def clean_env(**extra: str) -> dict:
+    """This process's environment without any RAY_* setting (a Ray started in this process sets
+    RAY_AUTH_MODE), with this interpreter's ``ray`` first on PATH, and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
 def _stat(pid: int) -> tuple[str, int, int, str] | None:
     """(state, ppid, session id, start time) of a process, None if it is gone."""
     try:
@@ -56,26 +65,25 @@ def family(sessions: set[int], roots: set[int] = frozenset()) -> dict[int, str]:
 class LocalCluster:
     """``workers`` worker nodes plus a head, ``cpus`` logical CPUs each; a context manager."""
 
-    def __init__(self, workers: int = 1, cpus: int = 2):
+    def __init__(self, workers: int = 1, cpus: int = 2, object_store_bytes: int = 500_000_000):
         self.state = Path(tempfile.mkdtemp(prefix="distbp-bn-", dir="/tmp"))  # short: unix socket paths
         self.workers = workers
-        self.gcs_port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"
-        env.update(DISTBP_CLUSTER_DIR=str(self.state), DISTBP_RAY=str(RAY_BIN), DISTBP_RAY_PORT=str(self.gcs_port),
-                   DISTBP_DASHBOARD_PORT=str(free_port()), DISTBP_CLIENT_PORT=str(free_port()),
-                   DISTBP_HEAD_CPUS=str(cpus), DISTBP_WORKER_CPUS=str(cpus),
-                   DISTBP_OBJECT_STORE_BYTES=str(500_000_000))
-        self.env = env
+        self.gcs_port, dashboard_port = free_port(), free_port()
+        self.env = clean_env(DISTBP_CLUSTER_DIR=str(self.state), DISTBP_RAY=str(RAY_BIN),
+                             DISTBP_RAY_PORT=str(self.gcs_port), DISTBP_DASHBOARD_PORT=str(dashboard_port),
+                             DISTBP_CLIENT_PORT=str(free_port()), DISTBP_HEAD_CPUS=str(cpus),
+                             DISTBP_WORKER_CPUS=str(cpus), DISTBP_OBJECT_STORE_BYTES=str(object_store_bytes))
         self.address = f"127.0.0.1:{self.gcs_port}"
+        self.jobs_url = f"http://127.0.0.1:{dashboard_port}"  # the dashboard's jobs API
         self.token = ""
         self.started: dict[int, str] = {}
 
-    def _run(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        """``local_cluster.sh ARGS`` on this cluster (``status``, ``down``, ...)."""
         return subprocess.run([str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def start(self) -> None:
-        done = self._run("up", str(self.workers), timeout=300)
+        done = self.run("up", str(self.workers), timeout=300)
         if done.returncode != 0:
             self.stop()
             raise RuntimeError(f"local_cluster.sh up failed:\n{done.stdout}\n{done.stderr}")
@@ -93,7 +101,7 @@ class LocalCluster:
     def stop(self) -> list[int]:
         """``down``; returns the pids of the started processes still running (none, normally)."""
         started = {**self.started, **family(self.node_pids())}  # including what the nodes spawned since
-        self._run("down", timeout=120)
+        self.run("down", timeout=120)
         left = [pid for pid, start in started.items() if (st := _stat(pid)) and st[3] == start and st[0] not in "ZX"]
         shutil.rmtree(self.state, ignore_errors=True)
         return left

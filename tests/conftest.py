@@ -1,10 +1,16 @@
 """Shared fixtures: one local Ray for the whole test session (ray.init costs ~3 s)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 from distbp.distributed.loopback import keep_local_ray_on_loopback
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from localcluster import LocalCluster, clean_env, family  # noqa: E402, F401  (re-exported to the tests)
 
 # Before any test module imports Ray: the session's Ray, and every local Ray a test starts,
 # listen on 127.0.0.1 only.  (test_cluster.py gives its cluster's processes no RAY_* variable.)
@@ -36,3 +42,30 @@ def train_config(tmp_path, **overrides):
     config = Config(**values)
     config.validate()
     return config
+
+
+def step_lines(run_dir) -> list[dict]:
+    """The step records of a run's metrics.jsonl in step order (``metrics.steps``: evaluation lines
+    left out); a step logged twice fails the test."""
+    from distbp.run import metrics
+
+    records = metrics.read(os.path.join(str(run_dir), metrics.NAME))
+    steps = metrics.steps(records)
+    assert len(steps) == sum("loss" in r for r in records), "a step's line was written twice"
+    return steps
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real 2-node Ray cluster on this machine (cluster/local_cluster.sh through
+    scripts/localcluster.py, as scripts/bench.py --nodes 2 starts one): a head and one worker
+    node of 3 logical CPUs each, token auth on, on free ports and in a state directory of its
+    own.  Stopped with the script's ``down`` whatever happened; every process it started must be
+    gone then (a test may have stopped it already: then that is a no-op)."""
+    c = LocalCluster(workers=1, cpus=3)
+    try:
+        c.start()
+        yield c
+    finally:
+        left = c.stop()
+        assert not left, f"processes of the test cluster survived `down`: {left}"

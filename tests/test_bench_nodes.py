@@ -1,7 +1,7 @@
 """The cross-node path on a real 2-node Ray cluster on this machine (token auth on), and
 ``scripts/bench.py --nodes 2``, which starts and stops a cluster of its own.
 
-One cluster for the module (scripts/localcluster.py, through cluster/local_cluster.sh); each
+One cluster for the module (``cluster`` in tests/conftest.py); each
 run is a ``distbp train --address`` process with one worker per node, so the step's vectors
 cross between Ray nodes over the actors' authenticated sockets, as between two machines.
 """
@@ -17,8 +17,6 @@ from conftest import train_config
 from distbp.loops.sync import train
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from localcluster import LocalCluster  # noqa: E402
 
 TRAIN = ["--dataset", "spirals", "--layers", "2,16,16,3", "--workers", "2", "--batch-size", "60",
          "--micro-batch", "8", "--steps", "10", "--optimizer", "momentum", "--checkpoint-every", "2"]
@@ -27,17 +25,6 @@ pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(sys.platform != "linux", reason="local_cluster.sh uses /proc, setsid and flock"),
 ]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(workers=1, cpus=3)
-    try:
-        c.start()
-        yield c
-    finally:
-        left = c.stop()
-        assert not left, f"processes of the test cluster survived `down`: {left}"
 
 
 def run_on(cluster, out: Path, *extra: str) -> dict:
@@ -50,25 +37,24 @@ def run_on(cluster, out: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def local(ray_session, tmp_path_factory):
-    """The reference: the same run on the session's one-node Ray (shared memory)."""
+    """The reference: the same run on the session's one-node Ray, on the reference path (the object store)."""
     tmp = tmp_path_factory.mktemp("local")
     return train(train_config(tmp, workers=2, batch_size=60, micro_batch=8, steps=10, optimizer="momentum",
-                              checkpoint_every=2, transport="shared-memory"))
+                              checkpoint_every=2, transport="object-store"))
 
 
-@pytest.mark.parametrize("transport", ["auto", "socket", "object-store"])
+@pytest.mark.parametrize("transport", ["auto", "object-store"])
 def test_across_nodes_the_bits_are_those_of_one_node(cluster, local, tmp_path, transport):
     summary = run_on(cluster, tmp_path / "run", "--transport", transport)
     assert len(set(summary["worker_nodes"])) == 2, summary["worker_nodes"]  # one worker per node
-    # auto: sockets between the nodes, shared memory between a worker and a server of one node
-    assert summary["transport"] == ("socket+shared-memory" if transport == "auto" else transport)
-    assert local["transport"] == "shared-memory"
+    # auto: direct, sockets between the nodes, shared memory between a worker and a server of one node
+    assert summary["transport"] == ("direct" if transport == "auto" else transport)
     assert summary["weights_sha256"] == local["weights_sha256"]
 
 
 def test_a_worker_killed_across_nodes_changes_nothing(cluster, local, tmp_path):
     summary = run_on(cluster, tmp_path / "run", "--fault-injection", "kill-worker:1@4,kill-server@7")
-    assert summary["transport"] == "socket+shared-memory"
+    assert summary["transport"] == "direct"
     assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] == 1
     assert summary["weights_sha256"] == local["weights_sha256"]
 
@@ -78,7 +64,7 @@ def test_a_server_on_each_node_mixes_shared_memory_and_sockets_with_the_same_bit
     of the other node (its socket); killing a worker and a server on the way changes nothing."""
     summary = run_on(cluster, tmp_path / "run", "--servers", "2",
                      "--fault-injection", "kill-worker:0@4,kill-server@7")
-    assert summary["transport"] == "socket+shared-memory"
+    assert summary["transport"] == "direct"
     assert len(set(summary["server_nodes"])) == 2  # a server on each node (a replaced worker goes where Ray puts it)
     assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] == 1
     assert summary["weights_sha256"] == local["weights_sha256"]
@@ -88,12 +74,12 @@ def test_bench_nodes_2_runs_and_stops_what_it_started(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--nodes", "2",
                            "--layers", "32,64,10", "--configs", "float32:256", "--steps", "3", "--warmup", "2",
-                           "--no-ddp", "--transports", "socket", "--out", str(out)],
+                           "--no-ddp", "--transports", "direct", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "every process it started is gone" in proc.stderr
     result = json.loads(out.read_text())
     (run,) = result["runs"]
-    assert run["distbp"]["transport"] == "socket" and len(set(run["distbp"]["worker_nodes"])) == 2
+    assert run["distbp"]["transport"] == "direct" and len(set(run["distbp"]["worker_nodes"])) == 2
     assert run["breakdown"]["phases_ms"]["compute"] > 0
-    assert "| float32 B=256 socket |" in proc.stdout
+    assert "| float32 B=256 direct |" in proc.stdout

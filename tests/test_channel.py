@@ -1,8 +1,8 @@
-"""The socket transport: authenticated connections (channel.py) and exact runs over them (sockets.py).
+"""The direct transport: authenticated connections (channel.py) and its two ways (sockets.py).
 
 The cross-node runs (one worker per Ray node of a real 2-node cluster) are in
-tests/test_bench_nodes.py; here everything runs on the session's one-node Ray with
-``--transport socket``, which takes the same path over TCP on 127.0.0.1.
+tests/test_bench_nodes.py and tests/test_cluster.py; the bits of every path, sockets on one
+node among them, are tests/test_equivalence.py's.
 """
 
 import socket
@@ -11,10 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import train_config
 
 from distbp.distributed import channel
-from distbp.loops.sync import train
 
 
 @pytest.fixture
@@ -90,46 +88,15 @@ def test_a_silent_peer_does_not_block_others(echo):
         assert done == [None]
 
 
-@pytest.mark.parametrize("transport", ["socket", "socket+shared-memory"])
-@pytest.mark.parametrize("workers, servers", [(1, 1), (2, 2), (3, 1)])
-def test_socket_transports_give_the_bits_of_shared_memory(ray_session, tmp_path, workers, servers, transport):
-    """socket: every vector over a socket; socket+shared-memory on one node: every worker-server
-    pair shares memory (memfds), no socket carries a vector."""
-    base = train(train_config(tmp_path, workers=2, steps=6, optimizer="momentum", dtype="float32",
-                              transport="shared-memory"))
-    run = train(train_config(tmp_path, workers=workers, servers=servers, steps=6, optimizer="momentum",
-                             dtype="float32", transport=transport))
-    assert (base["transport"], run["transport"]) == ("shared-memory", transport)
-    assert run["weights_sha256"] == base["weights_sha256"]
-
-
-@pytest.mark.parametrize("transport", ["socket", "socket+shared-memory"])
-def test_socket_transport_survives_a_killed_worker_and_a_killed_server(ray_session, tmp_path, transport):
-    base = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2, transport="shared-memory"))
-    run = train(train_config(tmp_path, workers=2, steps=8, checkpoint_every=2, transport=transport,
-                             fault_injection="kill-worker:1@3,kill-server@5"))
-    assert run["weights_sha256"] == base["weights_sha256"]
-    assert run["faults"]["workers_lost"] >= 1 and run["faults"]["server_restarts"] == 1
-    assert run["faults"].get("redo_mismatches", 0) == 0
-
-
-def test_shared_memory_across_nodes_is_refused():
-    from distbp.distributed.transport import choose
-    from distbp.errors import UsageError
-
-    with pytest.raises(UsageError, match="one Ray node"):
-        choose("shared-memory", False, 10, np.float32, 1)
-
-
 def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_another(ray_session):
-    """socket+shared-memory, both ends in this process: the server "of another node" (its handle
+    """The direct transport, both ends in this process: the server "of another node" (its handle
     names another node) gets the worker's columns over its socket, the one of this node reads
     them in place from the worker's memfd; each server gets exactly its columns."""
     from dataclasses import replace
 
-    from distbp.distributed.sockets import Sockets
+    from distbp.distributed.sockets import Direct
 
-    transport = Sockets(10, np.float64, 2, share_node=True)
+    transport = Direct(10, np.float64, 2)
     servers = [transport.server_end(s) for s in range(2)]
     for server in servers:
         server.hold(np.arange(10, dtype=np.float64))
@@ -151,14 +118,15 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     assert (worker.weights((here, there))[:len(servers[0].held)] == -1.0).all()
 
 
-def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_chunk(ray_session):
+def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_chunk(ray_session, monkeypatch):
     """In a window, a server's step starts on a push as soon as it starts: ``ready`` says yes for
     the columns in so far, waits for the rest, and says no once the window is called off.  A
     pull after a step is answered when the update starts, each chunk as it holds its new weights."""
     from distbp.distributed import sockets
 
     size = 3 * sockets.PIECE_BYTES // 8 + 5  # four pieces of float64, the last one short
-    transport = sockets.Sockets(size, np.float64, 1)
+    monkeypatch.setattr(sockets.Direct, "within_node", False)  # the server's range in its own memory
+    transport = sockets.Direct(size, np.float64, 1)
     server = transport.server_end(0)
     server.hold(np.zeros(size))
     server.begin(1)

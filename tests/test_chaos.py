@@ -4,9 +4,10 @@ fault-free bits: the same weights_sha256 and the same summed-gradient hash at ev
 
 A background thread watches metrics.jsonl (``metrics.read``) to know how far the run is, and
 kills processes with ``os.kill(pid, SIGKILL)`` from outside, as an OOM killer or a lost node
-would.  It tells busy from idle workers by the driver's own view of the step (which worker
-slots have a task in flight: ``Crew.running``), and finds each actor's pid in Ray's actor
-table.  The plan of each run (when, and what kind of actor) comes from a seeded ``random``,
+would.  It tells busy from idle workers by the driver's own view (which worker slots have
+work in flight: a task of a step one by one, ``Crew.running``, or a share of the window of steps
+under way, ``Windows.busy``: the default transport runs most steps in windows), and finds each
+actor's pid in Ray's actor table.  The plan of each run (when, and what kind of actor) comes from a seeded ``random``,
 so the runs are reproducible up to timing; the weights must not depend on timing at all.
 """
 
@@ -22,9 +23,11 @@ from collections import Counter
 
 import pytest
 import ray
+from conftest import step_lines
 
 from distbp import Config
 from distbp.distributed import crew as crew_module
+from distbp.distributed import windows as windows_module
 from distbp.errors import DataError
 from distbp.loops.sync import train
 from distbp.run import metrics
@@ -52,21 +55,23 @@ def report_totals():
 
 @pytest.fixture
 def crews(monkeypatch) -> list:
-    """Every Crew the loop makes, as it makes it: the driver's view of which worker is busy."""
+    """Every Crew and Windows the loop makes, as it makes them: the driver's view of which worker
+    is busy (``busy_slots``)."""
     made = []
-    original = crew_module.Crew.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(crew_module.Crew, "__init__", init)
+    for cls in (crew_module.Crew, windows_module.Windows):
+        def init(self, *args, original=cls.__init__, **kwargs):
+            original(self, *args, **kwargs)
+            made.append(self)
+        monkeypatch.setattr(cls, "__init__", init)
     return made
 
 
-def step_lines(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [entry for entry in map(json.loads, fh) if "loss" in entry]
+def busy_slots(made: list) -> set[int]:
+    """The worker slots with work in flight: a task of a step one by one, or a share of a window."""
+    busy = set()
+    for seen in made:
+        busy |= set(seen.busy if isinstance(seen, windows_module.Windows) else seen.running)
+    return busy
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +131,9 @@ class Chaos(threading.Thread):
             if not self.crews:
                 time.sleep(0.003)
                 continue
-            crew = self.crews[-1]
+            crew = [c for c in self.crews if isinstance(c, crew_module.Crew)][-1]
             try:
-                running, starting = set(crew.running), set(crew.pool.starting)
+                running, starting = busy_slots(self.crews), set(crew.pool.starting)
             except RuntimeError:  # changed size while we read it: read again
                 continue
             if kind == "server":
@@ -202,6 +207,8 @@ def test_random_sigkills_of_random_actors_leave_the_fault_free_result(clean, cre
     summary, chaos = run_with_chaos(config, plan, crews, rng)
     assert chaos.kills, f"no kill landed (plan {plan}, missed {chaos.missed}): the test proved nothing"
     assert_fault_free(summary, reference)
+    if any(kind == "busy-worker" for _, kind, _ in chaos.kills):  # a share in flight was lost: redone
+        assert summary["windows"]["called_off"] + summary["faults"].get("micro_batches_redone", 0) > 0
 
 
 def test_idle_workers_killed_mid_run_and_at_the_last_step_do_not_cost_the_summary(clean, crews, tmp_path):
@@ -216,3 +223,6 @@ def test_idle_workers_killed_mid_run_and_at_the_last_step_do_not_cost_the_summar
     summary, chaos = run_with_chaos(config, plan, crews, rng)
     assert chaos.kills and chaos.kills[0][0] < STEPS, f"the mid-run kill did not land: {chaos.kills}"
     assert_fault_free(summary, reference)
+    # the victims were idle: no share of any step was lost with them, so nothing was redone
+    assert summary["windows"]["steps"] > 0 and summary["windows"]["called_off"] == 0
+    assert "micro_batches_redone" not in summary["faults"]

@@ -1,7 +1,7 @@
 """A real 2-node Ray cluster on this machine (cluster/local_cluster.sh), with a job through the jobs API.
 
-One cluster for the module: a head and one worker node, 2 logical CPUs each, on free ports and in
-a state directory of its own, so it cannot meet another Ray on the machine.
+One cluster for the module (``cluster`` in tests/conftest.py): a head and one worker node on
+free ports and in a state directory of its own, so it cannot meet another Ray on the machine.
 test_down_stops_exactly_what_up_started stops it with the script's own `down` and checks that
 every process it started is gone; the fixture stops it again whatever happened (a no-op when
 nothing is up).  The last test checks that distbp's own local Ray listens on loopback only.
@@ -10,25 +10,19 @@ nothing is up).  The last test checks that distbp's own local Ray listens on loo
 import ipaddress
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import train_config
+from conftest import clean_env, family, train_config
 
 from distbp.loops.sync import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "cluster" / "local_cluster.sh"
-sys.path.insert(0, str(ROOT / "scripts"))
-from localcluster import family  # noqa: E402, I001  (the benchmark's own count of a cluster's processes)
 RAY_BIN = Path(sys.executable).parent / "ray"  # the ray of this interpreter, not whatever is on PATH
 TRAIN = ["--dataset", "spirals", "--layers", "2,16,16,3", "--workers", "2", "--batch-size", "60",
          "--micro-batch", "8", "--steps", "10"]
@@ -38,30 +32,6 @@ pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(sys.platform != "linux", reason="local_cluster.sh uses /proc, setsid and flock"),
 ]
-
-
-def free_port() -> int:
-    """A free TCP port outside Ray's worker port range 10002-19999 (which the script refuses)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))  # GCS and raylets bind every interface: test the same
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:
-            return port
-
-
-def clean_env(**extra: str) -> dict:
-    """This process's environment without any RAY_* setting (the session Ray sets RAY_AUTH_MODE)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-def our_processes(session_ids: set[int] = frozenset(), roots: set[int] = frozenset()) -> dict[int, str]:
-    """pid -> start time of every live process in those sessions or among ``roots``, and their
-    descendants (job drivers run in sessions of their own)."""
-    return family(set(session_ids), set(roots))
 
 
 def still_running(snapshot: dict[int, str]) -> list[int]:
@@ -108,52 +78,6 @@ def is_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return (mapped or address).is_loopback
 
 
-class Cluster:
-    """The script's cluster: `up 1` in a private state dir on free ports."""
-
-    def __init__(self):
-        # A short state dir: the script keeps Ray's temp dirs (unix socket paths) inside it.
-        self.state = Path(tempfile.mkdtemp(prefix="distbp-ct-", dir="/tmp"))
-        self.gcs_port, self.dash_port, self.client_port = free_port(), free_port(), free_port()
-        self.env = clean_env(DISTBP_CLUSTER_DIR=str(self.state), DISTBP_RAY=str(RAY_BIN),
-                             DISTBP_RAY_PORT=str(self.gcs_port), DISTBP_DASHBOARD_PORT=str(self.dash_port),
-                             DISTBP_CLIENT_PORT=str(self.client_port), DISTBP_HEAD_CPUS="2",
-                             DISTBP_WORKER_CPUS="2", DISTBP_OBJECT_STORE_BYTES="100000000")
-        self.address = f"127.0.0.1:{self.gcs_port}"
-        self.jobs_url = f"http://127.0.0.1:{self.dash_port}"
-        self.token = ""
-
-    def run(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run([str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def up(self) -> None:
-        proc = self.run("up", "1", timeout=300)
-        assert proc.returncode == 0, f"local_cluster.sh up failed:\n{proc.stdout}\n{proc.stderr}"
-        self.token = (self.state / "auth_token").read_text()
-
-    def node_pids(self) -> set[int]:
-        nodes = self.state / "nodes"
-        return {int(line.split()[1]) for line in nodes.read_text().splitlines()} if nodes.exists() else set()
-
-    def down(self) -> subprocess.CompletedProcess:
-        return self.run("down", timeout=120)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = Cluster()
-    try:
-        c.up()
-        yield c
-    finally:
-        sessions = c.node_pids()  # each node leads its own session (setsid)
-        started = our_processes(sessions)
-        c.down()
-        left = still_running(started)
-        shutil.rmtree(c.state, ignore_errors=True)
-        assert not left, f"processes of the test cluster survived `down`: {left}"
-
-
 def test_cluster_has_two_nodes_with_token_auth(cluster):
     proc = subprocess.run([str(RAY_BIN), "status", "--address", cluster.address], capture_output=True, text=True,
                           timeout=60, env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token))
@@ -175,7 +99,7 @@ def test_job_spreads_workers_over_both_nodes_and_matches_a_local_run(cluster, ra
         runtime_env={"working_dir": str(ROOT)},
     )
     # The reference, in this process's own local Ray, while the job runs.
-    local = train(train_config(tmp_path, workers=2, batch_size=60, micro_batch=8, steps=10, transport="shared-memory"))
+    local = train(train_config(tmp_path, workers=2, batch_size=60, micro_batch=8, steps=10, transport="object-store"))
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (status := client.get_job_status(job)).is_terminal():
@@ -188,8 +112,8 @@ def test_job_spreads_workers_over_both_nodes_and_matches_a_local_run(cluster, ra
     assert len(summary["worker_nodes"]) == 2
     assert len(set(summary["worker_nodes"])) == 2, summary["worker_nodes"]  # one worker per node
     assert summary["weights_sha256"] == local["weights_sha256"]
-    # across nodes the vectors went over the actors' authenticated sockets; locally through shared memory
-    assert (summary["transport"], local["transport"]) == ("socket+shared-memory", "shared-memory")
+    # across nodes the vectors went over the actors' authenticated sockets; locally through the object store
+    assert (summary["transport"], local["transport"]) == ("direct", "object-store")
     assert local["worker_nodes"][0] not in summary["worker_nodes"]  # the job really ran elsewhere
     # The job's log ends with the summary the CLI prints, a JSON object from a line "{" on.
     lines = log.splitlines()
@@ -242,12 +166,12 @@ def test_train_without_the_right_token_exits_2_with_one_line(cluster, tmp_path, 
 def test_down_stops_exactly_what_up_started(cluster, ray_session):
     sessions = cluster.node_pids()
     assert len(sessions) == 2
-    started = our_processes(sessions)
+    started = family(sessions)
     assert len(started) > 2  # the two `ray start --block` plus the raylets, GCS, dashboard, ... they spawned
-    proc = cluster.down()
+    proc = cluster.run("down", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert still_running(started) == []
-    assert our_processes(sessions) == {}
+    assert family(sessions) == {}
     # ... and nothing else: this process's own local Ray still answers.
     assert ray_session.get(ray_session.put(7)) == 7
     assert cluster.run("status", timeout=60).returncode == 1  # "no local cluster is up"
@@ -265,7 +189,7 @@ def test_default_local_ray_listens_on_loopback_only(tmp_path):
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "training did not start within 120 s"
             time.sleep(0.5)
-        started = our_processes(roots={proc.pid})
+        started = family(set(), {proc.pid})
         addresses = listening(set(started))
     finally:
         proc.terminate()  # SIGTERM: stops at the next step boundary and shuts its Ray down

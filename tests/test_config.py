@@ -111,3 +111,19 @@ def test_fashion_mnist_example_is_a_valid_config() -> None:
     config = parse("--config", str(EXAMPLES / "fashion-mnist.toml"))
     assert config.dataset == "fashion-mnist" and config.workers == 2
     assert config.layer_sizes()[0] == 784 and config.layer_sizes()[-1] == 10
+
+
+@pytest.mark.parametrize("name", sorted(cfg.REMOVED_TRANSPORTS))
+def test_a_removed_transport_is_one_line_naming_its_replacement(tmp_path: Path, capsys, name: str) -> None:
+    """The names of the transports that `direct` replaced, as a flag or in a TOML file: exit 2,
+    one line that says what to use instead, nothing created."""
+    out = tmp_path / "never"
+    for given in (["--transport", name], ["--config", write(tmp_path, f'transport = "{name}"\n')]):
+        assert main(["train", *given, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (f"distbp: error: --transport {name} was removed: use direct, "
+                                           "which takes its place (the same bits)\n")
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "--transport auto|direct|object-store" in shown  # the names offered: no removed one

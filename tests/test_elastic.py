@@ -6,8 +6,7 @@ with a token of its own, and the run as its driver.  The script changes the clus
 step callback and waits until Ray shows the change, so "mid-run" does not hang on timing.
 Each scenario runs in a process of its own session: when it has ended, the test checks that
 no process of that session is left (every node it started is stopped).  The reference is a
-fixed-K run of the same options on this session's local Ray (shared memory, not the object
-store: another transport too).
+fixed-K run of the same options on this session's local Ray.
 """
 
 import json
@@ -16,12 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import train_config
-from test_cluster import clean_env, our_processes
+from conftest import clean_env, family, step_lines, train_config
 
 from distbp import Config, UsageError
 from distbp.loops.sync import train
-from distbp.run import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "scripts" / "elastic_demo.py"
@@ -33,7 +30,7 @@ RUN = dict(layers="2,16,16,3", batch_size=60, micro_batch=8, optimizer="adam", s
 def reference(ray_session, tmp_path_factory):
     """The same run with a fixed K = 2: its weights_sha256 and each step's summed-gradient hash."""
     summary = train(train_config(tmp_path_factory.mktemp("fixed"), workers=2, **RUN))
-    return summary["weights_sha256"], [line["grad_xxh3"] for line in steps_of(Path(summary["out"]))]
+    return summary["weights_sha256"], [line["grad_xxh3"] for line in step_lines(Path(summary["out"]))]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +40,7 @@ def fixed(reference):
 
 def assert_fixed_k_steps(out: Path, reference) -> None:
     """Steps 1..STEPS once each, every one the same summed gradient as the fixed-K run's."""
-    lines = steps_of(out)
+    lines = step_lines(out)
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     assert [line["grad_xxh3"] for line in lines] == reference[1]
 
@@ -59,14 +56,10 @@ def scenario(name: str, out: Path) -> dict:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    left = our_processes({proc.pid})
+    left = family({proc.pid})
     assert not left, f"processes of the scenario's cluster survived it: {left}"
     assert proc.returncode == 0, stderr[-3000:]
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-def steps_of(out: Path) -> list[dict]:
-    return metrics.steps(metrics.read(str(out / metrics.NAME)))
 
 
 @pytest.mark.cluster
@@ -80,7 +73,7 @@ def test_nodes_joining_mid_run_add_workers_and_keep_the_bits(fixed, reference, t
     assert [(r["from"], r["to"]) for r in resizes] in ([(1, 3)], [(1, 2), (2, 3)]), resizes
     assert all(r["step"] > 3 and "started" in r["why"] for r in resizes)
     assert_fixed_k_steps(tmp_path / "run", reference)  # no step lost or redone, each the same sum
-    assert result["summary"]["transport"] == "socket+shared-memory"  # workers on several nodes
+    assert result["summary"]["transport"] == "direct"  # workers on several nodes
     assert result["summary"]["weights_sha256"] == fixed
 
 
@@ -154,10 +147,9 @@ def test_a_range_on_one_machine_gives_the_fixed_k_bits(fixed, tmp_path):
     """--workers 1:3 on the local Ray: it starts with the first worker up, takes in the others
     as they come (how soon is timing), and ends with the fixed-K bits."""
     summary = train(train_config(tmp_path, workers="1:3", **RUN))
-    counts = [line["workers"] for line in steps_of(Path(summary["out"]))]
+    counts = [line["workers"] for line in step_lines(Path(summary["out"]))]
     assert summary["weights_sha256"] == fixed
-    # The session's Ray is not the run's own: a node could join it, so not shared memory.
-    assert summary["workers"] == "1:3" and summary["transport"] == "socket+shared-memory"
+    assert summary["workers"] == "1:3" and summary["transport"] == "direct"
     assert all(1 <= c <= 3 for c in counts) and counts == sorted(counts)  # nothing lost here: it only grows
     assert all(r["to"] > r["from"] for r in summary["resizes"])
     assert len(summary["worker_nodes"]) >= max(counts)
@@ -166,4 +158,4 @@ def test_a_range_on_one_machine_gives_the_fixed_k_bits(fixed, tmp_path):
 def test_fixed_k_logs_k_workers_per_step_and_no_resize(ray_session, tmp_path):
     summary = train(train_config(tmp_path, workers=2, steps=4))
     assert summary["resizes"] == []
-    assert [line["workers"] for line in steps_of(Path(summary["out"]))] == [2, 2, 2, 2]
+    assert [line["workers"] for line in step_lines(Path(summary["out"]))] == [2, 2, 2, 2]

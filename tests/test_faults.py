@@ -2,10 +2,11 @@
 
 Each faulty run is compared with one fault-free run of the same options, step by step: the
 same number of steps, the same summed-gradient hash at every step (so no sample was dropped
-or counted twice), the same final weights_sha256.
+or counted twice), the same final weights_sha256.  Every run takes the path users get by
+default (the direct transport: most steps in windows, a stalled step one by one through the
+crew, where its share is backed up).
 """
 
-import json
 import os
 import signal
 import threading
@@ -14,10 +15,10 @@ import time
 import numpy as np
 import pytest
 import ray
-from conftest import train_config
+from conftest import step_lines, train_config
 
 from distbp import cli
-from distbp.distributed import crew
+from distbp.distributed import crew, windows
 from distbp.distributed.actors import ParameterServer, Worker
 from distbp.distributed.servers import ServerFailed, Servers
 from distbp.distributed.transport import ObjectStore
@@ -27,26 +28,17 @@ from distbp.lecture.network import Layout, Network
 from distbp.lecture.optim import Hyper
 from distbp.loops.sync import train
 from distbp.run import checkpoint
+from distbp.step import plan
+from distbp.step.outcome import Decision, Outcome, decide
 from distbp.step.server import NonFiniteGradient, ServerState
 
 STEPS = 30
 
 
-def one_by_one(tmp, **options):
-    """A run whose steps go one by one through the crew (shared files): these tests are about
-    the crew's redos and backups; the same faults inside windows of steps are tests/test_windows.py's."""
-    return train_config(tmp, transport="shared-memory", **options)
-
-
-def step_lines(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [entry for entry in map(json.loads, fh) if "loss" in entry]
-
-
 @pytest.fixture(scope="module")
 def clean(ray_session, tmp_path_factory):
     """The fault-free run every faulty one must reproduce, and its per-step gradient hashes."""
-    summary = train(one_by_one(tmp_path_factory.mktemp("clean"), steps=STEPS))
+    summary = train(train_config(tmp_path_factory.mktemp("clean"), steps=STEPS))
     return summary, [e["grad_xxh3"] for e in step_lines(summary["out"])]
 
 
@@ -60,16 +52,17 @@ def assert_same_run(summary, clean) -> None:
 
 
 def test_injected_worker_kills_lose_no_sample(clean, tmp_path):
-    summary = train(one_by_one(tmp_path, workers=3, steps=STEPS,
+    summary = train(train_config(tmp_path, workers=3, steps=STEPS,
                                  fault_injection="kill-worker:1@5,kill-worker:2@5,kill-worker:0@17"))
     assert_same_run(summary, clean)
     assert summary["faults"]["workers_lost"] == 3
-    assert summary["faults"]["micro_batches_redone"] > 0
+    # the kills struck inside windows of steps: each window was called off and its rest redone
+    assert summary["windows"]["called_off"] >= 2
 
 
 def test_worker_process_killed_by_pid_from_outside(clean, tmp_path):
     """SIGKILL of a real worker process, found through Ray's actor table, while the run goes on."""
-    config = one_by_one(tmp_path, workers=2, steps=STEPS, fault_injection="delay-worker:0@20:2")
+    config = train_config(tmp_path, workers=2, steps=STEPS, fault_injection="delay-worker:0@20:2")
     job = ray.get_runtime_context().get_job_id()
     killed = []
 
@@ -94,39 +87,43 @@ def test_worker_process_killed_by_pid_from_outside(clean, tmp_path):
     assert_same_run(summary, clean)
 
 
-@pytest.mark.parametrize("spec, checkpoint_every, restarted_from", [
-    ("kill-server@12", 5, 10),  # back to the checkpoint of step 10; steps 11 and 12 redone
-    ("kill-server@3", 0, 0),  # before any checkpoint: back to the initial weights
+@pytest.mark.parametrize("spec, checkpoint_every", [
+    ("kill-server@12", 5),  # back to the checkpoint of step 10; steps 11 and 12 redone
+    ("kill-server@3", 0),  # before any checkpoint: back to the initial weights
 ])
-def test_lost_server_restarts_from_the_latest_checkpoint(clean, tmp_path, spec, checkpoint_every, restarted_from):
-    summary = train(one_by_one(tmp_path, workers=2, steps=STEPS, fault_injection=spec,
+def test_lost_server_restarts_from_the_latest_checkpoint(clean, tmp_path, spec, checkpoint_every):
+    summary = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec,
                                  checkpoint_every=checkpoint_every))
-    assert_same_run(summary, clean)
+    assert_same_run(summary, clean)  # the steps after the checkpoint were redone, to the same hashes
     assert summary["faults"]["server_restarts"] == 1
-    # the steps between that checkpoint and the lost one were computed twice, to the same hash
-    assert summary["faults"]["steps_redone"] == int(spec.split("@")[1]) - 1 - restarted_from
+    # the server died inside a window: the steps it had applied there died with it, unreported,
+    # so none of them was logged twice
+    assert summary["windows"]["called_off"] == 1 and summary["faults"]["steps_redone"] == 0
 
 
-@pytest.mark.parametrize("where", ["report", "compute"])
+@pytest.mark.parametrize("where", ["report", "window"])
 def test_lost_inputs_on_a_live_server_resume_from_its_own_step_count(clean, tmp_path, monkeypatch, where):
     """A step's inputs or report lost while the server lives (as when a node holding objects dies):
     the driver asks the server how many steps it holds and goes on from there.  Had it sent a
     step again, the server would refuse it (ServerState.step) and the run would fail."""
     calls = {"n": 0}
-    # the servers' results (reports, snapshots) are fetched by Servers.get; the weights a step
-    # computes on reach the workers through Crew.compute
-    owner, name = (Servers, "get") if where == "report" else (crew.Crew, "compute")
+    # the servers' results (reports, snapshots) are fetched by Servers.get; a window of steps
+    # ends with what it applied and what failed (Windows.run)
+    owner, name = (Servers, "get") if where == "report" else (windows.Windows, "run")
     original = getattr(owner, name)
 
     def fails_once(self, *args):
         calls["n"] += 1
-        if calls["n"] == 8:
-            raise ServerFailed(f"simulated: {where} lost")
-        return original(self, *args)
+        if calls["n"] == 8 and where == "report":
+            raise ServerFailed("simulated: report lost")
+        result = original(self, *args)
+        if calls["n"] == 1 and where == "window":  # the servers applied its steps, then it failed
+            return result[0], ServerFailed("simulated: window's inputs lost")
+        return result
 
     monkeypatch.setattr(owner, name, fails_once)
-    summary = train(one_by_one(tmp_path, workers=2, steps=STEPS))
-    assert calls["n"] > 8
+    summary = train(train_config(tmp_path, workers=2, steps=STEPS))
+    assert calls["n"] > (8 if where == "report" else 1)
     assert_same_run(summary, clean)
     assert summary["faults"]["steps_redone"] == 0 and "server_restarts" not in summary["faults"]
 
@@ -139,9 +136,9 @@ def test_straggler_work_is_taken_over_without_dropping_samples(clean, tmp_path, 
         return max(b - a for a, b in zip(times, times[1:]))
 
     spec = "delay-worker:1@4:2"
-    stealing = train(one_by_one(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
-    monkeypatch.setattr(crew, "LATE_FACTOR", 1e9)  # never late: no backups
-    waiting = train(one_by_one(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
+    stealing = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
+    monkeypatch.setattr(plan, "LATE_FACTOR", 1e9)  # never late: no backups
+    waiting = train(train_config(tmp_path, workers=2, steps=STEPS, fault_injection=spec))
     assert_same_run(stealing, clean)
     assert_same_run(waiting, clean)
     assert stealing["faults"]["backups"] >= 1 and "backups" not in waiting["faults"]
@@ -150,10 +147,10 @@ def test_straggler_work_is_taken_over_without_dropping_samples(clean, tmp_path, 
 
 
 def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(ray_session, tmp_path, capsys):
-    """Steps one by one (shared memory) and in windows (socket+shared-memory: windows of 2
+    """Steps one by one (the object store) and in windows (the direct transport: windows of 2
     steps between the checkpoints) stop at the same step, with the same words."""
     stopped = []
-    for transport in ("shared-memory", "socket+shared-memory"):
+    for transport in ("object-store", "direct"):
         out = str(tmp_path / transport)
         code = cli.main(["train", "--layers", "2,16,3", "--loss", "squared", "--activation", "identity",
                          "--optimizer", "sgd", "--lr", "100", "--reduction", "sum", "--dtype", "float32",
@@ -204,7 +201,8 @@ def test_a_refused_step_reaches_the_workers_as_divergence(ray_session):
     values, info = worker.compute.options(num_returns=2).remote(2, np.arange(4), nodes, refused)
     with pytest.raises(Exception) as caught:
         ray.get(info)
-    assert crew._cause(caught.value) is crew.Cause.DIVERGED
+    assert crew.outcome_of(caught.value, worker=True) is Outcome.DIVERGED
+    assert decide(Outcome.DIVERGED) is Decision.STOP_DIVERGED
     after = server.step.remote(2, [nodes], 0.1, 1, None, values)  # depends on the failure
     with pytest.raises(NonFiniteGradient):
         ray.get(after)

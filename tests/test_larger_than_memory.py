@@ -37,7 +37,7 @@ def test_data_larger_than_the_object_store_trains_from_npy_in_bounded_memory(tmp
     assert put["put_bytes"] >= data
 
     run = result["npy_run"]
-    assert run["steps"] == 150 and run["samples_per_second"] > 0 and run["transport"] == "socket+shared-memory"
+    assert run["steps"] == 150 and run["samples_per_second"] > 0 and run["transport"] == "direct"
 
     workers = result["peak_memory_bytes"]["workers"]
     assert len(workers) == 2, workers

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import train_config
+from conftest import step_lines, train_config
 
 from distbp import cli
 from distbp.loops.sync import train
@@ -22,11 +22,6 @@ SMALL = ["--dataset", "spirals", "--layers", "2,16,16,3", "--batch-size", "60", 
 def summary(run_dir) -> dict:
     with open(os.path.join(run_dir, "summary.json")) as fh:
         return json.load(fh)
-
-
-def step_lines(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [entry for entry in map(json.loads, fh) if "loss" in entry]
 
 
 def assert_one_run(run_dir, steps: int) -> None:
@@ -138,6 +133,21 @@ def test_resume_refuses_changes_that_would_change_the_result(finished, capsys, f
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"distbp: error: {name}") and len(err.splitlines()) == 1
     assert {f: open(os.path.join(finished, f), "rb").read() for f in os.listdir(finished)} == files
+
+
+def test_a_run_saved_with_a_removed_transport_goes_on_on_direct(whole, tmp_path):
+    """A checkpoint whose config names a transport that `direct` replaced (an earlier version's
+    run) resumes on `direct`, to the bits of the uninterrupted run."""
+    part = train(train_config(tmp_path, optimizer="adam", workers=2, steps=6))
+    path = os.path.join(part["out"], "checkpoint.npz")
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = dict(saved)
+    config = json.loads(str(arrays["config_json"]))
+    arrays["config_json"] = np.array(json.dumps(config | {"transport": "socket+shared-memory"}))
+    np.savez(path, **arrays)
+    assert cli.main(["train", "--resume", part["out"], "--steps", "12"]) == 0
+    resumed = summary(part["out"])
+    assert resumed["transport"] == "direct" and resumed["weights_sha256"] == whole["weights_sha256"]
 
 
 def test_resume_of_a_finished_run_asks_for_more_steps(finished, capsys):

@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 from ..faults import Action, strike
 from ..lecture import cuts, tree
 from ..lecture.optim import Hyper
+from ..step.outcome import Stopped, Why
 from ..step.server import Abandoned, NonFiniteGradient, ServerState, pass_threads
 from ..step.worker import WorkerState
 from .transport import Transport
@@ -90,7 +91,7 @@ class Worker(_Actor):
         return (*self.end.send(values), info)
 
     def steps(self, window: int, plan: list[tuple], *weights) -> int:
-        """A window of steps without a Ray call each (windows.py; the socket transports only):
+        """A window of steps without a Ray call each (windows.py; the direct transport only):
         for each ``(step, batch, nodes, key, fault)`` of ``plan``, wait for the servers' weights after
         the step before, compute the nodes, hand them to the servers under ``key``.  Returns how
         many steps it handed in: fewer when the window ended early (called off, or a server
@@ -159,14 +160,13 @@ class ParameterServer(_Actor):
         self.end.holds(t)
         return self.weights()
 
-    def steps(self, window: int, plan: list[tuple]) -> tuple[dict[int, tuple], str | None]:
+    def steps(self, window: int, plan: list[tuple]) -> tuple[dict[int, tuple], Stopped | None]:
         """A window of steps without a Ray call each (windows.py): for each ``(step, n, nodes,
         keys, lr, scale, size, fault)`` of ``plan`` wait for the values handed in under ``keys``, check
         the step's loss (the micro-batches' errors over ``size`` samples), sum, update, and let
         the workers have the weights.  Returns ``{step: (loss, [each task's compute seconds],
-        when it was applied (``perf_counter``))}``
-        of the steps applied, and why the window ended early (None if it did not: "called off",
-        or the one line of a diverged step): the steps it leaves are the driver's to redo."""
+        when it was applied (``perf_counter``))}`` of the steps applied, and why the window
+        ended early (None if it did not): the steps it leaves are the driver's to redo."""
         done: dict[int, tuple] = {}
         self.end.begin(window)
         try:
@@ -175,19 +175,18 @@ class ParameterServer(_Actor):
                     strike(fault)
                 got = self.end.collect(keys, step)
                 if got is None:
-                    return done, "called off"
+                    return done, Stopped(Why.CALLED_OFF, step)
                 values, metas, ready = got  # the values may still be coming in: ready() waits for each chunk
                 loss = math.fsum(x for losses, _ in metas for x in losses) / size
                 if not math.isfinite(loss):  # caught before anything is applied, as the sync loop does
-                    return done, f"training diverged at step {step}: the loss is {loss}"
+                    return done, Stopped(Why.LOSS, step, loss)
                 try:
                     self.state.step(n, nodes, values, lr, step, scale, ready,
                                     lambda i, step=step: self.end.updated(step, self.state.chunks[i]))
                 except Abandoned:
-                    return done, "called off"
-                except NonFiniteGradient:  # the crew's words for it, one by one
-                    return done, f"training diverged at step {step}: the summed gradient has NaN or inf " \
-                                 "(the server did not apply it)"
+                    return done, Stopped(Why.CALLED_OFF, step)
+                except NonFiniteGradient:
+                    return done, Stopped(Why.GRADIENT, step)
                 self.end.holds(step)
                 done[step] = (loss, [seconds for _, seconds in metas], time.perf_counter())
             return done, None

@@ -7,8 +7,8 @@ The crew uses that freedom three ways:
 
 - a worker dies (its task raises ``RayActorError``: SIGKILL, OOM, a lost node): the idle
   workers redo its share at once, and a new actor takes its place (workers.py);
-- a worker is late (its share has run ``LATE_FACTOR`` times as long as the quickest share of
-  the step, or of the last step, took per micro-batch, plus ``LATE_MIN_S``): the idle workers
+- a worker is late (its share has run ``plan.LATE_FACTOR`` times as long as the quickest share of
+  the step, or of the last step, took per micro-batch, plus ``plan.LATE_MIN_S``): the idle workers
   redo its share as a backup, the first complete copy is used, and the late worker sits out
   until its task ends;
 - workers come and go (``--workers MIN:MAX``): each step is shared out over the workers live
@@ -19,7 +19,7 @@ The crew uses that freedom three ways:
   ``Servers.recover``, which asks live servers how many steps they hold, or starts new ones
   from the latest checkpoint (servers.py).
 
-On the socket transports the sync loop runs most steps in windows, without the crew's Ray
+On the direct transport the sync loop runs most steps in windows, without the crew's Ray
 calls (windows.py); a window shares each step as ``compute`` shares a step that goes well, and
 the steps after a late worker go through ``compute`` again.
 
@@ -42,13 +42,13 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from ..errors import Diverged, RunFailed
 from ..faults import Action, Fault
-from ..lecture import cuts, tree
+from ..lecture import tree
+from ..step import plan
+from ..step.outcome import Decision, Outcome, Stopped, Why, decide
 from ..step.server import NonFiniteGradient
 from .servers import ServerFailed, Servers
 from .workers import TooFewWorkers, WorkerPool
 
-LATE_FACTOR = 3.0  # a share is late after 3x the time the quickest share took per micro-batch...
-LATE_MIN_S = 0.1  # ...plus 0.1 s, so that ordinary scheduling jitter does not trigger backups
 START_TIMEOUT_S = 300.0  # a step waits this long for some worker to become available (the loop: --elastic-timeout)
 
 
@@ -56,15 +56,6 @@ class Status(Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
-
-
-class Cause(Enum):
-    """Why a compute task failed."""
-
-    WORKER = "its worker died"
-    INPUTS = "its inputs (the weights) were lost"
-    DIVERGED = "the server refused a non-finite gradient"
-    BUG = "an error in the task itself"
 
 
 @dataclass
@@ -150,7 +141,7 @@ class Crew:
         Raises ServerFailed if the weights cannot be had, Diverged if they come from a step
         whose gradient was not finite.
         """
-        n = -(-len(batch) // self.micro_batch)
+        n = plan.count(len(batch), self.micro_batch)
         self.step = step
         self.gather(step)
         self.stalled = self._arm(step)
@@ -220,28 +211,26 @@ class Crew:
 
     @staticmethod
     def _late_at(task: Task, pace: float) -> float:
-        return task.started + LATE_FACTOR * pace * len(task.ids) + LATE_MIN_S
+        return task.started + plan.late_after(pace, len(task.ids))
 
     def _split(self, piece: Piece, idle: list[int], batch, weights, redo: bool) -> None:
         """Run ``piece`` on the idle workers: as one task, or cut into one child piece per worker."""
         if redo:
             self.stats["micro_batches_redone"] += len(piece.ids)
-        shares = [(k, part) for k, part in zip(idle, cuts.even(len(piece.ids), len(idle))) if part]
+        shares = plan.shares(piece.ids, plan.count(len(batch), self.micro_batch), idle)
         if len(shares) == 1 and (piece.task is None or piece.task.status is Status.FAILED):
-            piece.task = self._submit(shares[0][0], piece, batch, weights)
+            piece.task = self._submit(shares[0], piece, batch, weights)
             return
-        for k, part in shares:
-            child = Piece(piece.ids[part.start:part.stop])
-            child.task = self._submit(k, child, batch, weights)
+        for share in shares:
+            child = Piece(share.ids)
+            child.task = self._submit(share, child, batch, weights)
             piece.children.append(child)
 
-    def _submit(self, k: int, piece: Piece, batch, weights: list[ray.ObjectRef]) -> Task:
-        n = -(-len(batch) // self.micro_batch)
-        nodes = tree.blocks(piece.ids, n)
-        *values, info = self.pool.actors[k].compute.options(num_returns=len(weights) + 1).remote(
-            self.step, batch, nodes, *weights)
-        task = Task(k, piece.ids, nodes, values, info, time.monotonic(), piece)
-        self.running[k] = task
+    def _submit(self, share: plan.Share, piece: Piece, batch, weights: list[ray.ObjectRef]) -> Task:
+        *values, info = self.pool.actors[share.worker].compute.options(num_returns=len(weights) + 1).remote(
+            self.step, batch, share.nodes, *weights)
+        task = Task(share.worker, share.ids, share.nodes, values, info, time.monotonic(), piece)
+        self.running[share.worker] = task
         return task
 
     def idle(self) -> list[int]:
@@ -255,22 +244,19 @@ class Crew:
         del self.running[task.worker]
         try:
             task.result = ray.get(task.info)
-        except Exception as exc:  # noqa: BLE001 - sorted below; anything else is re-raised
+        except Exception as exc:  # noqa: BLE001 - decided below; what nothing here cures is re-raised
             task.status = Status.FAILED
             for ref in task.values:
                 _consume(ref)
-            cause = _cause(exc)
-            if cause is Cause.WORKER:
+            decision = decide(outcome_of(exc, worker=True), wanted=task.piece is not None)
+            if decision is Decision.REDO_SHARE:  # its piece is planned again (``_plan``)
                 self.pool.replace(task.worker)
-            elif task.piece is None:
-                pass  # a copy nobody waits for, on inputs that failed: nothing to do
-            elif cause is Cause.DIVERGED:
-                raise Diverged(f"training diverged at step {self.step - 1}: the summed gradient has NaN or inf "
-                               "(the server did not apply it)") from None
-            elif cause is Cause.INPUTS:
+            elif decision is Decision.STOP_DIVERGED:  # the weights it was given are the refused step's
+                raise Diverged(Stopped(Why.GRADIENT, self.step - 1).line()) from None
+            elif decision is Decision.RECOVER_SERVERS:
                 self._abandon()
                 raise ServerFailed(f"step {self.step}: its weights are lost ({type(exc).__name__})") from exc
-            else:
+            elif decision is Decision.RAISE:
                 raise
             return None
         task.status = Status.DONE
@@ -295,17 +281,18 @@ class Crew:
         return stalled
 
 
-def _cause(exc: BaseException) -> Cause:
-    """Why a compute task failed: its worker died, its inputs failed, the server refused, or a bug."""
+def outcome_of(exc: BaseException, worker: bool) -> Outcome:
+    """What a call's exception means: the server refused the step, the call's inputs (the weights,
+    a server) were lost, its actor died (a ``worker``'s, or a server's), or a bug."""
     if isinstance(exc, NonFiniteGradient):
-        return Cause.DIVERGED
+        return Outcome.DIVERGED
     if isinstance(exc, RayTaskError):  # the task did not run: an argument (the weights) failed
-        return Cause.INPUTS if isinstance(exc, (RayActorError, ObjectLostError)) else Cause.BUG
+        return Outcome.INPUTS_LOST if isinstance(exc, (RayActorError, ObjectLostError)) else Outcome.BUG
     if isinstance(exc, RayActorError):
-        return Cause.WORKER
-    if isinstance(exc, ObjectLostError):
-        return Cause.INPUTS
-    return Cause.BUG
+        return Outcome.WORKER_LOST if worker else Outcome.SERVER_LOST
+    if isinstance(exc, ObjectLostError):  # PeerLost too: a server the call talked to is gone
+        return Outcome.INPUTS_LOST
+    return Outcome.BUG
 
 
 def _consume(ref: ray.ObjectRef) -> None:

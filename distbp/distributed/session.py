@@ -2,19 +2,12 @@
 
 ``Session`` connects to Ray (or starts a private local one), places the S servers in a
 placement group of their own (a fixed placement: a lost server restarts in its bundle),
-picks the transport of the step's vectors (``--transport``), puts the training data in the
-object store once,
-and starts the actors.  Workers are not in that group: each is placed on its own, so that
-workers can come and go with the cluster's nodes (workers.py, docs/elastic.md).  Closing it
-removes exactly what it made: the actors, the placement group, the shared files, and Ray
-itself if it started it.  The sync loop, the async loop and scripts/bench.py all run on it.
-
-The transport (``auto``, transport.choose): on Linux ``socket+shared-memory``, authenticated
-sockets (channel.py) between nodes and memfds between a worker and a server of one node, which
-reach whichever nodes the workers land on, now or when they join, and let the steps go in
-windows without Ray calls (windows.py).  Without memfds: shared files when the driver's node is
-the cluster's only node and no other can bring workers (a fixed K, or a private local Ray),
-with every worker pinned to that node; else sockets.  Each worker reserves ``--threads-per-worker`` CPUs (cores.py).
+makes the transport of the step's vectors (``--transport``: transport.choose), puts the
+training data in the object store once, and starts the actors.  Workers are not in that
+group: each is placed on its own, so that workers can come and go with the cluster's nodes
+(workers.py, docs/elastic.md).  Closing it removes exactly what it made: the actors, the
+placement group, and Ray itself if it started it.  The sync loop, the async loop and
+scripts/bench.py all run on it.  Each worker reserves ``--threads-per-worker`` CPUs (cores.py).
 """
 
 from __future__ import annotations
@@ -22,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import ray
 from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config import Config
 from ..data.problem import Problem
@@ -34,21 +26,20 @@ from . import cores
 from .actors import ParameterServer, Worker
 from .runtime import PLACEMENT_TIMEOUT_S, connect, disconnect, in_bundle, place
 from .servers import Servers
-from .transport import Transport, choose
+from .transport import choose
 from .workers import WorkerPool
 
 
 class Session:
     """Ray connected, the servers' bundles placed, the data in the object store: ``start_*`` start actors."""
 
-    def __init__(self, config: Config, problem: Problem, servers: int, shared_memory: bool = True):
-        """``shared_memory=False`` keeps the vectors in the object store even on one node (the
-        async loop: its workers read whatever weights the server holds, mid-update or not)."""
+    def __init__(self, config: Config, problem: Problem, servers: int, transport: str | None = None):
+        """``transport``: the --transport to use instead of the config's (the async loop:
+        ``object-store``, its workers read whatever weights the server holds, mid-update or not)."""
         self.config, self.problem = config, problem
         self.layers, self.dtype = problem.layers, np.dtype(config.dtype)
         self.minimum, self.slots, self.servers = config.min_workers, config.max_workers, servers
         self.started_ray, self.pg, self.transport, self.pool = False, None, None, None
-        self.workers_on: str | None = None  # the node every worker is pinned to (shared memory)
         try:
             users_ray = ray.is_initialized()  # started in this process by the caller (distbp.fit)
             # T threads a worker, its CPUs reserved: known before a private local Ray starts (it
@@ -60,8 +51,7 @@ class Session:
             if users_ray:
                 self._check_fits()
             self.pg = place(servers, "servers")
-            self.transport = self._transport(shared_memory)
-            self.transport_name = self.transport.name  # for the summary, after close
+            self.transport = choose(transport or config.transport, Layout(self.layers).size, self.dtype, servers)
             self.X, self.Y = ray.put(problem.X), ray.put(problem.Y)
         except BaseException:
             self.close()
@@ -76,19 +66,6 @@ class Session:
             raise UsageError(f"the Ray running in this process has {cpus:g} CPUs but the run needs {need} "
                              f"({self.minimum} workers of {self.threads} CPUs + {self.servers} one-CPU servers): "
                              "use fewer workers or --threads-per-worker, or ray.init(num_cpus=...) with more")
-
-    def _transport(self, shared_memory: bool) -> Transport:
-        size = Layout(self.layers).size
-        here = ray.get_runtime_context().get_node_id()
-        nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-        # An elastic run on a cluster may get workers on nodes that join later: shared files
-        # on this node would not reach them.
-        fixed = self.minimum == self.slots or self.started_ray
-        transport = choose(self.config.transport if shared_memory else "object-store", fixed and nodes == {here},
-                           size, self.dtype, self.servers)
-        if transport.name == "shared-memory":
-            self.workers_on = here
-        return transport
 
     def __enter__(self) -> Session:
         return self
@@ -110,9 +87,7 @@ class Session:
         """MAX worker actors (``--workers MIN:MAX``), each placed on its own, once MIN are up;
         replaced when one dies, started whenever the cluster has a CPU for one."""
         config = self.config
-        where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(self.workers_on, soft=False)
-                 if self.workers_on else "SPREAD"}
-        self.pool = WorkerPool(lambda k: Worker.options(num_cpus=self.threads, **where).remote(
+        self.pool = WorkerPool(lambda k: Worker.options(num_cpus=self.threads, scheduling_strategy="SPREAD").remote(
             self.layers, config.activation, config.loss, self.dtype, self.X, self.Y, config.micro_batch,
             self.transport, self.threads), self.slots)
         if not self.pool.wait_started(self.minimum, PLACEMENT_TIMEOUT_S):
@@ -124,7 +99,7 @@ class Session:
 
     def close(self) -> None:
         """Remove what the session made; safe to call twice.  A stop signal waits for the end
-        of it (signals.shielded): cut in the middle, it would leave Ray or the shared files."""
+        of it (signals.shielded): cut in the middle, it would leave Ray running."""
         with signals.shielded():
             try:
                 if self.pool is not None:
@@ -134,11 +109,6 @@ class Session:
                     pg, self.pg = self.pg, None
                     remove_placement_group(pg)
             finally:
-                try:
-                    if self.started_ray:
-                        self.started_ray = False
-                        disconnect()
-                finally:
-                    if self.transport is not None:
-                        transport, self.transport = self.transport, None
-                        transport.close()
+                if self.started_ray:
+                    self.started_ray = False
+                    disconnect()

@@ -1,27 +1,27 @@
-"""The socket transport: the per-step vectors over authenticated TCP between the actors.
+"""The direct transport: the per-step vectors between the actors themselves, not through Ray.
 
-Made for runs across nodes (transport.py says when it is chosen; channel.py has the wire).
-Each server listens on its Ray node's address and holds:
+Each worker-server pair takes one of two ways, decided when they first meet: between nodes an
+authenticated TCP connection (channel.py), within a node shared memory (a memfd of the actor
+that owns the array, mapped by the other: shm.Memfds, nothing to clean up when an actor dies).
+Only handles (an address, a key, a memfd's path) go through Ray.  Each server listens on its
+Ray node's address and holds:
 
 - its range of the weights, which a worker *pulls* at the start of a call, straight into its
-  own weight buffer (``("pull",)`` -> the range's bytes);
+  own weight buffer (``("pull",)`` -> the range's bytes), or, on the server's node, copies
+  from the server's memory (with one server: reads in place);
 - an inbox of the node values the workers *push* at the end of a call (``("push", key, rows)``
   then ``rows`` rows of this server's columns, answered with ``True`` once all are in), from
-  which its step takes the rows named by the handles Ray passed it.
+  which its step takes the rows named by the handles Ray passed it.  A worker of the server's
+  node computes into its own shared memory instead, and the server reads its columns in place.
 
-Why a read never overlaps a write that matters: the same as for shared memory (shm.py).  A
-worker's call of step t + 1 runs only once the servers' step t has returned (its arguments),
-and the driver sends the servers step t + 1 only once the calls it uses have returned, which
-is after their pushes were acknowledged.  A late copy nobody waits for may pull weights while
-a server updates them, or push after the step was taken: its result is dropped.
+So only the bytes between nodes cross a socket: with one server per node, what a
+reduce-scatter plus an all-gather would send.
 
-With ``share_node`` (transport ``socket+shared-memory``, what ``auto`` picks on Linux) a
-worker and a server on the same Ray node skip the socket: the server keeps its range in shared
-memory (a memfd: shm.Memfds, nothing to clean up when an actor dies), which the worker copies
-(or, with one server, reads in place), and the worker computes its node values into shared
-memory too, so that a server of its node reads its columns in place and only a handle goes
-through Ray.  Only the bytes between nodes then cross a socket: with one server per node,
-what a reduce-scatter plus an all-gather would send.
+Why a read never overlaps a write that matters: a worker's call of step t + 1 runs only once
+the servers' step t has returned (its arguments), and the driver sends the servers step t + 1
+only once the calls it uses have returned, which is after their pushes were acknowledged.  A
+late copy nobody waits for may pull weights while a server updates them, or push after the
+step was taken: its result is dropped.
 
 Windows of steps (windows.py) use the same connections: a worker asks each server for the
 weights after a given step of a window (``("reached", window, version, pull)``, answered once
@@ -43,7 +43,9 @@ Failures keep the crew's meaning: a server that cannot be reached (it died, its 
 gone) makes the worker's call fail with ``PeerLost``, an ``ObjectLostError`` ("the step's
 inputs are lost"), so the driver recovers the servers as it does when an object is lost; a
 worker that dies mid-push leaves only a partial entry, which no handle names and the next
-step throws away.
+step throws away; a worker of the server's node that dies after its call returned takes its
+node values with it: the server's step then fails with the step's inputs lost, and the driver
+redoes the step.
 """
 
 from __future__ import annotations
@@ -96,17 +98,21 @@ class Handle:
     block: shm.Block | None = None  # with share_node: the same array in that actor's shared memory
 
 
-class Sockets:
-    """The vectors over authenticated TCP between the actors: works across nodes.  With
-    ``share_node``, actors of one Ray node share memory instead."""
+class Direct:
+    """The vectors between the actors themselves: sockets between nodes, shared memory within one."""
 
-    def __init__(self, size: int, dtype, servers: int, share_node: bool = False):
+    name = "direct"
+    windows = True  # the actors talk directly: steps can go without Ray calls (windows.py)
+    # Whether a worker and a server of one node share memory (where the system has memfds).  The
+    # tests switch it off in the driver, before the transport is made, to send every vector over
+    # a socket on one machine, as between nodes.
+    within_node = True
+
+    def __init__(self, size: int, dtype, servers: int):
         self.size, self.dtype = size, np.dtype(dtype)
         self.bounds = cuts.aligned(size, servers)
         self.key = channel.new_key()  # made for this run; reaches the actors in their Ray arguments
-        self.share_node = share_node
-        self.name = "socket+shared-memory" if share_node else "socket"
-        self.windows = True  # the actors talk directly: steps can go without Ray calls (windows.py)
+        self.share_node = self.within_node and shm.memfd_available()
 
     def worker_end(self) -> _SocketWorker:
         return _SocketWorker(self)
@@ -114,12 +120,9 @@ class Sockets:
     def server_end(self, s: int) -> _SocketServer:
         return _SocketServer(self, self.bounds[s])
 
-    def close(self) -> None:
-        pass
-
 
 class _SocketWorker:
-    def __init__(self, transport: Sockets):
+    def __init__(self, transport: Direct):
         self.bounds, self.dtype, self.key = transport.bounds, transport.dtype, transport.key
         self.flat = np.empty(transport.size, transport.dtype)
         self.out = np.empty((0, transport.size), dtype=transport.dtype)
@@ -292,7 +295,7 @@ class _Entry:
 
 
 class _SocketServer:
-    def __init__(self, transport: Sockets, bounds: range):
+    def __init__(self, transport: Direct, bounds: range):
         self.bounds, self.dtype = bounds, transport.dtype
         self.width = bounds.stop - bounds.start
         self.held: np.ndarray | None = None
@@ -493,7 +496,7 @@ def _whole(rows: np.ndarray) -> np.ndarray:
     return rows.base if rows.base is not None else rows
 
 
-def call_off(transport: Sockets, servers: list[Handle], window: int) -> None:
+def call_off(transport: Direct, servers: list[Handle], window: int) -> None:
     """The driver calls window ``window`` off (a worker of it failed): each server that can be
     reached ends its steps there and tells its waiting workers so."""
     for handle in servers:

@@ -2,7 +2,7 @@
 
 A step of the sync loop costs Ray task calls: each worker's compute, each server's step and
 report, and the driver in between (the "Ray call floor", about 3-4 ms a step here, which is
-all of a small model's step).  On the socket transports the actors already talk directly, so
+all of a small model's step).  On the direct transport the actors already talk directly, so
 for a run of steps with nothing to decide between them the driver plans them all at once: one
 call to each worker and one to each server for the whole window, and then the actors go on
 over their sockets (sockets.py):
@@ -14,7 +14,7 @@ over their sockets (sockets.py):
   (the errors' exact sum, as the sync loop does, before anything is applied), sums in the
   tree's order, updates, and lets the waiting workers have the weights.
 
-Each step is shared out as the crew shares a step that goes well (``cuts.even`` over the idle
+Each step is shared out as the crew shares a step that goes well (``plan.shares``: ``cuts.even`` over the idle
 workers, ``tree.blocks`` of each share), and the servers add the same nodes in the same order:
 the bits are those of steps run one by one (tests/test_windows.py).
 
@@ -44,9 +44,9 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError
 
 from ..errors import Diverged
-from ..faults import Action
-from ..lecture import cuts, tree
-from .crew import LATE_FACTOR, LATE_MIN_S, Crew
+from ..step import plan
+from ..step.outcome import Decision, Outcome, Stopped, Why, decide
+from .crew import Crew, outcome_of
 from .servers import ServerFailed
 from .sockets import call_off
 
@@ -71,6 +71,7 @@ class Windows:
     def __init__(self, crew: Crew, transport):
         self.crew, self.pool, self.servers, self.transport = crew, crew.pool, crew.servers, transport
         self.count = 0  # windows started: each one's number (from 1) tells its messages apart
+        self.busy: set[int] = set()  # the worker slots with a share in the window under way
         self.calm = 0  # steps to run one by one first (a worker was late)
         self.stats = {"windows": 0, "steps": 0, "called_off": 0}
 
@@ -79,10 +80,8 @@ class Windows:
         ``boundary(t)``: the driver has something to do after step ``t``."""
         if self.calm > 0 or self.crew.running or self.pool.starting:
             return step
-        last = min(total, step + WINDOW - 1)
-        stalls = [f.step for f in self.crew.faults if f.action is Action.DELAY and f.step >= step]
-        if stalls:  # a stalled worker's share goes to another: one by one
-            last = min(last, min(stalls) - 1)
+        # a stalled worker's share goes to another: one by one
+        last = plan.last_before_stall(self.crew.faults, step, min(total, step + WINDOW - 1))
         for t in range(step, last):
             if boundary(t):
                 return t
@@ -110,17 +109,15 @@ class Windows:
         shares: dict[int, list[tuple[int, int]]] = {}  # step -> (worker, micro-batches) per task
         for i, batch in enumerate(batches):
             step = first + i
-            n = -(-len(batch) // self.crew.micro_batch)
-            tasks = [(k, part) for k, part in zip(idle, cuts.even(n, len(idle))) if part]
-            nodes, keys = [], []
-            for k, part in tasks:
-                nodes.append(tree.blocks(range(part.start, part.stop), n))
-                keys.append(f"{window}-{step}-{k}")
-                fault = _strike(kills, "kill-worker", step, k)
-                worker_plans[k].append((step, batch, nodes[-1], keys[-1], fault))
-            server_plan.append((step, n, nodes, keys, lr_at(step), scale_of(batch), len(batch),
-                                _strike(kills, "kill-server", step)))
-            shares[step] = [(k, len(part)) for k, part in tasks]
+            n = plan.count(len(batch), self.crew.micro_batch)
+            tasks = plan.shares(range(n), n, idle)
+            keys = [f"{window}-{step}-{share.worker}" for share in tasks]
+            for share, key in zip(tasks, keys):
+                fault = plan.strike(kills, "kill-worker", step, share.worker)
+                worker_plans[share.worker].append((step, batch, share.nodes, key, fault))
+            server_plan.append((step, n, [share.nodes for share in tasks], keys, lr_at(step), scale_of(batch),
+                                len(batch), plan.strike(kills, "kill-server", step)))
+            shares[step] = [(share.worker, len(share.ids)) for share in tasks]
         for fault in kills:  # a worker with no share at its step dies at once, as in a step of its own
             planned = worker_plans.get(fault.target, ())
             if fault.kind == "kill-worker" and not any(e[0] == fault.step and e[4] is not None for e in planned):
@@ -131,7 +128,11 @@ class Windows:
         calls.update({self.pool.actors[k].steps.remote(window, plan, *weights): ("worker", k)
                       for k, plan in worker_plans.items() if plan})
         planned = {("worker", k): len(plan) for k, plan in worker_plans.items()}
-        results, failed = self._wait(calls, window, weights, planned)
+        self.busy = {k for k, plan in worker_plans.items() if plan}
+        try:
+            results, failed = self._wait(calls, window, weights, planned)
+        finally:
+            self.busy = set()
         ended = time.perf_counter()
         self.stats["windows"] += 1
         self.stats["called_off"] += failed
@@ -160,27 +161,28 @@ class Windows:
         """The steps every server applied (``ended``: when the window's calls had all ended,
         on the driver's perf_counter) and what to raise once they are logged."""
         problem: Exception | None = None
-        for (role, k), result in sorted(results.items()):
-            if role == "worker" and isinstance(result, RayActorError):
-                self.pool.replace(k)  # the steps it did not hand in are redone by others
-            elif role == "worker" and isinstance(result, ObjectLostError):  # a server it needed is gone
-                problem = problem or ServerFailed(f"a server of window steps {first}+ is lost")
-            elif isinstance(result, Exception) and role == "worker":
-                problem = problem or result  # an error in the task itself
-        applied = []
-        for s in range(len(self.servers.actors)):
-            result = results[("server", s)]
-            if isinstance(result, (RayActorError, ObjectLostError)):
-                problem = problem or ServerFailed(f"server {s} failed in the window of steps {first}+")
-                applied.append({})
-            elif isinstance(result, Exception):
-                problem = problem or result
-                applied.append({})
+        applied = []  # each server's steps applied
+        for (role, k), result in sorted(results.items()):  # the servers first, in range order
+            stopped = None  # why a server ended the window early
+            if isinstance(result, Exception):
+                outcome = outcome_of(result, worker=role == "worker")
+            elif role == "server":
+                stopped = result[1]
+                outcome = Outcome.DONE if stopped is None else stopped.outcome
             else:
-                done, why = result
-                if why is not None and why.startswith("training diverged"):
-                    problem = Diverged(why)  # the run ends here, as when a step diverges one by one
-                applied.append(done)
+                outcome = Outcome.DONE
+            if role == "server":
+                applied.append({} if isinstance(result, Exception) else result[0])
+            decision = decide(outcome)
+            if decision is Decision.REDO_SHARE:
+                self.pool.replace(k)  # the steps it did not hand in are redone by others
+            elif decision is Decision.RECOVER_SERVERS:
+                problem = problem or ServerFailed(f"{role} {k} of the window of steps {first}+: {outcome.value}")
+            elif decision is Decision.STOP_DIVERGED:  # the run ends here, as when a step diverges one by one
+                # a server's own refusal, or a call that failed on weights refused before the window
+                problem = Diverged((stopped or Stopped(Why.GRADIENT, first - 1)).line())
+            elif decision is Decision.RAISE:
+                problem = problem or result  # an error in the call itself
         counts = [len(done) for done in applied]
         if len(set(counts)) > 1 and not isinstance(problem, Diverged):
             problem = ServerFailed(f"the servers applied {counts} steps of a window")  # recover them
@@ -197,23 +199,13 @@ class Windows:
 
     def _pace(self, ran: list[Ran], shares: dict, done: dict) -> None:
         """The crew's yardstick from the window's last step; a worker late as the crew judges
-        it (``LATE_FACTOR`` times the quickest share's time per micro-batch, plus
-        ``LATE_MIN_S``) sends the next WINDOW steps one by one, where its share can go to another."""
+        it (``plan.any_late``) sends the next WINDOW steps one by one, where its share can go to another."""
         for r in ran:
             counts = [count for _, count in shares[r.step]]
             seconds = done[r.step][1]
-            pace = min(s / c for s, c in zip(seconds, counts))
-            if any(s > LATE_FACTOR * pace * c + LATE_MIN_S for s, c in zip(seconds, counts)):
+            if plan.any_late(seconds, counts):
                 self.calm = WINDOW
-            self.crew.pace = pace
-
-
-def _strike(faults: list, kind: str, step: int, target: int | None = None) -> Action | None:
-    """The action of the fault of ``kind`` at ``step`` (on worker ``target``), if there is one."""
-    for fault in faults:
-        if fault.kind == kind and fault.step == step and fault.target == target:
-            return fault.action
-    return None
+            self.crew.pace = plan.pace_of(seconds, counts)
 
 
 def _handles(weights: list) -> list:

@@ -19,8 +19,8 @@ on the same actors and the same data:
 Which pushes a worker's weights hold depends on timing, so the result changes from run to run
 and with K: summary.json says ``"exact": false``, and its ``weights_sha256`` describes this run
 only.  One server, no fault handling, no --resume (config.py and ``train_async`` refuse them).
-The weights travel through the object store even on one node: a worker reads whatever
-weights the server holds, and shared files would let it read them mid-update.
+The weights travel through the object store (never the direct transport): a worker reads whatever
+weights the server holds, and shared memory would let it read them mid-update.
 metrics.jsonl has one line per push: ``step`` counts the server's updates, ``clock`` the
 pushing worker's step, ``staleness`` the other workers' pushes applied between its pull and
 its push, ``samples`` the samples pushed so far.
@@ -169,7 +169,7 @@ def train_async(config: Config, resumed: dict | None = None, data: Dataset | Non
              "(use --mode sync)"
     files = RunFiles.create(config.out, fingerprint(problem.X, problem.Y))  # locked until the summary is written
     try:
-        with Session(config, problem, servers=1, shared_memory=False) as session:
+        with Session(config, problem, servers=1, transport="object-store") as session:
             server = session.start_servers(net.flat).actors[0]
             pool = session.start_workers()
             pool.wait_started()  # every actor up before the clock starts: one still starting would look late

@@ -77,11 +77,14 @@ class StepLog:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def sent(self, entry: Sent) -> None:
-        """Step ``entry.step`` is with the servers: write every earlier step's line."""
-        if self.timeline is not None:
-            self.timeline.driver("workers", entry.step)  # waiting for the step's workers, and sending it on
-        self.pending.append(entry)
+    def sent(self, *entries: Sent) -> None:
+        """Steps ``entries`` (in order) are with the servers: write every earlier step's line.  All
+        of them are pending before any line is written, so that a failure to fetch a report
+        (``ServerFailed``: the loop recovers the servers) loses none of them."""
+        for entry in entries:
+            if self.timeline is not None:
+                self.timeline.driver("workers", entry.step)  # waiting for the step's workers, and sending it on
+            self.pending.append(entry)
         self.write(keep=1)
 
     def write(self, keep: int = 0) -> None:

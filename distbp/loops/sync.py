@@ -36,6 +36,7 @@ from ..run.checkpoint import fingerprint
 from ..run.outdir import CHECKPOINT, SUMMARY, RunFiles
 from ..run.progress import Progress
 from ..run.signals import StopSignals
+from ..step.outcome import Stopped, Why
 from .steplog import Sent, StepLog
 
 
@@ -72,16 +73,14 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
     """Steps ``files.saved_step + 1`` to the last on Ray; returns the summary, written to summary.json."""
     keep_local_ray_on_loopback(config.address)  # before Ray is first imported, just below
     from ..distributed.crew import Crew
-    from ..distributed.servers import ServerFailed
     from ..distributed.session import Session
     from ..distributed.windows import Windows
-    from ..distributed.workers import TooFewWorkers
 
     # Where the run starts: what a server lost before the first checkpoint is restarted from.
     initial = resumed or {"weights": net.flat.copy(), "step": 0,
                           "optimizer": init_state(config.optimizer, net.layout.size, net.dtype)}
-    sampler, total, start = problem.sampler, problem.total_steps, files.saved_step
-    lr_at = schedule.from_config(config, total, sampler.steps_per_epoch)  # step (from 1) -> lr
+    total, start = problem.total_steps, files.saved_step
+    lr_at = schedule.from_config(config, total, problem.sampler.steps_per_epoch)  # step (from 1) -> lr
     with Session(config, problem, config.servers) as session:
         servers = session.start_servers(initial["weights"])
         if resumed:
@@ -96,21 +95,39 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
         log = StepLog(files, problem, lr_at, servers.get, progress, callbacks,
                       compare=not resumed or resumed["config"].get("servers", 1) == config.servers,
                       config=config, workers=pool)
-        few = None  # TooFewWorkers: the run stops at a step boundary, checkpointed
         # Windows of steps without a Ray call each, where the transport and the run allow them
         windows = Windows(crew, session.transport) if session.transport.windows and not servers.two_halves \
             and not callbacks else None
+        run = Run(config, problem, files, net, servers, log)
+        steps = Steps(config, problem.sampler, crew, servers, windows, log, lr_at, run.after, start)
+        run.go(steps, lambda: files.latest(initial))
+        elapsed = log.elapsed()
+        progress.close()
+    return summary.sync(config, problem, files, net, log, elapsed, start, steps.applied,
+                        crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
+                        worker_nodes=[node for node in pool.nodes() if node], server_nodes=server_nodes,
+                        transport=session.transport.name, resizes=crew.resizes,
+                        windows=windows.stats if windows else None)
 
-        def after(step: int) -> None:
-            """The driver's part after step ``step``: an evaluation, a checkpoint, an epoch's end."""
-            if sampler.ends_epoch(step) or step == total:
-                end_of_epoch(step, net, problem, servers, files, log, config)
-            else:
-                between_epochs(step, net, problem, servers, files, log, config)
 
-        steps = Steps(config, sampler, crew, servers, windows, log, lr_at, after, start)
+class Run:
+    """What the loop does between steps, and how it stops: the driver's part of a run, with what
+    it needs in plain view (the config, the data, the run's files, the driver's network, the
+    servers and the step log)."""
+
+    def __init__(self, config: Config, problem: Problem, files: RunFiles, net: Network, servers, log: StepLog):
+        self.config, self.problem, self.files, self.net, self.servers, self.log = \
+            config, problem, files, net, servers, log
+
+    def go(self, steps: Steps, latest) -> None:
+        """Apply steps until the last, a stop signal, a callback's stop or too few workers;
+        ``latest()``: the arrays and step a lost server restarts from."""
+        from ..distributed.servers import ServerFailed
+        from ..distributed.workers import TooFewWorkers
+
+        total, few = self.problem.total_steps, None  # TooFewWorkers: stop at a step boundary, checkpointed
         with StopSignals() as stop:
-            while steps.applied < total and stop.signum is None and not log.stop_requested:
+            while steps.applied < total and stop.signum is None and not self.log.stop_requested:
                 try:
                     steps.next(total)
                 except TooFewWorkers as exc:  # nothing of the step was applied: stop after the steps applied
@@ -120,21 +137,79 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
                     # Live servers say how many steps they hold; lost ones restart from the
                     # latest checkpoint.  Either way the loop goes on from there: steps are
                     # redone (to the same bits), never applied twice.
-                    steps.recover(lambda: files.latest(initial))
-        applied = steps.applied
+                    steps.recover(latest)
         if stop.signum is not None:
-            _stopped(stop, applied, total, servers, files, log, config)
+            self.interrupted(stop, steps.applied)
         if few is not None:
-            _too_few(few, applied, servers, files, log, config)
-        if log.stop_requested:  # a callback ended the run early: keep the weights it stopped at
-            stopped_early(applied, net, servers, files, log, config)
-        elapsed = log.elapsed()
-        progress.close()
-    return summary.sync(config, problem, files, net, log, elapsed, start, applied,
-                        crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
-                        worker_nodes=[node for node in pool.nodes() if node], server_nodes=server_nodes,
-                        transport=session.transport_name, resizes=crew.resizes,
-                        windows=windows.stats if windows else None)
+            self.too_few(few, steps.applied)
+        if self.log.stop_requested:  # a callback ended the run early: keep the weights it stopped at
+            self.stopped_early(steps.applied)
+
+    def after(self, step: int) -> None:
+        """The driver's part after step ``step``: at an epoch's end (and the last step) evaluate
+        and checkpoint; between epochs, every --eval-every steps evaluate, every
+        --checkpoint-every steps checkpoint (one snapshot for both)."""
+        config = self.config
+        if self.problem.sampler.ends_epoch(step) or step == self.problem.total_steps:
+            self.save(step, self.evaluated(step))
+            return
+        snapshot = self.evaluated(step) if every(config.eval_every, step) else None
+        if every(config.checkpoint_every, step):
+            self.save(step, snapshot or self.servers.snapshot())
+
+    def evaluated(self, step: int) -> dict[str, np.ndarray]:
+        """Evaluate the weights after ``step`` on the test (or validation) split and log it (every
+        line before it written first); returns the servers' snapshot it took."""
+        log, problem = self.log, self.problem
+        log.write()
+        snapshot = self.servers.snapshot()
+        self.net.flat[:] = snapshot["weights"]
+        line = f"epoch {problem.sampler.epoch_of(step)} step {step}/{problem.total_steps} loss {log.last['loss']:.4f}"
+        if problem.test_name is not None:
+            test_loss, test_acc = evaluate(self.net, problem.data.X_test, problem.data.y_test)
+            log.evaluated(step, test_loss, test_acc)
+            line += f" {problem.test_name}_acc {test_acc:.4f}"
+        log.progress.log(line + f" lr {log.last['lr']:.3g} samples/s {log.seen / log.elapsed():.0f}")
+        log.progress.note(**log.bar())
+        return snapshot
+
+    def save(self, step: int, snapshot: dict[str, np.ndarray]) -> None:
+        """checkpoint.npz after step ``step``, every line before it written first."""
+        self.log.write()
+        self.files.save(step, snapshot, self.config.to_dict())
+        self.log.saved()
+
+    def checkpointed(self, step: int) -> str:
+        """A run stopping after step ``step``: checkpoint it (unless it is) and close the bar.  Returns
+        how to go on, naming the run where the user finds it ("" if no step was ever checkpointed)."""
+        files = self.files
+        if step > files.saved_step:
+            self.save(step, self.servers.snapshot())
+        self.log.progress.close()
+        if not files.saved_step:
+            return ""
+        return (f"checkpoint {files.shown(CHECKPOINT)} (step {files.saved_step}); "
+                f"continue with: distbp train --resume {files.shown()}")
+
+    def stopped_early(self, step: int) -> None:
+        """A callback asked to stop after ``step``: the driver's network takes those weights, checkpointed."""
+        snapshot = self.servers.snapshot()
+        self.net.flat[:] = snapshot["weights"]
+        if step > self.files.saved_step:
+            self.save(step, snapshot)
+
+    def interrupted(self, stop: StopSignals, step: int) -> None:
+        """Ctrl-C or SIGTERM after step ``step``: checkpoint it and raise Interrupted saying how to go on."""
+        how = self.checkpointed(step)
+        if not how:
+            raise Interrupted(f"stopped by {stop.name} before the first step; nothing to resume", stop.signum)
+        raise Interrupted(f"stopped by {stop.name} after step {step} of {self.problem.total_steps}; {how}",
+                          stop.signum)
+
+    def too_few(self, exc: Exception, step: int) -> None:
+        """Too few workers after --elastic-timeout: checkpoint step ``step`` and raise one line saying how to go on."""
+        how = self.checkpointed(step) or "no step was done, nothing to resume"
+        raise type(exc)(f"stopped before step {step + 1}: {exc}; {how}") from None
 
 
 class Steps:
@@ -167,10 +242,11 @@ class Steps:
         ran, failure = self.windows.run(step, [self.sampler.batch(t) for t in range(step, last + 1)], self.lr_at,
                                         self.scale_of, self.weights)
         reports, self.weights = self.servers.report(), self.servers.weights()
-        for r in ran:
-            self.log.sent(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, self.weights, r.workers, r.when))
-            self.after(r.step)
-            self.applied = r.step
+        if ran:
+            self.log.sent(*(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, self.weights, r.workers, r.when)
+                            for r in ran))
+            self.after(ran[-1].step)  # a window ends where the driver has work (Windows.reach): after its last step
+            self.applied = ran[-1].step
         if failure is not None:
             raise failure
 
@@ -180,7 +256,7 @@ class Steps:
         done = self.crew.compute(step, batch, self.weights)
         loss = math.fsum(done.losses) / len(batch)
         if not math.isfinite(loss):  # caught before the servers apply anything
-            raise Diverged(f"training diverged at step {step}: the loss is {loss}")
+            raise Diverged(Stopped(Why.LOSS, step, loss).line())
         self.weights = self.servers.step(done.n, done.nodes, self.lr_at(step), step, self.scale_of(batch), done.values)
         self.log.sent(Sent(step, len(batch), loss, done.seconds, self.servers.report(), self.weights, done.workers))
         self.after(step)
@@ -207,24 +283,6 @@ def every(n: int, step: int) -> bool:
     return bool(n) and step % n == 0
 
 
-def _too_few(exc: Exception, step: int, servers, files: RunFiles, log: StepLog, config: Config) -> None:
-    """Too few workers after --elastic-timeout: checkpoint step ``step`` and raise one line saying how to go on."""
-    how = _checkpointed(step, servers, files, log, config) or "no step was done, nothing to resume"
-    raise type(exc)(f"stopped before step {step + 1}: {exc}; {how}") from None
-
-
-def _checkpointed(step: int, servers, files: RunFiles, log: StepLog, config: Config) -> str:
-    """A run stopping after step ``step``: checkpoint it (unless it is) and close the bar.  Returns
-    how to go on, naming the run where the user finds it ("" if no step was ever checkpointed)."""
-    if step > files.saved_step:
-        save(step, servers.snapshot(), files, log, config)
-    log.progress.close()
-    if not files.saved_step:
-        return ""
-    return (f"checkpoint {files.shown(CHECKPOINT)} (step {files.saved_step}); "
-            f"continue with: distbp train --resume {files.shown()}")
-
-
 def _check_resume(config: Config, problem: Problem, resumed: dict | None, data_id: str) -> int:
     """The step a resumed run goes on from (0 for a new run); UsageError if it has nothing to do.
 
@@ -240,59 +298,3 @@ def _check_resume(config: Config, problem: Problem, resumed: dict | None, data_i
             f"it already has its {total} steps"
         raise UsageError(f"--resume {config.out}: {asked}; ask for more with --steps or --epochs")
     return done
-
-
-def save(step: int, snapshot: dict[str, np.ndarray], files: RunFiles, log: StepLog, config: Config) -> None:
-    """checkpoint.npz after step ``step``, every line before it written first."""
-    log.write()
-    files.save(step, snapshot, config.to_dict())
-    log.saved()
-
-
-def end_of_epoch(step: int, net: Network, problem: Problem, servers, files: RunFiles, log: StepLog,
-                 config: Config) -> None:
-    """Evaluate the weights after ``step`` on the test (or validation) split, log it, checkpoint."""
-    save(step, evaluated(step, net, problem, servers, log), files, log, config)
-
-
-def between_epochs(step: int, net: Network, problem: Problem, servers, files: RunFiles, log: StepLog,
-                   config: Config) -> None:
-    """Every --eval-every steps evaluate, every --checkpoint-every steps checkpoint (one snapshot for both)."""
-    snapshot = None
-    if every(config.eval_every, step):
-        snapshot = evaluated(step, net, problem, servers, log)
-    if every(config.checkpoint_every, step):
-        save(step, snapshot or servers.snapshot(), files, log, config)
-
-
-def evaluated(step: int, net: Network, problem: Problem, servers, log: StepLog) -> dict[str, np.ndarray]:
-    """Evaluate the weights after ``step`` on the test (or validation) split and log it (every
-    line before it written first); returns the servers' snapshot it took."""
-    log.write()
-    snapshot = servers.snapshot()
-    net.flat[:] = snapshot["weights"]
-    line = f"epoch {problem.sampler.epoch_of(step)} step {step}/{problem.total_steps} loss {log.last['loss']:.4f}"
-    if problem.test_name is not None:
-        test_loss, test_acc = evaluate(net, problem.data.X_test, problem.data.y_test)
-        log.evaluated(step, test_loss, test_acc)
-        line += f" {problem.test_name}_acc {test_acc:.4f}"
-    log.progress.log(line + f" lr {log.last['lr']:.3g} samples/s {log.seen / log.elapsed():.0f}")
-    log.progress.note(**log.bar())
-    return snapshot
-
-
-def stopped_early(step: int, net: Network, servers, files: RunFiles, log: StepLog, config: Config) -> None:
-    """A callback asked to stop after ``step``: the driver's network takes those weights, checkpointed."""
-    snapshot = servers.snapshot()
-    net.flat[:] = snapshot["weights"]
-    if step > files.saved_step:
-        save(step, snapshot, files, log, config)
-
-
-def _stopped(stop: StopSignals, step: int, total: int, servers, files: RunFiles, log: StepLog,
-             config: Config) -> None:
-    """Ctrl-C or SIGTERM after step ``step``: checkpoint it and raise Interrupted saying how to go on."""
-    how = _checkpointed(step, servers, files, log, config)
-    if not how:
-        raise Interrupted(f"stopped by {stop.name} before the first step; nothing to resume", stop.signum)
-    raise Interrupted(f"stopped by {stop.name} after step {step} of {total}; {how}", stop.signum)

@@ -58,8 +58,8 @@ def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, e
         "resizes": list(resizes),
         "servers": config.servers,
         "server_nodes": server_nodes,
-        "transport": transport,  # of the per-step vectors: shared-memory, socket, socket+shared-memory or object-store
-        # steps run in windows without a Ray call each (socket transports): {"windows", "steps", "called_off"}
+        "transport": transport,  # of the per-step vectors: direct or object-store
+        # steps run in windows without a Ray call each (the direct transport): {"windows", "steps", "called_off"}
         "windows": dict(windows) if windows is not None else None,
         "mode": "sync",
         "exact": True,  # the same weights, bit for bit, for any K and S (--mode async/ssp: false)
@@ -83,7 +83,7 @@ def asynchronous(config: Config, problem: Problem, files: RunFiles, net: Network
     out = {
         **describe(config, problem, problem.total_steps),
         "mode": config.mode,
-        "transport": "object-store",  # workers pull whatever weights the server holds: no shared files
+        "transport": "object-store",  # workers pull whatever weights the server holds, mid-update or not
         "staleness": staleness,
         # Timing decides which pushes each gradient saw: another run, or another K, gives other bits.
         "exact": False,

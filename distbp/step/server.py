@@ -164,7 +164,7 @@ class ServerState:
 
         ``summed(i)`` is called as chunk ``i`` (``self.chunks[i]``) is done, from the thread that did it.
         ``ready(lo, hi)`` waits until entries ``[lo, hi)`` of every value are in (they may still
-        be arriving when the sum starts: the socket transport's windows); False: they will
+        be arriving when the sum starts: the direct transport's windows); False: they will
         not come, and the sum stops (``Abandoned``).
 
         ``values[k]`` (shape ``(len(nodes[k]), P)``) holds the values of the nodes ``nodes[k]``.
