@@ -1,4 +1,4 @@
-"""The direct transport: authenticated connections (channel.py) and its two ways (sockets.py).
+"""The direct transport: authenticated connections (channel.py) and its two ways (direct.py).
 
 The cross-node runs (one worker per Ray node of a real 2-node cluster) are in
 tests/test_bench_nodes.py and tests/test_cluster.py; the bits of every path, sockets on one
@@ -94,12 +94,12 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     them in place from the worker's memfd; each server gets exactly its columns."""
     from dataclasses import replace
 
-    from distbp.distributed.sockets import Direct
+    from distbp.distributed.direct import Direct
 
     transport = Direct(10, np.float64, 2)
     servers = [transport.server_end(s) for s in range(2)]
     for server in servers:
-        server.hold(np.arange(10, dtype=np.float64))
+        server.own(np.arange(10, dtype=np.float64))
     here, there = (server.publish(server.held) for server in servers)
     there = replace(there, node="another node")  # the same server, as if on another node
     worker = transport.worker_end()
@@ -108,12 +108,12 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     values[:] = np.arange(20, dtype=np.float64).reshape(2, 10)
     sent = worker.send(values)
     assert sent[0].block is not None and sent[0].key == ""  # in place: only a handle
-    assert sent[1].block is None and sent[1].key in servers[1].inbox  # over the socket
+    assert sent[1].block is None and sent[1].key in servers[1].inbox.entries  # over the socket
     for server, handle in zip(servers, sent):
         r = server.bounds
         (got,) = server.receive((handle,))
         np.testing.assert_array_equal(got, values[:, r.start:r.stop])
-    assert servers[0].inbox == {}  # nothing of the node's worker came by socket
+    assert servers[0].inbox.entries == {}  # nothing of the node's worker came by socket
     servers[0].held[:] = -1.0  # a server's update is what the worker of its node reads next
     assert (worker.weights((here, there))[:len(servers[0].held)] == -1.0).all()
 
@@ -122,18 +122,19 @@ def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_ch
     """In a window, a server's step starts on a push as soon as it starts: ``ready`` says yes for
     the columns in so far, waits for the rest, and says no once the window is called off.  A
     pull after a step is answered when the update starts, each chunk as it holds its new weights."""
-    from distbp.distributed import sockets
+    from distbp.distributed import direct
 
-    size = 3 * sockets.PIECE_BYTES // 8 + 5  # four pieces of float64, the last one short
-    monkeypatch.setattr(sockets.Direct, "within_node", False)  # the server's range in its own memory
-    transport = sockets.Direct(size, np.float64, 1)
+    size = 3 * direct.PIECE_BYTES // 8 + 5  # four pieces of float64, the last one short
+    monkeypatch.setattr(direct.Direct, "within_node", False)  # the server's range in its own memory
+    transport = direct.Direct(size, np.float64, 1)
     server = transport.server_end(0)
-    server.hold(np.zeros(size))
-    server.begin(1)
-    first = server.pieces[0]
+    server.own(np.zeros(size))
+    board, pieces = server.board, direct.pieces(size, 8)
+    board.begin(1)
+    first = pieces[0]
     with channel.connect(server.post.address, transport.key) as sock:
         rows = np.arange(2 * size, dtype=np.float64).reshape(2, size)
-        channel.send(sock, ("push", "k", 1, 2, ([0.5], 0.1)))
+        channel.send(sock, direct.Push("k", 1, 2, ([0.5], 0.1)))
         for row in rows:
             channel.send_array(sock, row[first.start:first.stop])  # the first piece only
         values, metas, ready = server.collect(["k"], 1)
@@ -144,27 +145,27 @@ def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_ch
         waiting.start()
         waiting.join(0.5)
         assert waiting.is_alive()  # the rest has not come
-        sockets.call_off(transport, [server.publish(server.held)], 1)
+        direct.call_off(transport, [server.publish(server.held)], 1)
         waiting.join(10)
         assert waited == [False]
-    server.end()
+    board.end()
 
-    server.begin(2)
+    board.begin(2)
     new = np.arange(size, dtype=np.float64) + 1.0
-    cut = server.pieces[1].start
+    cut = pieces[1].start
     with channel.connect(server.post.address, transport.key) as sock:
         sock.settimeout(10)  # a chunk that does not come fails the test instead of hanging it
-        channel.send(sock, ("reached", 2, 1, True))
+        channel.send(sock, direct.Reached(2, 1, True))
         time.sleep(0.2)
         server.held[:cut] = new[:cut]
-        server.updated(1, (0, cut))  # the update of step 1 has started: its first chunk is done
-        assert channel.recv(sock) == (True,)
+        board.updated(1, (0, cut))  # the update of step 1 has started: its first chunk is done
+        assert channel.recv(sock) == direct.Reply(True)
         got = np.empty(size)
         channel.recv_array(sock, got[:cut])
         np.testing.assert_array_equal(got[:cut], new[:cut])
         server.held[cut:] = new[cut:]
-        server.updated(1, (cut, size))
-        server.holds(1)
+        board.updated(1, (cut, size))
+        server.applied(1)
         channel.recv_array(sock, got[cut:])
         np.testing.assert_array_equal(got, new)
-    server.end()
+    board.end()

@@ -14,7 +14,7 @@ import pytest
 from conftest import step_lines, train_config
 
 from distbp.distributed import windows
-from distbp.distributed.sockets import Direct
+from distbp.distributed.direct import Direct
 from distbp.loops.sync import train
 
 STEPS = 12

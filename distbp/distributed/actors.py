@@ -127,9 +127,9 @@ class ParameterServer(_Actor):
         end_at_once_on_sigterm()
         self.end = transport.server_end(s)
         lo, hi = transport.bounds[s].start, transport.bounds[s].stop
-        self.state = ServerState(self.end.hold(weights), hyper, None if decay_mask is None else decay_mask[lo:hi],
-                                 cuts.within(transport.size, transport.bounds[s]), pass_threads())
-        self.end.holds(self.state.t)
+        self.state = ServerState(self.end.own(weights), hyper, None if decay_mask is None else decay_mask[lo:hi],
+                                 cuts.within(transport.size, transport.bounds[s]), pass_threads(),
+                                 on_applied=self.end.applied)  # the step count in one place: the state's
         self.fault: Action | None = None  # armed by --fault-injection for the next step
 
     def weights(self):
@@ -145,7 +145,6 @@ class ParameterServer(_Actor):
         if self.fault is not None:
             strike(self.fault)
         self.state.step(n, nodes, self.end.receive(values), lr, t, scale)
-        self.end.holds(t)
         return self.weights()
 
     def gather(self, n, nodes, t, *values):
@@ -157,7 +156,6 @@ class ParameterServer(_Actor):
     def apply(self, lr, t, scale, *squares):
         """``step``'s second half: ``squares`` are every server's ``gather``; update, return the new weights."""
         self.state.apply(lr, t, scale, list(squares))
-        self.end.holds(t)
         return self.weights()
 
     def steps(self, window: int, plan: list[tuple]) -> tuple[dict[int, tuple], Stopped | None]:
@@ -168,7 +166,8 @@ class ParameterServer(_Actor):
         when it was applied (``perf_counter``))}`` of the steps applied, and why the window
         ended early (None if it did not): the steps it leaves are the driver's to redo."""
         done: dict[int, tuple] = {}
-        self.end.begin(window)
+        board = self.end.board  # the direct transport's: windows run on it only
+        board.begin(window)
         try:
             for step, n, nodes, keys, lr, scale, size, fault in plan:
                 if fault is not None:  # --fault-injection kill-server at this step
@@ -182,16 +181,15 @@ class ParameterServer(_Actor):
                     return done, Stopped(Why.LOSS, step, loss)
                 try:
                     self.state.step(n, nodes, values, lr, step, scale, ready,
-                                    lambda i, step=step: self.end.updated(step, self.state.chunks[i]))
+                                    lambda i, step=step: board.updated(step, self.state.chunks[i]))
                 except Abandoned:
                     return done, Stopped(Why.CALLED_OFF, step)
                 except NonFiniteGradient:
                     return done, Stopped(Why.GRADIENT, step)
-                self.end.holds(step)
                 done[step] = (loss, [seconds for _, seconds in metas], time.perf_counter())
             return done, None
         finally:
-            self.end.end()
+            board.end()
 
     def step_count(self) -> int:
         """Steps applied so far: after a failure the driver resumes from here, never applying one twice."""
@@ -207,4 +205,3 @@ class ParameterServer(_Actor):
     def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
         """This range of the weights and optimizer buffers of a checkpoint taken after step ``t``."""
         self.state.restore(arrays, t)
-        self.end.holds(t)

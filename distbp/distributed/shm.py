@@ -1,4 +1,4 @@
-"""Shared memory between the actors of one node, for the direct transport (sockets.py).
+"""Shared memory between the actors of one node, for the direct transport (direct.py).
 
 Through Ray's object store a step copies three P-sized vectors (the new weights out of the
 server, each worker's tree-node values into it).  A worker and a server on the same node

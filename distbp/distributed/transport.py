@@ -9,7 +9,7 @@ which one runs:
   to each other.  Each pair decides how when they first meet: between nodes over an
   authenticated socket (channel.py), within a node through shared memory (a memfd of the
   actor that owns the array, mapped by the other).  Only handles go through Ray, and the
-  steps can go in windows without a Ray call each (windows.py).  sockets.py.
+  steps can go in windows without a Ray call each (windows.py).  direct.py and the modules it names.
 - ``ObjectStore`` (``--transport object-store``): the vectors are numpy arrays that Ray copies
   through its object store; a worker joins the S weight ranges into one buffer and returns
   S column blocks of its node values.  The reference path, and the async loop's (its workers
@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..lecture import cuts
-from .sockets import Direct
+from .direct import Direct
 
 
 class ObjectStore:
@@ -79,7 +79,7 @@ class _StoreServer:
     def __init__(self, bounds: range):
         self.bounds = bounds
 
-    def hold(self, weights: np.ndarray) -> np.ndarray:
+    def own(self, weights: np.ndarray) -> np.ndarray:
         """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
         return np.array(weights[self.bounds.start:self.bounds.stop])
 
@@ -87,7 +87,7 @@ class _StoreServer:
         """What a step returns for the workers: the range itself."""
         return held
 
-    def holds(self, steps: int) -> None:
+    def applied(self, steps: int) -> None:
         """Nothing to tell anyone: windows of steps (windows.py) run only on the direct transport."""
 
     def receive(self, parts: tuple) -> list[np.ndarray]:

@@ -5,7 +5,7 @@ report, and the driver in between (the "Ray call floor", about 3-4 ms a step her
 all of a small model's step).  On the direct transport the actors already talk directly, so
 for a run of steps with nothing to decide between them the driver plans them all at once: one
 call to each worker and one to each server for the whole window, and then the actors go on
-over their sockets (sockets.py):
+over their sockets (direct.py):
 
 - a worker, for each step, asks each server for the weights after the step before (the server
   answers once it holds them), computes its share's tree nodes and hands them in under a key
@@ -47,8 +47,8 @@ from ..errors import Diverged
 from ..step import plan
 from ..step.outcome import Decision, Outcome, Stopped, Why, decide
 from .crew import Crew, outcome_of
+from .direct import call_off
 from .servers import ServerFailed
-from .sockets import call_off
 
 WINDOW = 16  # steps a window holds at most: new workers join, and Ctrl-C acts, at its end
 

@@ -70,7 +70,7 @@ def always(lo: int, hi: int) -> bool:
 
 
 def nothing(i: int) -> None:
-    """``updated`` when nobody waits for the chunks of the new weights."""
+    """``updated`` (or ``on_applied``) when nobody waits for the chunks of the new weights."""
 
 
 class ServerState:
@@ -78,17 +78,20 @@ class ServerState:
     one server; ``--servers S``: the range the transport gives server s)."""
 
     def __init__(self, weights: np.ndarray, hyper: Hyper, decay_mask: np.ndarray | None,
-                 blocks: list[range] | None = None, threads: int = 1):
+                 blocks: list[range] | None = None, threads: int = 1, on_applied: Callable[[int], None] = nothing):
         """``weights`` holds this range's starting values; the server owns it and updates it in
         place (an array of its own, or its range of the shared weights file: transport.py).
         ``blocks``: the range's ``cuts.blocks`` of the whole vector, relative to its start
         (``cuts.within``); None when the server holds the whole vector.  ``threads``: how many
-        threads share out the chunks of a step's pass (the same bits for any number)."""
+        threads share out the chunks of a step's pass (the same bits for any number).
+        ``on_applied(t)``: the server now holds the weights after ``t`` steps (each step
+        applied, a checkpoint restored): its transport tells the waiting workers."""
         self.weights = weights
         self.hyper = hyper
         self.state = init_state(hyper.optimizer, len(self.weights), self.weights.dtype)
         self.decay_mask = decay_mask
         self.t = 0  # steps applied so far: the driver asks for it after a failure, so no step is applied twice
+        self.on_applied = on_applied
         self.hashes: dict[int, str] = {}
         self.timings: dict[int, dict[str, float]] = {}
         self._hashing: Future | None = None
@@ -280,6 +283,7 @@ class ServerState:
             updated(i)
         self._each(chunk)
         self.t, self.summed = t, 0
+        self.on_applied(t)
         done, c = time.perf_counter(), self.clock
         # start and end are wall-clock times, comparable with the workers' spans (scripts/bench.py)
         self.timings[t] = {"server_sum": c["summed"] - c["waited"], "update": done - applying,
@@ -318,6 +322,7 @@ class ServerState:
         for name, buf in self.state.items():
             buf[:] = arrays[name]
         self.t = t
+        self.on_applied(t)
 
     def report(self) -> dict[int, dict]:
         """Gradient hash and timings of every step since the last report."""

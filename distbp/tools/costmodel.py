@@ -153,7 +153,7 @@ def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, 
     so a worker's range of its own node's server never crosses the wire.  Per step a worker
     pushes P values and pulls P values; a server receives N * P / S values and sends as many.
     The busiest link is a server node's: its worker's traffic plus its server's.  As the
-    implementation runs them (windows.py, sockets.py): the sum (half the server's pass) while
+    implementation runs them (windows.py, direct_server.py): the sum (half the server's pass) while
     the push comes in, the update (the other half) while the pull goes out, and Ray's calls
     once a window.
     """

@@ -1,0 +1,85 @@
+"""Which step a server holds, and which window of steps it runs: what its workers wait on.
+
+The direct transport's server (direct_server.py) answers a worker's "the weights after step v of
+window w, please" once the board says it holds them, or no once that window is over or called
+off; while a step is being applied, the chunks already updated can go out (``fresh``).  The
+step count is the server's own (``ServerState.t``): the state tells the board each time it
+changes (``applied``), so the two cannot differ.
+
+No Ray here: a condition variable, shared with the server's inbox (inbox.py), whose waits also
+end when the window does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+WAIT_S = 600.0  # a window's wait for a step's values or weights gives up after this (windows.py)
+
+
+class Board:
+    """The steps a server holds, its window, and the chunks of the step it is applying."""
+
+    def __init__(self, changed: threading.Condition):
+        self.changed = changed
+        self.steps = 0  # the weights it holds are those after this many steps
+        # the window it runs or ran last, whether that one is over, the highest one called off
+        self.window, self.over, self.called_off = 0, True, 0
+        self.fresh: dict[int, tuple[int, int]] = {}  # chunks updated since: start -> (stop, step)
+
+    def applied(self, steps: int) -> None:
+        """The server holds the weights after ``steps`` steps (a step applied, a checkpoint loaded)."""
+        with self.changed:
+            self.steps = steps
+            self.fresh.clear()
+            self.changed.notify_all()
+
+    def updated(self, step: int, chunk: tuple[int, int]) -> None:
+        """Entries ``chunk`` of the range hold the weights after ``step`` (while the rest is updated)."""
+        with self.changed:
+            self.fresh[chunk[0]] = (chunk[1], step)
+            self.changed.notify_all()
+
+    def begin(self, window: int) -> None:
+        """Window ``window`` starts (windows.py): unless the driver has called it off already."""
+        with self.changed:
+            self.window, self.over = window, window <= self.called_off
+            self.changed.notify_all()
+
+    def end(self) -> None:
+        """The window is over: a worker still waiting for a step it will not have is told so."""
+        with self.changed:
+            self.over = True
+            self.changed.notify_all()
+
+    def call_off(self, window: int) -> None:
+        """The driver calls ``window`` off: the server ends its steps there."""
+        with self.changed:
+            self.called_off = max(self.called_off, window)
+            self.over = self.over or self.window <= self.called_off
+            self.changed.notify_all()
+
+    def reached(self, window: int, steps: int, pull: bool) -> bool:
+        """Whether the server comes to hold ``steps`` steps in ``window``: waits until it does
+        (True), or until that window is over, called off or past without it (False).  With
+        ``pull``, until it starts updating step ``steps``: ``next_chunk`` gives the chunks as
+        they are done."""
+        def there() -> bool:
+            return self.steps >= steps or (pull and any(step >= steps for _, step in self.fresh.values()))
+
+        def known() -> bool:
+            return there() or self.window > window or self.called_off >= window or \
+                (self.window == window and self.over)
+        with self.changed:
+            self.changed.wait_for(known, timeout=WAIT_S)
+            return there()
+
+    def next_chunk(self, at: int, steps: int, width: int) -> int:
+        """Where the run of entries from ``at`` that holds the weights after ``steps`` steps ends,
+        waiting until it does (the whole range's end once the step is applied); EOFError if
+        that does not come within ``WAIT_S``."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.steps >= steps or self.fresh.get(at, (0, -1))[1] >= steps,
+                                         timeout=WAIT_S):
+                raise EOFError(f"the weights after step {steps} did not come")  # the worker's PeerLost
+            return width if self.steps >= steps else self.fresh[at][0]

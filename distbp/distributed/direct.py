@@ -1,0 +1,186 @@
+"""The direct transport: the per-step vectors between the actors themselves, not through Ray.
+
+Each worker-server pair takes one of two ways, decided when they first meet: between nodes an
+authenticated TCP connection (channel.py), within a node shared memory (a memfd of the actor
+that owns the array, mapped by the other: shm.Memfds, nothing to clean up when an actor dies).
+Only handles (an address, a key, a memfd's path) go through Ray.  Each server listens on its
+Ray node's address and holds:
+
+- its range of the weights, which a worker *pulls* at the start of a call, straight into its
+  own weight buffer (``Pull`` -> the range's bytes), or, on the server's node, copies
+  from the server's memory (with one server: reads in place);
+- an inbox of the node values the workers *push* at the end of a call (``Push(key, step, rows)``
+  then ``rows`` rows of this server's columns, answered with a yes once all are in), from
+  which its step takes the rows named by the handles Ray passed it.  A worker of the server's
+  node computes into its own shared memory instead, and the server reads its columns in place.
+
+So only the bytes between nodes cross a socket: with one server per node, what a
+reduce-scatter plus an all-gather would send.
+
+Why a read never overlaps a write that matters: a worker's call of step t + 1 runs only once
+the servers' step t has returned (its arguments), and the driver sends the servers step t + 1
+only once the calls it uses have returned, which is after their pushes were acknowledged.  A
+late copy nobody waits for may pull weights while a server updates them, or push after the
+step was taken: its result is dropped.
+
+Windows of steps (windows.py) use the same connections: a worker asks each server for the
+weights after a given step of a window (``Reached(window, steps, pull)``, answered once
+the server holds them, or no if the window ended before), and hands in its rows under a key
+the driver chose (``Push`` or, on the server's node, ``Put`` of a memfd's handle) with its
+micro-batch losses and compute time; the server's step waits for its keys (``collect``).  The
+driver calls a window off (``call_off``: ``CallOff`` on a connection of its own, with the run's key) when
+something in it failed, and every server then ends its steps and says no to waiting workers.
+
+Within a window's step the bytes between nodes flow as in BytePS: a push goes piece by piece
+(``PIECE_BYTES`` of every row at a time) and the server sums each chunk of the gradient as soon
+as its pieces are in (``collect``'s ``ready``), while the rest still arrives; and a pull of the
+weights after a step is answered as soon as the server starts updating, chunk by chunk in the
+order of the vector, each chunk the moment it holds its new weights (``updated``, ``_stream``).
+A server sends nothing of a step it refuses: it checks the loss and the whole sum before it
+updates any chunk.
+
+The parts, as ps-lite splits its van, its customer and its server: the wire (channel.py:
+authenticated connections, messages and arrays), typed requests and replies (here, each a
+dataclass the server dispatches on by type), the worker's end (direct_worker.py), the server's
+end and its request handler (direct_server.py), the server's inbox of pushes (inbox.py) and
+its board of which step it holds and which window it runs (board.py).
+
+Failures keep the crew's meaning: a server that cannot be reached (it died, its node is
+gone) makes the worker's call fail with ``PeerLost``, an ``ObjectLostError`` ("the step's
+inputs are lost"), so the driver recovers the servers as it does when an object is lost; a
+worker that dies mid-push leaves only a partial entry, which no handle names and the next
+step throws away; a worker of the server's node that dies after its call returned takes its
+node values with it: the server's step then fails with the step's inputs lost, and the driver
+redoes the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from ray.exceptions import ObjectLostError
+
+from ..lecture import cuts
+from . import channel, shm
+
+PIECE_BYTES = 1 << 20  # a push goes this many bytes of every row at a time
+
+
+def pieces(width: int, itemsize: int) -> list[range]:
+    """The column ranges of a push to a server of ``width`` entries, in the order they go."""
+    return cuts.fixed(width, max(1, PIECE_BYTES // itemsize))
+
+
+class PeerLost(ObjectLostError):
+    """A server could not be reached: the step's inputs are lost, as when an object is."""
+
+    def __init__(self, what: str):
+        super().__init__("", None, "")
+        self.what = what
+
+    def __str__(self) -> str:
+        return self.what
+
+    def __reduce__(self):
+        return PeerLost, (self.what,)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """Where a server listens and, for node values, which of its inbox entries: a few dozen bytes."""
+
+    address: tuple[str, int]
+    key: str = ""  # the inbox entry (empty for the weights, and for node values in ``block``)
+    step: int = 0
+    node: str = ""  # with shared memory: the Ray node of the actor that made it
+    block: shm.Block | None = None  # with shared memory: the same array in that actor's memory
+
+
+# The requests a server answers (direct_server.Requests dispatches on their type), and its reply.
+
+@dataclass(frozen=True)
+class Pull:
+    """The server's range of the weights, now: its bytes follow."""
+
+
+@dataclass(frozen=True)
+class Reached:
+    """Whether the server holds the weights after ``steps`` steps of ``window``, once it does (or
+    no once the window ends without them); with ``pull`` a yes is followed by their bytes."""
+
+    window: int
+    steps: int
+    pull: bool
+
+
+@dataclass(frozen=True)
+class Push:
+    """``rows`` rows of the server's columns of a step's node values follow, piece by piece,
+    under ``key``; ``meta``: a window's (the micro-batches' errors, compute seconds)."""
+
+    key: str
+    step: int
+    rows: int
+    meta: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Put:
+    """A step's node values under ``key``, in ``block``: the memory of a worker of the server's node."""
+
+    key: str
+    step: int
+    block: shm.Block
+    meta: tuple | None = None
+
+
+@dataclass(frozen=True)
+class CallOff:
+    """The driver calls ``window`` off: the server ends its steps there."""
+
+    window: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The server's answer to ``Reached``, ``Push``, ``Put`` and ``CallOff``."""
+
+    yes: bool
+
+
+class Direct:
+    """The vectors between the actors themselves: sockets between nodes, shared memory within one."""
+
+    name = "direct"
+    windows = True  # the actors talk directly: steps can go without Ray calls (windows.py)
+    # Whether a worker and a server of one node share memory (where the system has memfds).  The
+    # tests switch it off in the driver, before the transport is made, to send every vector over
+    # a socket on one machine, as between nodes.
+    within_node = True
+
+    def __init__(self, size: int, dtype, servers: int):
+        self.size, self.dtype = size, np.dtype(dtype)
+        self.bounds = cuts.aligned(size, servers)
+        self.key = channel.new_key()  # made for this run; reaches the actors in their Ray arguments
+        self.share_node = self.within_node and shm.memfd_available()
+
+    def worker_end(self):
+        from .direct_worker import DirectWorker
+        return DirectWorker(self)
+
+    def server_end(self, s: int):
+        from .direct_server import DirectServer
+        return DirectServer(self, self.bounds[s])
+
+
+def call_off(transport: Direct, servers: list[Handle], window: int) -> None:
+    """The driver calls window ``window`` off (a worker of it failed): each server that can be
+    reached ends its steps there and tells its waiting workers so."""
+    for handle in servers:
+        try:
+            with channel.connect(handle.address, transport.key) as sock:
+                channel.send(sock, CallOff(window))
+                channel.recv(sock)
+        except (OSError, EOFError):
+            pass  # a server that is gone runs no window

@@ -1,0 +1,145 @@
+"""The direct transport's server end (direct.py): a server's range of the weights, where the
+workers reach it, and its answers to their requests.
+
+``DirectServer`` is what the parameter-server actor holds: its range of the weights (in shared
+memory, for workers of its node), the node values a step reads (``receive`` one by one,
+``collect`` in a window), its inbox (inbox.py) and its board (board.py).  ``Requests`` answers
+each connection's requests on a thread of its own, one handler per request type, as ps-lite's
+request handle does for its server.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import ray
+
+from . import channel, shm
+from .board import Board
+from .direct import CallOff, Direct, Handle, PeerLost, Pull, Push, Put, Reached, Reply, pieces
+from .inbox import Entry, Inbox
+
+
+class DirectServer:
+    """Server ``s``'s end of the direct transport: its ``bounds`` of the flat vector."""
+
+    def __init__(self, transport: Direct, bounds: range):
+        self.bounds, self.dtype = bounds, transport.dtype
+        self.width = bounds.stop - bounds.start
+        self.held: np.ndarray | None = None  # its range of the weights (``own``)
+        changed = threading.Condition()  # the inbox and the board: a window's end ends the waits of both
+        self.inbox, self.board = Inbox(self.width, self.dtype, changed), Board(changed)
+        self.post = channel.Post(ray.util.get_node_ip_address(), transport.key, Requests(self).serve)
+        # with shared memory: the range in a memfd, for workers of this node; their rows mapped
+        self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
+        self.maps = shm.Maps()
+        self.memory = shm.Memfds() if self.node else None
+        self.block: shm.Block | None = None
+
+    def own(self, weights: np.ndarray) -> np.ndarray:
+        """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
+        mine = weights[self.bounds.start:self.bounds.stop]
+        if self.memory is None:
+            self.held = np.array(mine)
+        else:
+            self.block = self.memory.new("weights-", (self.width,), self.dtype)
+            self.held = self.maps.view(self.block, writable=True)
+            np.copyto(self.held, mine)
+        return self.held
+
+    def publish(self, held: np.ndarray) -> Handle:
+        """Where the workers pull the range from (or, on this node, map it)."""
+        return Handle(self.post.address, node=self.node or "", block=self.block)
+
+    def applied(self, steps: int) -> None:
+        """The server holds the weights after ``steps`` steps (``ServerState.on_applied``)."""
+        self.board.applied(steps)
+
+    def receive(self, parts: tuple[Handle, ...]) -> list[np.ndarray]:
+        """A step one by one: each task's rows of this server's columns, from the inbox (or read
+        in place from a worker of this node)."""
+        step = max((part.step for part in parts), default=0)
+        pushed = iter(self.inbox.take([part.key for part in parts if part.block is None]))
+        entries = [Entry(part.step, None, part.block) if part.block is not None else next(pushed) for part in parts]
+        return self._values(entries, step)
+
+    def collect(self, keys: list[str], step: int) -> tuple[list[np.ndarray], list[tuple], Callable] | None:
+        """A window's step: the values and metas under ``keys``, once each has started to come in;
+        None if the window is called off (or nothing came for ``WAIT_S``) before.  The third
+        item is ``ready(lo, hi)`` for the server's sum (step/server.py): it waits until columns
+        ``[lo, hi)`` of every pushed row are in, or says no when the window is called off."""
+        def over() -> bool:
+            return self.board.over
+        entries = self.inbox.wait(keys, over)
+        if entries is None:
+            return None
+        return self._values(entries, step), [entry.meta for entry in entries], self.inbox.ready(entries, over)
+
+    def _values(self, entries: list[Entry], step: int) -> list[np.ndarray]:
+        """The entries' columns: pushed rows, or rows of a worker of this node read in place
+        (PeerLost, the step's inputs lost, if that worker is gone and its memory with it)."""
+        if self.node:  # unmap the rows of calls done with, keep the weights
+            self.maps.retain([*(e.block for e in entries if e.block is not None), self.block])
+        self.inbox.recycle(entries, step)
+        try:
+            return [e.rows if e.block is None else self.maps.view(e.block)[:, self.bounds.start:self.bounds.stop]
+                    for e in entries]
+        except OSError as exc:
+            raise PeerLost(f"the node values of a worker on this node are gone ({exc})") from None
+
+
+class Requests:
+    """A server's answers to the requests of one connection (a worker's, or the driver's call-off)."""
+
+    def __init__(self, server: DirectServer):
+        self.server, self.inbox, self.board = server, server.inbox, server.board
+        self.pieces = pieces(server.width, server.dtype.itemsize)
+        self.handlers = {Pull: self.pull, Reached: self.reached, Push: self.push, Put: self.put,
+                         CallOff: self.call_off}
+
+    def serve(self, sock: socket.socket) -> None:
+        """One peer's requests, until it leaves (channel.Post runs this on a thread of its own)."""
+        while True:
+            request = channel.recv(sock)
+            handler = self.handlers.get(type(request))
+            if handler is None:
+                raise EOFError(f"unknown request {request!r}")
+            handler(sock, request)
+
+    def pull(self, sock: socket.socket, request: Pull) -> None:
+        channel.send_array(sock, self.server.held)
+
+    def reached(self, sock: socket.socket, request: Reached) -> None:
+        """Yes once the server holds the weights after ``request.steps`` steps (then, with ``pull``,
+        the range in order, each chunk as soon as it holds its new weights: the update of the
+        later chunks goes on meanwhile), or no once the window ends without them."""
+        yes = self.board.reached(request.window, request.steps, request.pull)
+        channel.send(sock, Reply(yes))
+        if not (yes and request.pull):
+            return
+        at, width = 0, self.server.width
+        while at < width:
+            stop = self.board.next_chunk(at, request.steps, width)
+            channel.send_array(sock, self.server.held[at:stop])
+            at = stop
+
+    def push(self, sock: socket.socket, request: Push) -> None:
+        """Filed at once, then read piece by piece: a window's step sums each piece as it is in."""
+        entry = Entry(request.step, self.inbox.buffer(request.rows), None, request.meta, complete=False)
+        self.inbox.file(request.key, entry)
+        for piece in self.pieces:
+            for row in entry.rows:
+                channel.recv_array(sock, row[piece.start:piece.stop])
+            self.inbox.arrived(entry, piece.stop)
+        channel.send(sock, Reply(True))
+
+    def put(self, sock: socket.socket, request: Put) -> None:
+        self.inbox.file(request.key, Entry(request.step, None, request.block, request.meta))
+        channel.send(sock, Reply(True))
+
+    def call_off(self, sock: socket.socket, request: CallOff) -> None:
+        self.board.call_off(request.window)
+        channel.send(sock, Reply(True))

@@ -1,0 +1,109 @@
+"""A server's inbox of node values: pushes filed as they start, with how far each has come.
+
+A worker hands a server its columns of a step's node values under a key: pushed over a socket
+piece by piece (``Entry.upto`` says how many columns of every row are in), or, from a worker of
+the server's node, as a handle of its shared memory (``Entry.block``).  The server's step takes
+the entries of its keys (``wait`` in a window, ``take`` for a step one by one) and may sum a
+chunk as soon as its columns are in (``ready``).  Buffers of steps done with are reused for new
+pushes, and entries of earlier steps (late copies nobody used) are dropped (``recycle``).
+
+No Ray here: numpy and a condition variable shared with the server's board (board.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import shm
+from .board import WAIT_S
+
+
+@dataclass
+class Entry:
+    """Node values in a server's inbox: pushed ``rows``, or a ``block`` of a worker of its node."""
+
+    step: int
+    rows: np.ndarray | None
+    block: shm.Block | None = None
+    meta: tuple | None = None  # a window's step: (the micro-batches' errors, compute seconds)
+    upto: int = 0  # pushed rows: the columns in so far, of every row
+    complete: bool = True  # pushed rows: all in (until then a thread still writes ``rows``)
+
+
+class Inbox:
+    """The entries handed to one server (``width`` columns of ``dtype``), by key."""
+
+    def __init__(self, width: int, dtype, changed: threading.Condition):
+        self.width, self.dtype, self.changed = width, np.dtype(dtype), changed
+        self.entries: dict[str, Entry] = {}
+        self.spare: list[np.ndarray] = []  # buffers of steps done with, reused for new pushes
+        self.taken: list[Entry] = []  # the pushed entries the last step read
+
+    def buffer(self, rows: int) -> np.ndarray:
+        """Room for a push of ``rows`` rows: a spare buffer, or a new one."""
+        with self.changed:
+            for i, buf in enumerate(self.spare):
+                if len(buf) >= rows:
+                    return self.spare.pop(i)[:rows]
+        return np.empty((max(rows, 2), self.width), dtype=self.dtype)[:rows]
+
+    def file(self, key: str, entry: Entry) -> None:
+        with self.changed:
+            self.entries[key] = entry
+            self.changed.notify_all()
+
+    def arrived(self, entry: Entry, upto: int) -> None:
+        """Columns ``[0, upto)`` of every row of a push are in; all of them once ``upto`` is the width."""
+        with self.changed:
+            entry.upto = upto
+            entry.complete = upto >= self.width
+            self.changed.notify_all()
+
+    def take(self, keys: list[str]) -> list[Entry]:
+        """The complete entries of ``keys``, now (a step one by one: every push was answered)."""
+        with self.changed:
+            missing = [key for key in keys if key not in self.entries or not self.entries[key].complete]
+            if missing:
+                raise RuntimeError(f"node values {missing} never reached this server")
+            return [self.entries.pop(key) for key in keys]
+
+    def wait(self, keys: list[str], over: Callable[[], bool]) -> list[Entry] | None:
+        """The entries of ``keys`` once each has started to come in; None if ``over()`` (the
+        window is called off) or nothing came for ``WAIT_S`` before."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: over() or all(key in self.entries for key in keys),
+                                         timeout=WAIT_S) or over():
+                return None
+            return [self.entries.pop(key) for key in keys]
+
+    def ready(self, entries: list[Entry], over: Callable[[], bool]) -> Callable[[int, int], bool]:
+        """``ready(lo, hi)`` for the server's sum (step/server.py): waits until columns ``[lo, hi)``
+        of every pushed entry are in, or says no once ``over()``."""
+        pushed = [entry for entry in entries if entry.block is None]
+
+        def ready(lo: int, hi: int) -> bool:
+            with self.changed:
+                return self.changed.wait_for(lambda: over() or all(e.upto >= hi for e in pushed),
+                                             timeout=WAIT_S) and not over()
+        return ready
+
+    def recycle(self, entries: list[Entry], step: int) -> None:
+        """Step ``step`` reads ``entries``: the rows the step before read go back to the spare
+        buffers, and entries of earlier steps (late copies nobody used) are dropped.  A buffer
+        goes back only once no thread writes it (its push is complete)."""
+        with self.changed:
+            self.spare += [_whole(e.rows) for e in self.taken if e.complete]
+            self.taken = [e for e in entries if e.block is None]
+            for key in [k for k, e in self.entries.items() if e.step < step]:
+                old = self.entries.pop(key)
+                if old.rows is not None and old.complete:
+                    self.spare.append(_whole(old.rows))
+
+
+def _whole(rows: np.ndarray) -> np.ndarray:
+    """The buffer ``rows`` was cut from (``Inbox.buffer``)."""
+    return rows.base if rows.base is not None else rows
