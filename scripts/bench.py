@@ -171,7 +171,7 @@ def breakdown_run(config, warmup: int) -> dict:
                 servers.get(weights)
                 drain(0)
                 usage[step] = _usage(pids)
-            last = windows.reach(step, total, lambda t: t + 1 in (first, total)) if windows else step
+            last = windows.last_step(step, total, lambda t: t + 1 in (first, total)) if windows else step
             if last > step:
                 batches = [sampler.batch(t) for t in range(step, last + 1)]
                 ran, failure = windows.run(step, batches, lambda t: config.lr, scale_of, weights)

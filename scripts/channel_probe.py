@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How fast distbp's socket channel moves a step's weights: 7.45 MB (784-1024-1024-10 in float32)
-from a ``channel.Post`` in one process to ``channel.connect`` in another over loopback, as a
+from a ``channel.Listener`` in one process to ``channel.connect`` in another over loopback, as a
 worker pulls them (a request, then ``recv_into`` its buffer).  Median milliseconds per pull
 over 35 pulls, for the system's autotuned socket buffers and for channel.py's 4 MiB ones, each
 twice, interleaved.  The ``socket_gbytes`` constant of distbp/tools/costmodel.py comes from here.
@@ -27,7 +27,7 @@ def server(key, q, tune):
         while True:
             channel.recv(sock)
             channel.send_array(sock, a)
-    post = channel.Post("127.0.0.1", key, serve)
+    post = channel.Listener("127.0.0.1", key, serve)
     q.put(post.address)
     time.sleep(3600)
 

@@ -17,7 +17,7 @@ from distbp.distributed import channel
 
 @pytest.fixture
 def echo():
-    """A Post that answers each message with itself, and then an array of 3 float32."""
+    """A Listener that answers each message with itself, and then an array of 3 float32."""
     key = channel.new_key()
 
     def serve(sock):
@@ -26,7 +26,7 @@ def echo():
             channel.send(sock, message)
             channel.send_array(sock, np.arange(3, dtype=np.float32))
 
-    post = channel.Post("127.0.0.1", key, serve)
+    post = channel.Listener("127.0.0.1", key, serve)
     yield post, key
     post.close()
 
@@ -100,7 +100,7 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     servers = [transport.server_end(s) for s in range(2)]
     for server in servers:
         server.own(np.arange(10, dtype=np.float64))
-    here, there = (server.publish(server.held) for server in servers)
+    here, there = (server.publish(server.weights) for server in servers)
     there = replace(there, node="another node")  # the same server, as if on another node
     worker = transport.worker_end()
     values = worker.rows(1, 2)
@@ -114,8 +114,8 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
         (got,) = server.receive((handle,))
         np.testing.assert_array_equal(got, values[:, r.start:r.stop])
     assert servers[0].inbox.entries == {}  # nothing of the node's worker came by socket
-    servers[0].held[:] = -1.0  # a server's update is what the worker of its node reads next
-    assert (worker.weights((here, there))[:len(servers[0].held)] == -1.0).all()
+    servers[0].weights[:] = -1.0  # a server's update is what the worker of its node reads next
+    assert (worker.weights((here, there))[:len(servers[0].weights)] == -1.0).all()
 
 
 def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_chunk(ray_session, monkeypatch):
@@ -130,7 +130,7 @@ def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_ch
     server = transport.server_end(0)
     server.own(np.zeros(size))
     board, pieces = server.board, direct.pieces(size, 8)
-    board.begin(1)
+    board.begin_window(1)
     first = pieces[0]
     with channel.connect(server.post.address, transport.key) as sock:
         rows = np.arange(2 * size, dtype=np.float64).reshape(2, size)
@@ -145,27 +145,27 @@ def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_ch
         waiting.start()
         waiting.join(0.5)
         assert waiting.is_alive()  # the rest has not come
-        direct.call_off(transport, [server.publish(server.held)], 1)
+        direct.call_off(transport, [server.publish(server.weights)], 1)
         waiting.join(10)
         assert waited == [False]
-    board.end()
+    board.end_window()
 
-    board.begin(2)
+    board.begin_window(2)
     new = np.arange(size, dtype=np.float64) + 1.0
     cut = pieces[1].start
     with channel.connect(server.post.address, transport.key) as sock:
         sock.settimeout(10)  # a chunk that does not come fails the test instead of hanging it
         channel.send(sock, direct.Reached(2, 1, True))
         time.sleep(0.2)
-        server.held[:cut] = new[:cut]
+        server.weights[:cut] = new[:cut]
         board.updated(1, (0, cut))  # the update of step 1 has started: its first chunk is done
         assert channel.recv(sock) == direct.Reply(True)
         got = np.empty(size)
         channel.recv_array(sock, got[:cut])
         np.testing.assert_array_equal(got[:cut], new[:cut])
-        server.held[cut:] = new[cut:]
+        server.weights[cut:] = new[cut:]
         board.updated(1, (cut, size))
         server.applied(1)
         channel.recv_array(sock, got[cut:])
         np.testing.assert_array_equal(got, new)
-    board.end()
+    board.end_window()

@@ -16,7 +16,8 @@ from distbp.lecture.network import encode_targets
 from distbp.lecture.optim import Hyper
 from distbp.loops.sync import train
 from distbp.run.checkpoint import sha256_le
-from distbp.step.server import ServerState, grad_xxh3
+from distbp.step.fingerprint import grad_xxh3
+from distbp.step.server import ServerState
 from distbp.step.worker import WorkerState, micro_batches
 
 # B = 61 is prime: no K > 1 divides it; M = 5 leaves a one-row last micro-batch (13 in all),

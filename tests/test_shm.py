@@ -35,7 +35,7 @@ def test_a_block_written_in_one_mapping_is_read_in_another(memory):
     with pytest.raises(ValueError):
         seen[0] = 1
     # an offset block is its own slice of the memory
-    part = shm.Block(block.path, (2, 3), block.dtype, offset=4, tag=block.tag)
+    part = shm.Region(block.path, (2, 3), block.dtype, offset=4, tag=block.tag)
     np.testing.assert_array_equal(reader.view(part), np.arange(4, 10, dtype=np.float32).reshape(2, 3))
 
 

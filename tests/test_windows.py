@@ -52,6 +52,6 @@ def test_a_late_worker_sends_the_next_steps_one_by_one():
     w = windows.Windows(crew, None)
     ran = [windows.Ran(5, 60, 1.0, 0.2, 2, 0.0)]
     w._pace(ran, {5: [(0, 4), (1, 4)]}, {5: (1.0, [0.01, 0.02], 0.0)})
-    assert w.calm == 0 and crew.pace == pytest.approx(0.0025)
+    assert w.one_by_one == 0 and crew.pace == pytest.approx(0.0025)
     w._pace(ran, {5: [(0, 4), (1, 4)]}, {5: (1.0, [0.01, 0.5], 0.0)})
-    assert w.calm == windows.WINDOW
+    assert w.one_by_one == windows.WINDOW

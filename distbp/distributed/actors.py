@@ -108,7 +108,7 @@ class Worker(_Actor):
                 losses, seconds = self.state.compute(flat, batch, nodes, values)
             self.end.hand_in(values, key, (losses.tolist(), seconds))
             done += 1
-        self.end.settle()  # every server's answer to the hand-ins read: what it returns was taken
+        self.end.read_answers()  # every server's answer to the hand-ins read: what it returns was taken
         return done
 
     def spans(self) -> list[tuple[float, float, float]]:
@@ -167,7 +167,7 @@ class ParameterServer(_Actor):
         ended early (None if it did not): the steps it leaves are the driver's to redo."""
         done: dict[int, tuple] = {}
         board = self.end.board  # the direct transport's: windows run on it only
-        board.begin(window)
+        board.begin_window(window)
         try:
             for step, n, nodes, keys, lr, scale, size, fault in plan:
                 if fault is not None:  # --fault-injection kill-server at this step
@@ -189,7 +189,7 @@ class ParameterServer(_Actor):
                 done[step] = (loss, [seconds for _, seconds in metas], time.perf_counter())
             return done, None
         finally:
-            board.end()
+            board.end_window()
 
     def step_count(self) -> int:
         """Steps applied so far: after a failure the driver resumes from here, never applying one twice."""

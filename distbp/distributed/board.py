@@ -40,13 +40,13 @@ class Board:
             self.fresh[chunk[0]] = (chunk[1], step)
             self.changed.notify_all()
 
-    def begin(self, window: int) -> None:
+    def begin_window(self, window: int) -> None:
         """Window ``window`` starts (windows.py): unless the driver has called it off already."""
         with self.changed:
             self.window, self.over = window, window <= self.called_off
             self.changed.notify_all()
 
-    def end(self) -> None:
+    def end_window(self) -> None:
         """The window is over: a worker still waiting for a step it will not have is told so."""
         with self.changed:
             self.over = True

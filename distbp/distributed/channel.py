@@ -125,7 +125,7 @@ def recv_array(sock: socket.socket, out: np.ndarray) -> None:
     _fill(sock, memoryview(out).cast("B"))
 
 
-class Post:
+class Listener:
     """A listener on ``host`` (port chosen by the system) that serves each authenticated
     connection on a thread of its own with ``serve(sock)`` until the peer leaves."""
 
@@ -134,7 +134,7 @@ class Post:
         self.sock = socket.create_server((host, 0), backlog=64)
         self.address = (host, self.sock.getsockname()[1])
         self.refused = 0  # connections dropped at the handshake
-        threading.Thread(target=self._accept, daemon=True, name="distbp-post").start()
+        threading.Thread(target=self._accept, daemon=True, name="distbp-listener").start()
 
     def _accept(self) -> None:
         while True:

@@ -68,18 +68,18 @@ class Task:
     values: list[ray.ObjectRef]  # its node values: one object per server range
     info: ray.ObjectRef
     started: float
-    piece: Piece | None  # None once its result is no longer wanted (stale)
+    part: Part | None  # None once its result is no longer wanted (stale)
     status: Status = Status.RUNNING
     result: tuple[np.ndarray, float] | None = None  # (per-micro-batch errors, seconds)
 
 
 @dataclass
-class Piece:
+class Part:
     """Contiguous micro-batches that one task, or the pieces it was split into, must cover."""
 
     ids: range
     task: Task | None = None
-    children: list[Piece] = field(default_factory=list)
+    children: list[Part] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -88,7 +88,7 @@ class Piece:
         return bool(self.children) and all(child.done for child in self.children)
 
     def tasks(self) -> list[Task]:
-        """The finished tasks that cover this piece, in micro-batch order."""
+        """The finished tasks that cover this part, in micro-batch order."""
         if self.task is not None and self.task.status is Status.DONE:
             return [self.task]
         return [task for child in self.children for task in child.tasks()]
@@ -99,7 +99,7 @@ class Piece:
             yield from child.walk()
 
     def unfinished(self):
-        """This piece and its descendants that are not done, skipping whatever a done piece covers."""
+        """This part and its descendants that are not done, skipping whatever a done part covers."""
         if not self.done:
             yield self
             for child in self.children:
@@ -143,9 +143,9 @@ class Crew:
         """
         n = plan.count(len(batch), self.micro_batch)
         self.step = step
-        self.gather(step)
+        self.enlist(step)
         self.stalled = self._arm(step)
-        root = Piece(range(n))
+        root = Part(range(n))
         pace: float | None = None  # seconds per micro-batch of the quickest share of this step
         while not root.done:
             # a step of one share has nothing to compare with: then the last step is the yardstick
@@ -169,9 +169,9 @@ class Crew:
                         pace = took / len(job.ids) if pace is None else min(pace, took / len(job.ids))
                 else:
                     self.pool.started(job)
-        for piece in root.walk():  # copies still running are no longer wanted
-            if piece.task is not None:
-                piece.task.piece = None
+        for part in root.walk():  # copies still running are no longer wanted
+            if part.task is not None:
+                part.task.part = None
         self.pace = pace if pace is not None else self.pace
         self.stalled = set()
         tasks = root.tasks()
@@ -179,7 +179,7 @@ class Crew:
                         [float(v) for task in tasks for v in task.result[0]],
                         max(task.result[1] for task in tasks), len({task.worker for task in tasks}))
 
-    def gather(self, step: int) -> None:
+    def enlist(self, step: int) -> None:
         """Step ``step``'s boundary: workers that came up join; with fewer than ``minimum`` live,
         wait for more, and past ``wait_s`` raise TooFewWorkers (nothing of the step was sent)."""
         if not self.pool.wait_started(self.minimum, self.wait_s):
@@ -190,20 +190,20 @@ class Crew:
         if resize is not None:
             self.resizes.append(resize)
 
-    def _plan(self, root: Piece, batch, weights, pace: float | None) -> float | None:
+    def _plan(self, root: Part, batch, weights, pace: float | None) -> float | None:
         """Give idle workers the pieces that need them; return when the next share turns late."""
-        for piece in list(root.unfinished()):
-            if piece.children:  # being covered by its children (they are visited too)
+        for part in list(root.unfinished()):
+            if part.children:  # being covered by its children (they are visited too)
                 continue
             idle = self.idle()
-            task = piece.task
+            task = part.task
             if not idle:
                 break
             if task is None or task.status is Status.FAILED:
-                self._split(piece, idle, batch, weights, redo=task is not None)
+                self._split(part, idle, batch, weights, redo=task is not None)
             elif task.status is Status.RUNNING and pace is not None and time.monotonic() >= self._late_at(task, pace):
                 self.stats["backups"] += 1
-                self._split(piece, idle, batch, weights, redo=True)
+                self._split(part, idle, batch, weights, redo=True)
         if pace is None or not self.idle():
             return None
         running = [p.task for p in root.unfinished() if not p.children and p.task and p.task.status is Status.RUNNING]
@@ -213,23 +213,23 @@ class Crew:
     def _late_at(task: Task, pace: float) -> float:
         return task.started + plan.late_after(pace, len(task.ids))
 
-    def _split(self, piece: Piece, idle: list[int], batch, weights, redo: bool) -> None:
-        """Run ``piece`` on the idle workers: as one task, or cut into one child piece per worker."""
+    def _split(self, part: Part, idle: list[int], batch, weights, redo: bool) -> None:
+        """Run ``part`` on the idle workers: as one task, or cut into one child part per worker."""
         if redo:
-            self.stats["micro_batches_redone"] += len(piece.ids)
-        shares = plan.shares(piece.ids, plan.count(len(batch), self.micro_batch), idle)
-        if len(shares) == 1 and (piece.task is None or piece.task.status is Status.FAILED):
-            piece.task = self._submit(shares[0], piece, batch, weights)
+            self.stats["micro_batches_redone"] += len(part.ids)
+        shares = plan.shares(part.ids, plan.count(len(batch), self.micro_batch), idle)
+        if len(shares) == 1 and (part.task is None or part.task.status is Status.FAILED):
+            part.task = self._submit(shares[0], part, batch, weights)
             return
         for share in shares:
-            child = Piece(share.ids)
+            child = Part(share.ids)
             child.task = self._submit(share, child, batch, weights)
-            piece.children.append(child)
+            part.children.append(child)
 
-    def _submit(self, share: plan.Share, piece: Piece, batch, weights: list[ray.ObjectRef]) -> Task:
+    def _submit(self, share: plan.Share, part: Part, batch, weights: list[ray.ObjectRef]) -> Task:
         *values, info = self.pool.actors[share.worker].compute.options(num_returns=len(weights) + 1).remote(
             self.step, batch, share.nodes, *weights)
-        task = Task(share.worker, share.ids, share.nodes, values, info, time.monotonic(), piece)
+        task = Task(share.worker, share.ids, share.nodes, values, info, time.monotonic(), part)
         self.running[share.worker] = task
         return task
 
@@ -248,8 +248,8 @@ class Crew:
             task.status = Status.FAILED
             for ref in task.values:
                 _consume(ref)
-            decision = decide(outcome_of(exc, worker=True), wanted=task.piece is not None)
-            if decision is Decision.REDO_SHARE:  # its piece is planned again (``_plan``)
+            decision = decide(outcome_of(exc, worker=True), wanted=task.part is not None)
+            if decision is Decision.REDO_SHARE:  # its part is planned again (``_plan``)
                 self.pool.replace(task.worker)
             elif decision is Decision.STOP_DIVERGED:  # the weights it was given are the refused step's
                 raise Diverged(Stopped(Why.GRADIENT, self.step - 1).line()) from None
@@ -260,12 +260,12 @@ class Crew:
                 raise
             return None
         task.status = Status.DONE
-        return time.monotonic() - task.started if task.piece is not None else None
+        return time.monotonic() - task.started if task.part is not None else None
 
     def _abandon(self) -> None:
         """The step is given up: results of its other tasks, still running, are not wanted."""
         for task in self.running.values():
-            task.piece = None
+            task.part = None
 
     def _arm(self, step: int) -> set[int]:
         """Arm the faults injected at ``step``; return the workers that will stall in it."""

@@ -94,7 +94,7 @@ class Handle:
     key: str = ""  # the inbox entry (empty for the weights, and for node values in ``block``)
     step: int = 0
     node: str = ""  # with shared memory: the Ray node of the actor that made it
-    block: shm.Block | None = None  # with shared memory: the same array in that actor's memory
+    block: shm.Region | None = None  # with shared memory: the same array in that actor's memory
 
 
 # The requests a server answers (direct_server.Requests dispatches on their type), and its reply.
@@ -131,7 +131,7 @@ class Put:
 
     key: str
     step: int
-    block: shm.Block
+    block: shm.Region
     meta: tuple | None = None
 
 

@@ -29,28 +29,28 @@ class DirectServer:
     def __init__(self, transport: Direct, bounds: range):
         self.bounds, self.dtype = bounds, transport.dtype
         self.width = bounds.stop - bounds.start
-        self.held: np.ndarray | None = None  # its range of the weights (``own``)
+        self.weights: np.ndarray | None = None  # its range of the weights (``own``)
         changed = threading.Condition()  # the inbox and the board: a window's end ends the waits of both
         self.inbox, self.board = Inbox(self.width, self.dtype, changed), Board(changed)
-        self.post = channel.Post(ray.util.get_node_ip_address(), transport.key, Requests(self).serve)
+        self.post = channel.Listener(ray.util.get_node_ip_address(), transport.key, Requests(self).serve)
         # with shared memory: the range in a memfd, for workers of this node; their rows mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
         self.maps = shm.Maps()
         self.memory = shm.Memfds() if self.node else None
-        self.block: shm.Block | None = None
+        self.block: shm.Region | None = None
 
     def own(self, weights: np.ndarray) -> np.ndarray:
         """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
         mine = weights[self.bounds.start:self.bounds.stop]
         if self.memory is None:
-            self.held = np.array(mine)
+            self.weights = np.array(mine)
         else:
             self.block = self.memory.new("weights-", (self.width,), self.dtype)
-            self.held = self.maps.view(self.block, writable=True)
-            np.copyto(self.held, mine)
-        return self.held
+            self.weights = self.maps.view(self.block, writable=True)
+            np.copyto(self.weights, mine)
+        return self.weights
 
-    def publish(self, held: np.ndarray) -> Handle:
+    def publish(self, weights: np.ndarray) -> Handle:
         """Where the workers pull the range from (or, on this node, map it)."""
         return Handle(self.post.address, node=self.node or "", block=self.block)
 
@@ -101,7 +101,7 @@ class Requests:
                          CallOff: self.call_off}
 
     def serve(self, sock: socket.socket) -> None:
-        """One peer's requests, until it leaves (channel.Post runs this on a thread of its own)."""
+        """One peer's requests, until it leaves (channel.Listener runs this on a thread of its own)."""
         while True:
             request = channel.recv(sock)
             handler = self.handlers.get(type(request))
@@ -110,7 +110,7 @@ class Requests:
             handler(sock, request)
 
     def pull(self, sock: socket.socket, request: Pull) -> None:
-        channel.send_array(sock, self.server.held)
+        channel.send_array(sock, self.server.weights)
 
     def reached(self, sock: socket.socket, request: Reached) -> None:
         """Yes once the server holds the weights after ``request.steps`` steps (then, with ``pull``,
@@ -123,7 +123,7 @@ class Requests:
         at, width = 0, self.server.width
         while at < width:
             stop = self.board.next_chunk(at, request.steps, width)
-            channel.send_array(sock, self.server.held[at:stop])
+            channel.send_array(sock, self.server.weights[at:stop])
             at = stop
 
     def push(self, sock: socket.socket, request: Push) -> None:

@@ -28,7 +28,7 @@ class Entry:
 
     step: int
     rows: np.ndarray | None
-    block: shm.Block | None = None
+    block: shm.Region | None = None
     meta: tuple | None = None  # a window's step: (the micro-batches' errors, compute seconds)
     upto: int = 0  # pushed rows: the columns in so far, of every row
     complete: bool = True  # pushed rows: all in (until then a thread still writes ``rows``)

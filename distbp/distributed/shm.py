@@ -3,7 +3,7 @@
 Through Ray's object store a step copies three P-sized vectors (the new weights out of the
 server, each worker's tree-node values into it).  A worker and a server on the same node
 share memory instead: each array is a memfd of the actor that owns it (``Memfds``), which
-the other maps through ``/proc/<pid>/fd/<fd>`` (``Maps``), and only a ``Block`` (a path, a
+the other maps through ``/proc/<pid>/fd/<fd>`` (``Maps``), and only a ``Region`` (a path, a
 shape and a dtype: a few dozen bytes) goes between them where the array would.
 
 No Ray here: ``memfd_create``, ``mmap`` and numpy.
@@ -20,7 +20,7 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class Block:
+class Region:
     """An array in a shared file: ``prod(shape)`` items of ``dtype`` from item ``offset`` on."""
 
     path: str
@@ -42,17 +42,17 @@ class Memfds:
     """
 
     def __init__(self):
-        self.fds: dict[Block, int] = {}
+        self.fds: dict[Region, int] = {}
 
-    def new(self, prefix: str, shape: tuple[int, ...], dtype) -> Block:
+    def new(self, prefix: str, shape: tuple[int, ...], dtype) -> Region:
         fd = os.memfd_create(f"distbp-{prefix}", os.MFD_CLOEXEC)
-        block = Block(f"/proc/{os.getpid()}/fd/{fd}", tuple(int(n) for n in shape), np.dtype(dtype).str,
+        block = Region(f"/proc/{os.getpid()}/fd/{fd}", tuple(int(n) for n in shape), np.dtype(dtype).str,
                       tag=f"{os.getpid()}-{next(_made)}")
         self.fds[block] = fd
         os.ftruncate(fd, max(1, block.nbytes))
         return block
 
-    def remove(self, block: Block) -> None:
+    def remove(self, block: Region) -> None:
         """Close the memfd: its memory goes once the processes that map it unmap it."""
         os.close(self.fds.pop(block))
 
@@ -71,7 +71,7 @@ class Maps:
     def __init__(self):
         self.arrays: dict[tuple[str, str, bool], np.ndarray] = {}
 
-    def view(self, block: Block, writable: bool = False) -> np.ndarray:
+    def view(self, block: Region, writable: bool = False) -> np.ndarray:
         """``block`` as an array backed by its file: read-only unless ``writable``."""
         key = (block.path, block.tag, writable)
         flat = self.arrays.get(key)
@@ -90,7 +90,7 @@ class Maps:
         for key in [key for key in self.arrays if key[:2] not in keep]:
             del self.arrays[key]
 
-    def drop(self, block: Block) -> None:
+    def drop(self, block: Region) -> None:
         """Unmap ``block``'s file (both ways it may be mapped)."""
         for writable in (False, True):
             self.arrays.pop((block.path, block.tag, writable), None)
@@ -110,13 +110,13 @@ class Rows:
 
     def __init__(self, memory: Memfds, maps: Maps, width: int, dtype):
         self.memory, self.maps, self.width, self.dtype = memory, maps, width, np.dtype(dtype)
-        self.file: Block | None = None  # the file being filled
+        self.file: Region | None = None  # the file being filled
         self.used = 0  # its rows taken in step ``self.step``
         self.step: int | None = None
-        self.retired: list[Block] = []  # files filled earlier in this step: the servers may still read them
+        self.retired: list[Region] = []  # files filled earlier in this step: the servers may still read them
 
-    def take(self, step: int, rows: int) -> tuple[Block, np.ndarray]:
-        """``rows`` fresh rows for a call of step ``step``: their Block (what the servers read) and
+    def take(self, step: int, rows: int) -> tuple[Region, np.ndarray]:
+        """``rows`` fresh rows for a call of step ``step``: their Region (what the servers read) and
         a writable view of them."""
         if step != self.step:
             self.step, self.used = step, 0
@@ -130,6 +130,6 @@ class Rows:
                 self.maps.drop(self.file)  # this process is done with it: it has sent those rows
                 capacity = max(rows, 2 * self.file.shape[0])
             self.file, self.used = self.memory.new("nodes-", (capacity, self.width), self.dtype), 0
-        block = Block(self.file.path, (rows, self.width), self.file.dtype, self.used * self.width, self.file.tag)
+        block = Region(self.file.path, (rows, self.width), self.file.dtype, self.used * self.width, self.file.tag)
         self.used += rows
         return block, self.maps.view(block, writable=True)

@@ -83,9 +83,9 @@ class _StoreServer:
         """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
         return np.array(weights[self.bounds.start:self.bounds.stop])
 
-    def publish(self, held: np.ndarray) -> np.ndarray:
+    def publish(self, weights: np.ndarray) -> np.ndarray:
         """What a step returns for the workers: the range itself."""
-        return held
+        return weights
 
     def applied(self, steps: int) -> None:
         """Nothing to tell anyone: windows of steps (windows.py) run only on the direct transport."""

@@ -72,13 +72,13 @@ class Windows:
         self.crew, self.pool, self.servers, self.transport = crew, crew.pool, crew.servers, transport
         self.count = 0  # windows started: each one's number (from 1) tells its messages apart
         self.busy: set[int] = set()  # the worker slots with a share in the window under way
-        self.calm = 0  # steps to run one by one first (a worker was late)
+        self.one_by_one = 0  # steps to run one by one first (a worker was late)
         self.stats = {"windows": 0, "steps": 0, "called_off": 0}
 
-    def reach(self, step: int, total: int, boundary) -> int:
+    def last_step(self, step: int, total: int, boundary) -> int:
         """The last step of a window from ``step`` (``step`` itself: run it one by one).
         ``boundary(t)``: the driver has something to do after step ``t``."""
-        if self.calm > 0 or self.crew.running or self.pool.starting:
+        if self.one_by_one > 0 or self.crew.running or self.pool.starting:
             return step
         # a stalled worker's share goes to another: one by one
         last = plan.last_before_stall(self.crew.faults, step, min(total, step + WINDOW - 1))
@@ -89,13 +89,13 @@ class Windows:
 
     def ran_one(self) -> None:
         """A step went one by one."""
-        self.calm = max(0, self.calm - 1)
+        self.one_by_one = max(0, self.one_by_one - 1)
 
     def run(self, first: int, batches: list, lr_at, scale_of, weights: list) -> tuple[list[Ran], Exception | None]:
         """Steps from ``first`` on (``batches[i]`` is step ``first + i``'s batch), on the weights
         ``weights`` (the servers' refs).  Returns the steps every server applied, in order, and
         what to raise once they are logged (None if nothing failed)."""
-        self.crew.gather(first)  # workers that came up join; TooFewWorkers with too few
+        self.crew.enlist(first)  # workers that came up join; TooFewWorkers with too few
         idle = self.crew.idle()
         self.count += 1
         window = self.count
@@ -204,7 +204,7 @@ class Windows:
             counts = [count for _, count in shares[r.step]]
             seconds = done[r.step][1]
             if plan.any_late(seconds, counts):
-                self.calm = WINDOW
+                self.one_by_one = WINDOW
             self.crew.pace = plan.pace_of(seconds, counts)
 
 

@@ -231,7 +231,7 @@ class Steps:
         raised once the steps applied before it are logged."""
         step = self.applied + 1
         last = step if self.windows is None else \
-            self.windows.reach(step, total, lambda t: busy(t, self.config, self.sampler))
+            self.windows.last_step(step, total, lambda t: busy(t, self.config, self.sampler))
         if last > step:
             self._window(step, last)
         else:

@@ -24,13 +24,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xxhash
 
 from ..lecture import cuts, tree
 from ..lecture.optim import Hyper, clip_coef, init_state, update
+from .fingerprint import Fingerprints
 
 # The server sums, checks and updates the vector this many bytes at a time, so that a chunk's
 # operands stay in cache between those passes (ServerState._sum).
@@ -92,13 +93,11 @@ class ServerState:
         self.decay_mask = decay_mask
         self.t = 0  # steps applied so far: the driver asks for it after a failure, so no step is applied twice
         self.on_applied = on_applied
-        self.hashes: dict[int, str] = {}
         self.timings: dict[int, dict[str, float]] = {}
-        self._hashing: Future | None = None
-        self.hasher = ThreadPoolExecutor(1, "distbp-hash")  # one thread for every step's hash
         self.grad = np.empty_like(self.weights)  # the last step's batch gradient, kept for its hash
         self.blocks = cuts.blocks(len(self.weights)) if blocks is None else blocks
         self.chunks = chunks(self.blocks, self.weights.itemsize)
+        self.fingerprints = Fingerprints(self.grad, self.chunks)
         # each chunk's block starts, relative to the chunk: np.add.reduceat's segments
         starts = np.array([b.start for b in self.blocks], dtype=np.intp)
         self.segments = [starts[(starts >= lo) & (starts < hi)] - lo for lo, hi in self.chunks]
@@ -201,7 +200,7 @@ class ServerState:
 
         Returns ``self.grad``, which the next step overwrites.
         """
-        self.wait_hashes()
+        self.fingerprints.wait()
         self._sum(n, nodes, values)
         return self.grad
 
@@ -229,14 +228,9 @@ class ServerState:
         if t != self.t + 1:
             raise ValueError(f"step {t} sent to a server that has applied {self.t} steps")
         start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
-        self.wait_hashes()  # the last step's hash reads self.grad
+        self.fingerprints.wait()  # the last step's hash reads self.grad
         waited = time.perf_counter()
-        # The fingerprint follows the sum chunk by chunk on a thread, so it runs while this thread
-        # sums and updates.  XXH3-128, not sha256: it only has to tell two computations of one
-        # step apart (a redo against its first run), not resist an adversary, and sha256 cost
-        # 4.2 ms (fp32) / 8.5 ms (fp64) of a core the workers need for 784-1024-1024-10.
-        done = [threading.Event() for _ in self.chunks]
-        self._hashing = self.hasher.submit(self._hash, t, done)
+        done = self.fingerprints.start(t)
         try:
             finite = self._sum(n, nodes, values, lambda i: done[i].set(), ready)
         except BaseException:
@@ -296,28 +290,12 @@ class ServerState:
 
     def _refuse(self) -> None:
         """The step is not applied: forget its hash."""
-        self.wait_hashes()
-        self.hashes.pop(self.t + 1, None)
+        self.fingerprints.forget(self.t + 1)
         self.summed = 0
-
-    def _hash(self, t: int, done: list[threading.Event]) -> None:
-        """XXH3-128 of ``self.grad``'s bytes, little-endian, fed chunk by chunk in order as each
-        is summed (``done``): the same digest as ``grad_xxh3`` of the whole, read in place."""
-        digest = xxhash.xxh3_128()
-        little = self.grad.dtype.newbyteorder("<")
-        for (lo, hi), event in zip(self.chunks, done):
-            event.wait()
-            digest.update(np.ascontiguousarray(self.grad[lo:hi], little))
-        self.hashes[t] = digest.hexdigest()
-
-    def wait_hashes(self) -> None:
-        if self._hashing is not None:
-            hashing, self._hashing = self._hashing, None
-            hashing.result()
 
     def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
         """This range's weights and optimizer buffers of a checkpoint taken after step ``t``."""
-        self.wait_hashes()
+        self.fingerprints.wait()
         self.weights[:] = arrays["weights"]
         for name, buf in self.state.items():
             buf[:] = arrays[name]
@@ -326,9 +304,8 @@ class ServerState:
 
     def report(self) -> dict[int, dict]:
         """Gradient hash and timings of every step since the last report."""
-        self.wait_hashes()
-        out = {t: {"grad_xxh3": self.hashes.pop(t), **self.timings.pop(t)} for t in list(self.timings)}
-        return out
+        self.fingerprints.wait()
+        return {t: {"grad_xxh3": self.fingerprints.hashes.pop(t), **self.timings.pop(t)} for t in list(self.timings)}
 
 
 def _norm(squares: list[np.ndarray], scale: float | None) -> float:
@@ -364,8 +341,3 @@ def merge_reports(reports: list[dict[int, dict]]) -> dict[int, dict]:
             "bytes_in": [e["bytes_in"] for e in entries],
         }
     return merged
-
-
-def grad_xxh3(flat: np.ndarray) -> str:
-    """XXH3-128 of a flat buffer's bytes, little-endian: a step's gradient fingerprint (``grad_xxh3``)."""
-    return xxhash.xxh3_128_hexdigest(np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("<")))

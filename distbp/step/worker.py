@@ -144,12 +144,12 @@ class WorkerState:
             lo, hi = tree.span(node, n)
             stack: list[tuple[tree.Node, np.ndarray]] = []
             for first in range(lo, hi, self.threads):
-                window = range(first, min(first + self.threads, hi))
-                bufs = {i: out[r] if i == lo else self.pool.take() for i in window}
-                rows = [batch[ranges[i].start:ranges[i].stop] for i in window]
+                group = range(first, min(first + self.threads, hi))
+                bufs = {i: out[r] if i == lo else self.pool.take() for i in group}
+                rows = [batch[ranges[i].start:ranges[i].stop] for i in group]
                 # map re-raises a thread's error here
-                for i, loss in zip(window, self.executor.map(self.leaf, [W] * len(window), rows,
-                                                             [bufs[i] for i in window])):
+                for i, loss in zip(group, self.executor.map(self.leaf, [W] * len(group), rows,
+                                                             [bufs[i] for i in group])):
                     losses[i] = loss
                     stack.append(((0, i), bufs[i]))
                     while len(stack) > 1 and stack[-2][0][0] == stack[-1][0][0] and stack[-2][0][1] % 2 == 0:
