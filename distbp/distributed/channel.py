@@ -1,22 +1,21 @@
-"""Authenticated TCP connections between actors, for the per-step vectors across nodes.
+"""Authenticated TCP connections between actors: the wire of the direct transport between nodes.
 
-Through Ray's object store a cross-node step's transfers of 7.45 MB took 58 ms; one TCP
-connection on loopback moves those bytes in 7-8 ms on a busy machine (docs/performance.md,
-scripts/channel_probe.py).  So across
-nodes the workers and servers talk directly: a server listens on its node's Ray address (the
-interface Ray itself uses there, never 0.0.0.0), and only small handles (an address, a key)
-go through Ray.
+A server listens on its node's Ray address (the interface Ray itself uses there, never
+0.0.0.0); the workers and the driver connect to it (direct.py).  What one connection moves
+against Ray's object store is measured in docs/performance.md (scripts/channel_probe.py).
 
 Every connection proves that its peer holds the run's key before anything else is read: the
 listening end sends a random challenge and checks the peer's HMAC-SHA256 of it (``challenge``)
 before it answers the peer's own challenge (``answer``), as the standard library's
-``multiprocessing.connection`` does, with SHA-256 and each end's role in the MAC.  The key
+``multiprocessing.connection`` does, with SHA-256, a constant-time comparison and each end's
+role in the MAC.  That is why it is not ``multiprocessing.connection`` itself: on Python 3.11,
+the oldest distbp runs on, its handshake is HMAC-MD5 compared with ``==``.  The key
 is made for the run by the driver (``os.urandom``) and reaches the actors inside their Ray
 call arguments, over Ray's own authenticated channel.  A peer without it is dropped having
 been sent nothing but the challenge.
 
-On the wire: a message is a 4-byte length and a pickle of a small tuple (only after the
-handshake, so only from a peer that holds the key); an array is its raw bytes, written from
+On the wire: a message is a 4-byte length and a pickle of a small request or reply (direct.py's
+dataclasses; only after the handshake, so only from a peer that holds the key); an array is its raw bytes, written from
 and read into numpy buffers in place (``send_array`` / ``recv_array``: no copy on either side).
 
 No Ray here: sockets, hmac, numpy.

@@ -30,7 +30,8 @@ class DirectServer:
         self.bounds, self.dtype = bounds, transport.dtype
         self.width = bounds.stop - bounds.start
         self.weights: np.ndarray | None = None  # its range of the weights (``own``)
-        changed = threading.Condition()  # the inbox and the board: a window's end ends the waits of both
+        # one lock for the inbox and the board: a window's end ends the waits of both
+        changed = threading.Condition(threading.Lock())
         self.inbox, self.board = Inbox(self.width, self.dtype, changed), Board(changed)
         self.post = channel.Listener(ray.util.get_node_ip_address(), transport.key, Requests(self).serve)
         # with shared memory: the range in a memfd, for workers of this node; their rows mapped

@@ -1,8 +1,8 @@
 """Windows of steps without a Ray call each: the workers and servers hand each other the steps.
 
 A step of the sync loop costs Ray task calls: each worker's compute, each server's step and
-report, and the driver in between (the "Ray call floor", about 3-4 ms a step here, which is
-all of a small model's step).  On the direct transport the actors already talk directly, so
+report, and the driver in between (the "Ray call floor": all of a small model's step,
+docs/performance.md).  On the direct transport the actors already talk directly, so
 for a run of steps with nothing to decide between them the driver plans them all at once: one
 call to each worker and one to each server for the whole window, and then the actors go on
 over their sockets (direct.py):
@@ -14,9 +14,9 @@ over their sockets (direct.py):
   (the errors' exact sum, as the sync loop does, before anything is applied), sums in the
   tree's order, updates, and lets the waiting workers have the weights.
 
-Each step is shared out as the crew shares a step that goes well (``plan.shares``: ``cuts.even`` over the idle
-workers, ``tree.blocks`` of each share), and the servers add the same nodes in the same order:
-the bits are those of steps run one by one (tests/test_windows.py).
+Each step is shared out as the crew shares a step that goes well (``plan.shares``: ``cuts.even``
+over the idle workers, ``tree.blocks`` of each share), and the servers add the same nodes in the
+same order: the bits are those of steps run one by one (tests/test_equivalence.py).
 
 What a window is not used for, so that everything else keeps its meaning:
 

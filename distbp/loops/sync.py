@@ -245,7 +245,7 @@ class Steps:
         if ran:
             self.log.sent(*(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, self.weights, r.workers, r.when)
                             for r in ran))
-            self.after(ran[-1].step)  # a window ends where the driver has work (Windows.reach): after its last step
+            self.after(ran[-1].step)  # a window ends where the driver has work (Windows.last_step): after its last step
             self.applied = ran[-1].step
         if failure is not None:
             raise failure

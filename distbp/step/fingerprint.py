@@ -17,8 +17,8 @@ class Fingerprints:
     """XXH3-128 of each step's summed gradient, on one thread of its own that follows the sum
     chunk by chunk, so it runs while the server sums and updates.  XXH3-128, not sha256: it only
     has to tell two computations of one step apart (a redo against its first run), not resist an
-    adversary, and sha256 cost 4.2 ms (fp32) / 8.5 ms (fp64) of a core the workers need for
-    784-1024-1024-10."""
+    adversary, and sha256 cost several times as much of a core the workers need (measured in
+    docs/performance.md's log, 2026-12-02)."""
 
     def __init__(self, grad: np.ndarray, chunks: list[tuple[int, int]]):
         self.grad, self.chunks = grad, chunks  # the buffer the server sums into, and its chunks

@@ -10,7 +10,7 @@ split of the micro-batches, over any number of workers, gives the same bits.
 
 ``--threads-per-worker T``: a worker backpropagates up to T micro-batches at once, one per
 thread (each on one BLAS thread: numpy releases the GIL in BLAS, so T threads use T cores;
-measured 2.00x for two threads), each into a leaf buffer of its own, and then adds the leaves
+docs/performance.md measures it), each into a leaf buffer of its own, and then adds the leaves
 into its nodes in the tree's order, with the same operands as one thread does.  It sends the
 same nodes with the same bits, for any T.
 """
