@@ -75,7 +75,7 @@ class Task:
 
 @dataclass
 class Part:
-    """Contiguous micro-batches that one task, or the pieces it was split into, must cover."""
+    """Contiguous micro-batches that one task, or the parts it was split into, must cover."""
 
     ids: range
     task: Task | None = None
@@ -191,7 +191,7 @@ class Crew:
             self.resizes.append(resize)
 
     def _plan(self, root: Part, batch, weights, pace: float | None) -> float | None:
-        """Give idle workers the pieces that need them; return when the next share turns late."""
+        """Give idle workers the parts that need them; return when the next share turns late."""
         for part in list(root.unfinished()):
             if part.children:  # being covered by its children (they are visited too)
                 continue

@@ -33,7 +33,7 @@ class Links:
     def __init__(self, key: bytes):
         self.key = key
         self.socks: dict[Address, socket.socket] = {}
-        self.unanswered: set[Address] = set()
+        self.unread: set[Address] = set()
 
     def talk(self, address: Address, talk: Callable[[socket.socket], object]):
         """``talk(sock)`` on the connection to ``address``; PeerLost if the server cannot be reached."""
@@ -44,27 +44,27 @@ class Links:
             return talk(sock)
         except (OSError, EOFError) as exc:
             self.socks.pop(address, None)
-            self.unanswered.discard(address)
+            self.unread.discard(address)
             if sock is not None:
                 sock.close()
             raise PeerLost(f"the server at {address[0]}:{address[1]} cannot be reached ({exc})") from None
 
-    def answered(self, sock: socket.socket, address: Address) -> None:
+    def catch_up(self, sock: socket.socket, address: Address) -> None:
         """Read the answer ``address`` still owes, if it does (EOFError if it did not take the rows)."""
-        if address in self.unanswered:
-            self.unanswered.discard(address)
+        if address in self.unread:
+            self.unread.discard(address)
             if channel.recv(sock) != Reply(True):
                 raise EOFError("the server did not take the rows")
 
     def reply(self, sock: socket.socket, address: Address) -> Reply:
         """The server's answer to the request just sent, after the one it still owes."""
-        self.answered(sock, address)
+        self.catch_up(sock, address)
         return channel.recv(sock)
 
     def read_answers(self) -> None:
-        """Read every answer still unanswered (the end of a window's call: what it returns was taken)."""
-        for address in list(self.unanswered):
-            self.talk(address, lambda sock, address=address: self.answered(sock, address))
+        """Read every answer not read yet (the end of a window's call: what it returns was taken)."""
+        for address in list(self.unread):
+            self.talk(address, lambda sock, address=address: self.catch_up(sock, address))
 
 
 class DirectWorker:
@@ -114,7 +114,7 @@ class DirectWorker:
             def get(sock, here=here, dst=dst, address=handle.address) -> bool:
                 if ahead is None:
                     channel.send(sock, Pull())
-                    self.links.answered(sock, address)
+                    self.links.catch_up(sock, address)
                 else:
                     channel.send(sock, Reached(*ahead, pull=not here))
                     if self.links.reply(sock, address) != Reply(True):
@@ -129,7 +129,7 @@ class DirectWorker:
         return self._view(parts[0]) if single else self.flat
 
     def read_answers(self) -> None:
-        """Read every answer to a hand-in still unanswered (the end of a window's call)."""
+        """Read every answer to a hand-in not read yet (the end of a window's call)."""
         self.links.read_answers()
 
     def rows(self, step: int, count: int) -> np.ndarray:
@@ -164,18 +164,18 @@ class DirectWorker:
         """A window's step (windows.py): each server gets its columns of ``values`` under ``key``, with
         ``meta`` (the micro-batches' errors and the compute seconds); a server of this node gets
         only where the rows are in this worker's memory.  The servers' answers are read with the
-        next request to each (``Links.answered``), not waited for here: no round trip of its own."""
+        next request to each (``Links.catch_up``), not waited for here: no round trip of its own."""
         for handle, r in zip(self.servers, self.bounds):
             here = self._here(handle)
 
             def give(sock, here=here, lo=r.start, hi=r.stop, address=handle.address):
-                self.links.answered(sock, address)  # the last hand-in's answer comes before this one's
+                self.links.catch_up(sock, address)  # the last hand-in's answer comes before this one's
                 if here:
                     channel.send(sock, Put(key, self.step, self.block, meta))
                 else:
                     self._push(sock, key, values, lo, hi, meta)
             self.links.talk(handle.address, give)
-            self.links.unanswered.add(handle.address)
+            self.links.unread.add(handle.address)
 
     def _push(self, sock: socket.socket, key: str, values: np.ndarray, lo: int, hi: int, meta=None) -> None:
         """Columns ``[lo, hi)`` of every row, piece by piece (``pieces``): the server sums a piece
