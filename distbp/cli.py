@@ -9,8 +9,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-from . import __version__
-from . import config as cfg
+from . import __version__, options
 from .data import convert as convert_cmd
 from .errors import DataError, Interrupted, RunFailed, UsageError
 from .run import progress, remote, signals
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a network with data-parallel backpropagation on Ray workers. "
                                        "The results (metrics.jsonl, checkpoint.npz, summary.json) go to --out; "
                                        "the summary is also printed as JSON on stdout.")
-    cfg.add_arguments(train)
+    options.add_arguments(train)
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or at a URL like s3://bucket/run) "
                        "from its checkpoint, to the same final weights as if it had never stopped; flags may extend "
                        "--steps/--epochs or change --workers")
@@ -70,9 +69,9 @@ def run_train(ns: argparse.Namespace) -> int:
 
                 where = remote.download(ns.resume) if remote.is_url(ns.resume) else ns.resume
                 with remote.discarded_unless_begun(where):
-                    summary = train(*resume.load(where, cfg.given(ns)))
+                    summary = train(*resume.load(where, options.given(ns)))
             else:
-                config = cfg.from_args(ns)
+                config = options.from_args(ns)
                 if remote.is_url(config.out):  # runs in a local directory, uploaded as it goes
                     config.out = remote.stage(config.out)
                 with remote.discarded_unless_begun(config.out):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from distbp import config as cfg
+from distbp import options
 from distbp.cli import build_parser, main
 from distbp.config import Config
 from distbp.errors import UsageError
@@ -16,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def parse(*argv: str) -> Config:
-    return cfg.from_args(build_parser().parse_args(["train", *argv]))
+    return options.from_args(build_parser().parse_args(["train", *argv]))
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -40,7 +41,7 @@ def test_every_option_can_come_from_a_file_or_a_flag(tmp_path: Path) -> None:
         expected[f.name] = value
         toml.append(f"{cfg.flag(f.name)} = {literal}")
         argv += [f"--{cfg.flag(f.name)}"] + ([] if kind is bool else [str(value)])  # a bool is a switch
-    assert cfg.load_toml(write(tmp_path, "\n".join(toml))) == expected
+    assert options.load_toml(write(tmp_path, "\n".join(toml))) == expected
     ns = build_parser().parse_args(["train", *argv])
     assert {name: getattr(ns, name, "missing") for name in expected} == expected
 
@@ -83,7 +84,7 @@ def test_fractional_epochs_from_file_and_flag(tmp_path: Path) -> None:
 def test_bad_file_is_a_usage_error(tmp_path: Path, text: str, words: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(UsageError) as exc:
-        cfg.load_toml(path)
+        options.load_toml(path)
     assert str(exc.value).startswith(f"--config {path}: ") and words in str(exc.value), str(exc.value)
 
 

@@ -125,17 +125,17 @@ def test_workers_option_forms():
 
 
 def test_cli_and_toml_take_a_range(tmp_path):
-    from distbp import config as cfg
+    from distbp import options
     from distbp.cli import build_parser
 
     ns = build_parser().parse_args(["train", "--workers", "2:5", "--elastic-timeout", "7"])
-    config = cfg.from_args(ns)
+    config = options.from_args(ns)
     assert (config.workers, config.elastic_timeout) == ("2:5", 7.0)
     path = tmp_path / "run.toml"
     path.write_text('workers = "1:3"\n')
-    assert cfg.load_toml(str(path)) == {"workers": "1:3"}
+    assert options.load_toml(str(path)) == {"workers": "1:3"}
     path.write_text("workers = 4\n")
-    assert cfg.load_toml(str(path)) == {"workers": 4}
+    assert options.load_toml(str(path)) == {"workers": 4}
     from distbp.api import _config  # distbp.fit's keywords
 
     assert _config({"workers": "1:3"}).workers == "1:3" and _config({"workers": 3}).workers == 3

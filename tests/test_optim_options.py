@@ -8,8 +8,7 @@ import pytest
 from conftest import train_config
 from test_validation import SMALL, refused
 
-from distbp import cli, fit
-from distbp import config as cfg
+from distbp import cli, fit, options
 from distbp.config import Config
 from distbp.data.datasets import spirals
 from distbp.errors import UsageError
@@ -39,7 +38,7 @@ def test_bad_optimizer_options_are_one_line_and_exit_2(capsys, tmp_path, argv, f
 def test_the_options_from_toml_and_fit_are_the_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('optimizer = "adamw"\nadam-betas = [0.8, 0.99]\nadam-eps = 1e-6\nclip-norm = 1\n')
-    config = cfg.from_args(cli.build_parser().parse_args(["train", "--config", str(toml)]))
+    config = options.from_args(cli.build_parser().parse_args(["train", "--config", str(toml)]))
     assert (config.adam_betas, config.adam_eps, config.clip_norm) == ("0.8,0.99", 1e-6, 1.0)
     data = spirals()
     with pytest.raises(UsageError, match="--adam-betas must be two numbers"):

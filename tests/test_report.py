@@ -166,11 +166,12 @@ def test_report_to_is_refused_outside_sync_mode(capsys, tmp_path):
 
 def test_report_to_and_timeline_from_a_config_file(tmp_path):
     from distbp import config as cfg
+    from distbp import options
 
     path = tmp_path / "run.toml"
     path.write_text('report-to = ["tensorboard", "mlflow"]\ntimeline = true\n')
-    config = cfg.from_args(cli.build_parser().parse_args(["train", "--config", str(path)]))
+    config = options.from_args(cli.build_parser().parse_args(["train", "--config", str(path)]))
     assert config.reporters() == ("tensorboard", "mlflow") and config.timeline is True
     path.write_text('timeline = "yes"\n')
     with pytest.raises(cfg.UsageError, match="timeline must be bool"):
-        cfg.load_toml(str(path))
+        options.load_toml(str(path))

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbp import cli
-from distbp import config as cfg
+from distbp import cli, options
 from distbp.config import Config
 from distbp.data import datasets
 from distbp.data.problem import memory_needed, prepare
@@ -281,7 +280,7 @@ def test_messages_of_config_errors_are_one_line(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('seed = [1,\n2\n')  # tomllib's message for this names a line and column
     with pytest.raises(UsageError) as exc:
-        cfg.load_toml(str(toml))
+        options.load_toml(str(toml))
     assert "\n" not in str(exc.value)
 
 

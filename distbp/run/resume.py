@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
-from .. import config as cfg
 from ..config import Config
 from ..errors import DataError, UsageError
 from ..lecture.network import Layout
 from ..lecture.optim import init_state
+from ..options import for_resume
 from . import checkpoint, metrics
 from .outdir import CHECKPOINT, holder
 
@@ -41,7 +41,7 @@ def load(directory: str, options: dict) -> tuple[Config, dict]:
     if logged < state["step"]:
         raise DataError(f"--resume {directory}: {CHECKPOINT} is of step {state['step']} but {metrics.NAME} "
                         f"ends at step {logged}")
-    return cfg.for_resume(state["config"], options, directory), state
+    return for_resume(state["config"], options, directory), state
 
 
 def check_fits(state: dict, layers: tuple[int, ...], config: Config, path: str,

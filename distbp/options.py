@@ -1,0 +1,144 @@
+"""How the options of ``distbp train`` are read: flags, a TOML file, and a resumed run's own.
+
+All three are derived from ``Config``'s fields (config.py), so they cannot drift apart.
+Precedence: defaults < ``--config FILE.toml`` < flags; ``--resume`` takes the stored options
+and lets only ``RESUMABLE`` ones change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import fields
+
+from .config import Config, flag, option_type, takes
+from .errors import DataError, UsageError, one_line
+
+
+def workers_flag(text: str) -> int | str:
+    """``--workers`` on the command line: K as an int, MIN:MAX as text (checked by ``validate``)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def help_text(f) -> str:
+    """A field's help for ``--help``: its text, then ``(default: X)`` unless the default is None."""
+    text = f.metadata["help"] if f.default is None else f"{f.metadata['help']} (default: {f.default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field; defaults are left to Config so the file can fill them.
+
+    Each flag's help shows its default once: ``(default: X)`` is appended from the field, except
+    for a None default (unset), whose help says itself what happens then.
+    """
+    parser.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file; flags override it")
+    for f in fields(Config):
+        kind = option_type(f)
+        if kind is bool:  # a switch: --timeline
+            parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                help=help_text(f))
+            continue
+        kind = workers_flag if f.name == "workers" else kind
+        choices = f.metadata.get("choices")  # a removed value passes, for validate() to say what replaced it
+        parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
+                            choices=choices and (*choices, *f.metadata["removed"]), metavar=f.metadata.get("metavar"),
+                            help=help_text(f))
+
+
+def load_toml(path: str) -> dict:
+    """Options from a TOML file: keys are option names (dashes or underscores); unknown keys are errors."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 text
+        raise UsageError(f"--config {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                         f"at offset {exc.start})") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"--config {path}: {one_line(exc)}") from None
+    known = {f.name: f for f in fields(Config)}
+    values, keys = {}, {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UsageError(f"--config {path}: unknown key {key!r}")
+        if name in keys:  # batch-size and batch_size are one option: neither may silently win
+            raise UsageError(f"--config {path}: {keys[name]!r} and {key!r} are the same option; give it once")
+        keys[name] = key
+        kind = option_type(known[name])
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is str and name in ("layers", "lr_step_epochs", "adam_betas", "report_to") and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        if not takes(name, kind, value):
+            raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
+        values[name] = value
+    return values
+
+
+def given(ns: argparse.Namespace) -> dict:
+    """The options the user set: the config file's, then the flags given on the command line."""
+    values = load_toml(ns.config) if getattr(ns, "config", None) else {}
+    names = {f.name for f in fields(Config)}
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    return values
+
+
+def from_args(ns: argparse.Namespace) -> Config:
+    """Defaults, then the config file, then the flags given on the command line."""
+    config = Config(**given(ns))
+    config.validate()
+    return config
+
+
+# What --resume lets you change: how long, where and on how many workers and servers the run
+# goes on (the sum is the same bits for any K and S).  Anything else would make the continued
+# run differ from the uninterrupted one.
+RESUMABLE = ("steps", "epochs", "workers", "servers", "address", "data_dir", "checkpoint_every",
+             "fault_injection", "keep_checkpoints", "eval_every", "report_to", "timeline", "transport",
+             "threads_per_worker")
+
+
+def for_resume(stored: dict, options: dict, directory: str) -> Config:
+    """The config of the run in ``directory`` (``stored`` in its checkpoint), with the ``options``
+    given again on the command line; changing anything outside RESUMABLE is a UsageError."""
+    known = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(stored) - set(known))
+    if unknown:
+        raise DataError(f"{directory}/checkpoint.npz: its config has options this distbp does not know "
+                        f"({', '.join(unknown)}); it was written by another version")
+    for name, value in stored.items():
+        kind = option_type(known[name])
+        if kind is float and isinstance(value, int):
+            value = stored[name] = float(value)
+        if not (value is None or takes(name, kind, value)):
+            raise DataError(f"{directory}/checkpoint.npz: corrupt config ({name} = {value!r})")
+    values = {f.name: f.default for f in fields(Config)} | stored
+    for f in fields(Config):  # a run saved by an earlier version goes on on what replaced its choice
+        values[f.name] = f.metadata["removed"].get(values[f.name], values[f.name])
+    try:  # the stored options alone: a bad one is a damaged file, not a bad flag (a reporter whose
+        # extra is missing here is no damage: the final validate below says what to install)
+        Config(**(values | {"out": directory, "report_to": None})).validate()
+    except UsageError as exc:
+        raise DataError(f"{directory}/checkpoint.npz: corrupt config ({exc})") from None
+    for name, value in options.items():
+        if name == "out":
+            if os.path.abspath(value) != os.path.abspath(directory):
+                raise UsageError(f"--out cannot be combined with --resume: the run continues in {directory}")
+        elif name in RESUMABLE:
+            values[name] = value
+        elif value != values[name]:
+            raise UsageError(f"--{flag(name)} {value} differs from the run being resumed ({values[name]}); "
+                             f"--resume may change only {', '.join('--' + flag(n) for n in RESUMABLE)}")
+    if "epochs" in options and "steps" not in options:
+        values["steps"] = None  # --epochs counts only without --steps
+    values["out"] = directory
+    config = Config(**values)
+    config.validate()
+    return config
