@@ -42,7 +42,8 @@ import numpy as np
 
 from ..errors import DataError, Interrupted, UsageError, size_text
 from .idx import DEFAULT_DATA_DIR
-from .sources import Source, Split, fashion_source, npz_source, parquet_source, progress_bar
+from .parquet import parquet_source
+from .sources import Source, Split, fashion_source, npz_source, progress_bar
 
 SHARD_BYTES = 256 << 20  # the default shard size (X's bytes per shard)
 MAX_SHARDS = 100_000  # X-00000 ... X-99999: more would not sort by name (npydir numbers them in order)
