@@ -196,11 +196,11 @@ def breakdown_run(config, warmup: int) -> dict:
         prev, cur = reports[t - 1], reports[t]
         T = cur["end"] - prev["end"]
         mine = [span for span in spans if prev["end"] <= span[0] and span[1] <= cur["start"]]  # step t's calls
-        start, end, _ = max(mine, key=lambda span: span[1])
+        start, end, *_ = max(mine, key=lambda span: span[1])
         row = {"step": T, "compute": end - start, "broadcast": start - prev["end"],
                "grad_transfer": cur["start"] - end, "server_sum": cur["server_sum"], "update": cur["update"]}
         row["other"] = (cur["end"] - cur["start"]) - cur["server_sum"] - cur["update"]
-        row["idle"] = T - sum(e - s for s, e, _ in mine) / K
+        row["idle"] = T - sum(e - s for s, e, *_ in mine) / K
         rows.append(row)
     med = {key: float(np.median([r[key] for r in rows])) * 1e3 for key in rows[0]}
     # Per step: CPU milliseconds, and page faults as they are.
@@ -208,7 +208,7 @@ def breakdown_run(config, warmup: int) -> dict:
               for role in usage[first]}
     # Of the CPU time per step: the workers' in compute() (backprop, tree), the server's in step().
     steps = [t for t in range(first, total) if t in reports]
-    cpu_ms["workers_compute"] = sum(c for s, e, c in spans if reports[steps[0] - 1]["end"] <= s
+    cpu_ms["workers_compute"] = sum(c for s, e, c, *_ in spans if reports[steps[0] - 1]["end"] <= s
                                     and e <= reports[steps[-1]]["start"]) / len(steps) * 1e3
     cpu_ms["server_step"] = sum(reports[t]["cpu"] for t in steps) / len(steps) * 1e3
     return {"step_ms": med.pop("step"), "phases_ms": med, "cpu_ms_per_step": cpu_ms,

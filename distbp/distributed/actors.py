@@ -87,7 +87,7 @@ class Worker(_Actor):
         values = self.end.rows(step, len(nodes))
         weights = self.end.weights(weights)
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver, by step
-            info = self.state.compute(weights, batch, nodes, values)
+            info = self.state.compute(weights, batch, nodes, values, step)
         return (*self.end.send(values), info)
 
     def steps(self, window: int, plan: list[tuple], *weights) -> int:
@@ -105,14 +105,15 @@ class Worker(_Actor):
             if flat is None:
                 break
             with np.errstate(over="ignore", invalid="ignore"):  # the servers refuse a diverging step
-                losses, seconds = self.state.compute(flat, batch, nodes, values)
+                losses, seconds = self.state.compute(flat, batch, nodes, values, step)
             self.end.hand_in(values, key, (losses.tolist(), seconds))
             done += 1
         self.end.read_answers()  # every server's answer to the hand-ins read: what it returns was taken
         return done
 
-    def spans(self) -> list[tuple[float, float, float]]:
-        """Wall-clock (start, end) and CPU seconds of the recent compute calls, oldest first (scripts/bench.py)."""
+    def spans(self) -> list[tuple[float, float, float, int]]:
+        """Wall-clock (start, end), CPU seconds and step of the recent compute calls, oldest first
+        (--timeline, scripts/bench.py)."""
         return list(self.state.spans)
 
 

@@ -1,13 +1,13 @@
 """``<out>/timeline.jsonl`` (``--timeline``): when each actor did what, one JSON object a line.
 
 The timings are those the actors take anyway: each worker's compute calls (``WorkerState.spans``:
-wall-clock start and end, CPU seconds), each server's step (``ServerState.timings``: start, end,
+wall-clock start and end, CPU seconds, the step), each server's step (``ServerState.timings``: start, end,
 sum and update seconds, CPU seconds) and the driver's own waits.  Three kinds of line:
 
 - ``{"lane": "server", "id": s, "step": t, "start", "end", "sum", "update", "cpu"}``
-- ``{"lane": "worker", "id": k, "start", "end", "cpu"}`` (the step is found from the servers'
-  spans when the timeline is drawn: a worker's compute of step t ends before any server
-  starts step t and starts after every server ended step t - 1)
+- ``{"lane": "worker", "id": k, "step": t, "start", "end", "cpu"}`` (a timeline written before
+  workers recorded their step has none: it is then found from the servers' spans when the
+  timeline is drawn, a worker's compute of step t ending before any server starts step t)
 - ``{"lane": "driver", "id": 0, "step": t, "name", "start", "end"}``
 
 Times are seconds since the epoch (``time.time()``), comparable between the processes of one
@@ -51,9 +51,9 @@ class Timeline:
     def worker(self, k: int, spans: list[tuple[float, float, float]]) -> None:
         """Worker slot ``k``'s recent compute calls (``Worker.spans``): those not written yet."""
         last = self.seen.get(k, float("-inf"))
-        for start, end, cpu in spans:
+        for start, end, cpu, step in spans:
             if start > last:
-                self._line(lane="worker", id=k, start=start, end=end, cpu=cpu)
+                self._line(lane="worker", id=k, step=step, start=start, end=end, cpu=cpu)
                 last = start
         self.seen[k] = last
 

@@ -66,7 +66,7 @@ class WorkerState:
         self.threads = threads
         self.executor = ThreadPoolExecutor(threads, "distbp-leaf") if threads > 1 else None
         # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
-        self.spans: deque[tuple[float, float, float]] = deque(maxlen=4096)
+        self.spans: deque[tuple[float, float, float, int]] = deque(maxlen=4096)
 
     def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> float:
         """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error."""
@@ -99,12 +99,13 @@ class WorkerState:
             self.pool.give(tmp)
 
     def compute(self, weights: np.ndarray, batch: np.ndarray, nodes: list[tree.Node],
-                out: np.ndarray) -> tuple[np.ndarray, float]:
+                out: np.ndarray, step: int = 0) -> tuple[np.ndarray, float]:
         """The values of tree ``nodes`` over the micro-batches of ``batch``, into ``out`` (shape
         ``(len(nodes), P)``: row r is node r's summed gradient).
 
         Returns ``(losses, seconds)``: the summed error of each micro-batch the nodes cover, in
-        micro-batch order (float64), and the compute time.
+        micro-batch order (float64), and the compute time.  ``step``: the step it is of, kept with
+        the call's times in ``spans`` (--timeline).
         """
         start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
         W = self.layout.views(weights)
@@ -116,7 +117,7 @@ class WorkerState:
         else:
             self.threaded(W, batch, ranges, nodes, out, losses)
         seconds = time.perf_counter() - start
-        self.spans.append((wall, wall + seconds, time.thread_time() - cpu))
+        self.spans.append((wall, wall + seconds, time.thread_time() - cpu, step))
         return np.array([losses[i] for i in sorted(losses)], dtype=np.float64), seconds
 
     def threaded(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[range], nodes: list[tree.Node],

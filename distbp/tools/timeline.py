@@ -81,8 +81,8 @@ def trace(records: list[dict]) -> list[dict]:
     for r in servers:
         ends[r["step"]] = max(ends.get(r["step"], r["end"]), r["end"])
     computed: dict[int, float] = {}  # per step, the last worker's compute end
-    for r in workers:
-        r["step"] = step_of(r["end"])
+    for r in workers:  # the step a worker recorded with its span (a timeline of before: inferred)
+        r["step"] = r.get("step") or step_of(r["end"])
         if r["step"] is not None:
             computed[r["step"]] = max(computed.get(r["step"], r["end"]), r["end"])
 
