@@ -34,13 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "The results (metrics.jsonl, checkpoint.npz, summary.json) go to --out; "
                                        "the summary is also printed as JSON on stdout.")
     options.add_arguments(train)
-    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or at a URL like s3://bucket/run) "
-                       "from its checkpoint, to the same final weights as if it had never stopped; flags may extend "
-                       "--steps/--epochs or change --workers")
+    train.add_argument("--resume", metavar="DIR", help=options.resume_help())
     verify = sub.add_parser("verify", help="show that the batch gradient is the same sum however it is split; "
                                            "exit 0 only if every check agrees")
     verify_cmd.add_arguments(verify)
-    convert = sub.add_parser("convert", help="a dataset (npz, fashion-mnist, parquet) into npy:DIR shards, "
+    convert = sub.add_parser("convert", help="a dataset (npz, fashion-mnist, parquet, csv) into npy:DIR shards, "
                                              "read in chunks")
     convert_cmd.add_arguments(convert)
     plot = sub.add_parser("plot", help="loss and accuracy curves of one or several runs, to a PNG",

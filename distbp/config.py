@@ -30,7 +30,9 @@ REMOVED_TRANSPORTS = {"shared-memory": "direct", "socket": "direct", "socket+sha
 
 @dataclass
 class Config:
-    dataset: str = opt("spirals", "spirals | fashion-mnist | random:N,D,C | npz:PATH", metavar="NAME")
+    dataset: str = opt("spirals", "spirals | fashion-mnist | random:N,D,C | npz:PATH | npy:DIR | "
+                                  "csv:PATH[#label=NAME|INDEX] (a header line of column names; the label is the "
+                                  "last column unless named)", metavar="NAME")
     data_dir: str | None = opt(None, "where the Fashion-MNIST IDX files are "
                                      "(default: /usr/share/datasets/fashion-mnist)", metavar="DIR")
     val_fraction: float = opt(0.0, "hold out this fraction of the training set for validation", metavar="F")
@@ -72,6 +74,9 @@ class Config:
     address: str | None = opt(None, "Ray address: 'auto' joins a running cluster "
                                     "(default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1)", metavar="ADDR")
     out: str | None = opt(None, "directory for results (default: runs/<timestamp>)", metavar="DIR")
+    init_from: str | None = opt(None, "start a new run from the weights of this checkpoint (a run's checkpoint.npz "
+                                      "or Network.save's file; --layers default to its), with a fresh optimizer "
+                                      "and step 1: a new trajectory, unlike --resume", metavar="CHECKPOINT")
     checkpoint_every: int = opt(0, "also write checkpoint.npz every N steps (it is always written at the end "
                                    "of each epoch); a lost server restarts from the latest one", metavar="N")
     keep_checkpoints: int = opt(0, "also keep the last N checkpoints as checkpoint-<step>.npz (checkpoint.npz "

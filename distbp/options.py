@@ -98,11 +98,22 @@ def from_args(ns: argparse.Namespace) -> Config:
 
 
 # What --resume lets you change: how long, where and on how many workers and servers the run
-# goes on (the sum is the same bits for any K and S).  Anything else would make the continued
-# run differ from the uninterrupted one.
-RESUMABLE = ("steps", "epochs", "workers", "servers", "address", "data_dir", "checkpoint_every",
-             "fault_injection", "keep_checkpoints", "eval_every", "report_to", "timeline", "transport",
-             "threads_per_worker")
+# goes on (the sum is the same bits for any K and S), and what it records besides.  Anything
+# else would make the continued run differ from the uninterrupted one.  The one list: the
+# --resume help, its error and docs/reliability.md are made from it or checked against it.
+RESUMABLE = ("steps", "epochs", "workers", "servers", "threads_per_worker", "transport", "address", "data_dir",
+             "checkpoint_every", "keep_checkpoints", "eval_every", "fault_injection", "report_to", "timeline")
+
+
+def resumable_flags() -> str:
+    """``--steps, --epochs, ...``: the flags of RESUMABLE as a user types them."""
+    return ", ".join("--" + flag(name) for name in RESUMABLE)
+
+
+def resume_help() -> str:
+    """``--resume``'s help for ``distbp train --help``, naming what a resumed run may change."""
+    return ("continue the run in DIR (or at a URL like s3://bucket/run) from its checkpoint, to the same final "
+            f"weights as if it had never stopped; of its options only {resumable_flags()} may be given new values")
 
 
 def for_resume(stored: dict, options: dict, directory: str) -> Config:
@@ -135,7 +146,7 @@ def for_resume(stored: dict, options: dict, directory: str) -> Config:
             values[name] = value
         elif value != values[name]:
             raise UsageError(f"--{flag(name)} {value} differs from the run being resumed ({values[name]}); "
-                             f"--resume may change only {', '.join('--' + flag(n) for n in RESUMABLE)}")
+                             f"--resume may change only {resumable_flags()}")
     if "epochs" in options and "steps" not in options:
         values["steps"] = None  # --epochs counts only without --steps
     values["out"] = directory

@@ -2,12 +2,14 @@
 
     pip install -e ".[tune]"
     python examples/tune_lr.py --out runs/tune      # 6 trials on the spirals, about a minute
+    python examples/tune_lr.py --out runs/tune-check --lr 0.01 --batch-size 256 --epochs 1   # a check
 
 Each trial is a Tune function trainable that calls ``distbp.fit`` on the spirals (20% held out
 for validation) with a ``distbp.Callback`` reporting each evaluation to Tune (``tune.report``);
 ``fit`` reuses the Ray the trial runs in, and places its own workers and server there beside
 the trial (2 + 1 CPUs a trial, 2 trials at a time: 8 logical CPUs).  Every trial writes its
 own run directory under ``--out``; the script prints the trials as a Markdown table, best first.
+It uses only distbp's public API (``distbp.fit``, ``distbp.Callback``, ``distbp.load_dataset``).
 """
 
 from __future__ import annotations
@@ -15,18 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from distbp.distributed.loopback import keep_local_ray_on_loopback
-
-keep_local_ray_on_loopback("local")  # before Ray is imported: this example's Ray stays on 127.0.0.1
+# Before Ray is first imported: with multi-node support off, Ray keeps this example's local Ray
+# on 127.0.0.1 instead of listening on every interface (cluster/README.md, "What Ray binds").
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
 import distbp  # noqa: E402
-from distbp.data.datasets import spirals  # noqa: E402
 
-GRID = {"lr": [0.003, 0.01, 0.03], "batch_size": [64, 256]}
-EPOCHS = 20
+LRS, BATCH_SIZES, EPOCHS = "0.003,0.01,0.03", "64,256", 20  # the grid of README's table
 
 
 class ReportToTune(distbp.Callback):
@@ -44,13 +44,13 @@ class ReportToTune(distbp.Callback):
                      "validation_accuracy": record["validation_accuracy"]})
 
 
-def trial(params: dict, out: str) -> None:
-    data = spirals()
+def trial(params: dict, out: str, epochs: float) -> None:
+    data = distbp.load_dataset("spirals")
     result = distbp.fit(data.X, data.y, layers=[2, 64, 64, 3], workers=2, batch_size=params["batch_size"],
-                        micro_batch=32, epochs=EPOCHS, val_fraction=0.2, lr=params["lr"],
+                        micro_batch=32, epochs=epochs, val_fraction=0.2, lr=params["lr"],
                         out=os.path.join(out, f"lr{params['lr']}-b{params['batch_size']}"),
                         callbacks=[ReportToTune()])
-    last = [r for r in result.metrics if "validation_accuracy" in r][-1]
+    last = result.evaluations[-1]  # the last evaluation of the validation split
     tune.report({"step": result.summary["steps"], "epoch": result.summary["epochs"],
                  "loss": result.summary["last_batch_loss"], "validation_loss": last["validation_loss"],
                  "validation_accuracy": last["validation_accuracy"],
@@ -58,16 +58,39 @@ def trial(params: dict, out: str) -> None:
                  "seconds": result.summary["wall_time_s"], "weights_sha256": result.summary["weights_sha256"]})
 
 
+def numbers(kind):
+    """``0.01,0.03`` as a list of ``kind`` (an argparse type)."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    return parse
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/tune", help="where the trials' run directories go")
     parser.add_argument("--cpus", type=int, default=8, help="logical CPUs of the local Ray (3 a trial, 1 for Tune)")
+    parser.add_argument("--lr", type=numbers(float), default=numbers(float)(LRS), metavar="LR,...",
+                        help=f"learning rates to try (default: {LRS})")
+    parser.add_argument("--batch-size", type=numbers(int), default=numbers(int)(BATCH_SIZES), metavar="B,...",
+                        help=f"batch sizes to try (default: {BATCH_SIZES})")
+    parser.add_argument("--epochs", type=float, default=EPOCHS, help=f"epochs of each trial (default: {EPOCHS})")
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, status 2
     args = parser.parse_args()
+    try:  # a bad value is one line now, not a failed trial for each
+        for lr in args.lr:
+            for batch_size in args.batch_size:
+                distbp.Config(layers="2,64,64,3", batch_size=batch_size, micro_batch=32, epochs=args.epochs,
+                              lr=lr, val_fraction=0.2).validate()
+    except distbp.UsageError as exc:
+        parser.error(str(exc))
     out = os.path.abspath(args.out)  # trials run in directories of their own
     ray.init(num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
     tuner = tune.Tuner(
-        tune.with_parameters(trial, out=out),
-        param_space={name: tune.grid_search(values) for name, values in GRID.items()},
+        tune.with_parameters(trial, out=out, epochs=args.epochs),
+        param_space={"lr": tune.grid_search(args.lr), "batch_size": tune.grid_search(args.batch_size)},
         tune_config=tune.TuneConfig(metric="validation_accuracy", mode="max", max_concurrent_trials=2),
         run_config=tune.RunConfig(name="distbp-tune", storage_path=os.path.join(out, "tune"), verbose=0),
     )

@@ -18,7 +18,8 @@ For each config (dtype, global batch B) and each round, one after the other:
   core (and with K threads when K is less than the cores: each distbp worker runs BLAS on one
   thread, so with K=1 the fair comparison is numpy on one thread);
 - ``ddp``: ``scripts/baselines/ddp_baseline.py``, K processes of one thread over gloo (only when
-  torch imports; skipped otherwise);
+  torch imports: ``pip install -e ".[reference]"``; without it one line on stderr says the
+  column is left out);
 - ``distbp``: the real ``distbp.loops.sync.train`` on random data (SGD, mean reduction), its
   samples/s from the step times in ``metrics.jsonl``;
 - the breakdown: the sync loop's steps on a ``Session`` (``Crew`` and ``Servers`` as
@@ -317,7 +318,7 @@ def median_of(values):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=None,
                     help="comma-separated DTYPE:B pairs (default: float64:256,float64:1024,float32:256,float32:1024)")
     ap.add_argument("--workers", type=int, default=2, help="K")
@@ -346,6 +347,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be at least 2: the breakdown times the steps between two readings")
+    if not args.no_ddp and not torch_available():
+        print('bench.py: the DDP column is left out: torch is not installed (pip install -e ".[reference]"; '
+              "a CPU build is enough)", file=sys.stderr, flush=True)
+        args.no_ddp = True
     transports = (args.transports or ("direct,direct/1,object-store" if args.nodes > 1
                                       else "auto")).split(",")
     pairs = (args.configs or "float64:256,float64:1024,float32:256,float32:1024").split(",")
@@ -383,7 +388,7 @@ def measure(args, configs, transports, cluster) -> int:
     cores = os.cpu_count() or 1
     K = args.workers
     numpy_threads = [] if cluster is not None else sorted({cores, min(K, cores)}, reverse=True)
-    ddp = not args.no_ddp and torch_available()
+    ddp = not args.no_ddp  # main() turned it off, with a line, where torch does not import
 
     # Ray once for the whole run: each Session (train's and the breakdown's) finds it
     # initialized, so it places its actors in it and leaves it up when it closes.

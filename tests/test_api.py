@@ -27,11 +27,14 @@ def test_readme_example_runs(ray_session, tmp_path, monkeypatch, capsys):
     namespace = {}
     exec(compile(readme_example(), "README.md", "exec"), namespace)
     result, same, net = namespace["result"], namespace["same"], namespace["net"]
-    assert 1 <= result.summary["steps"] <= 40
+    assert 1 <= result.summary["steps"] <= 40 and result.evaluations and "validation_loss" in result.evaluations[-1]
+    assert namespace["more"].summary["steps"] == 60 and namespace["more"].summary["resumed_from_step"]
+    assert namespace["tuned"].summary["init_from"] == "runs/net.npz"
     assert sha256_le(result.network.flat) == result.summary["weights_sha256"]
-    assert same.summary == result.summary and np.array_equal(net.flat, result.network.flat)
+    more = namespace["more"]  # the run directory after its resume
+    assert same.summary == more.summary and np.array_equal(net.flat, more.network.flat)
     assert [r["step"] for r in result.metrics if "loss" in r] == list(range(1, result.summary["steps"] + 1))
-    assert str(result.summary["weights_sha256"]) in capsys.readouterr().out
+    assert str(result.summary["weights_sha256"])[:12] in capsys.readouterr().out  # in the Result's repr
 
 
 def small(**options):
@@ -70,7 +73,7 @@ def test_callbacks_see_steps_and_evaluations_and_can_stop(ray_session, tmp_path)
     result = distbp.fit(data.X[:1200], data.y[:1200], X_test=data.X[1200:], y_test=data.y[1200:],
                         callbacks=[rec], **small(batch_size=300, steps=40, out=str(tmp_path / "r")))
     stopped = result.summary["steps"]
-    assert 9 <= stopped <= 10 and result.summary["stopped_early"] == stopped  # at the next step boundary
+    assert stopped == 9 and result.summary["stopped_early"] == stopped  # at the step that returned True
     assert [r["step"] for r in rec.steps] == list(range(1, len(rec.steps) + 1)) and len(rec.steps) >= 9
     assert [r["step"] for r in rec.evaluations] == [4, 8]  # 4 steps an epoch
     assert all("test_accuracy" in r for r in rec.evaluations)

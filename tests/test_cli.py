@@ -135,6 +135,33 @@ def test_close_is_idempotent_and_close_all_ends_open_bars() -> None:
         assert terminal.getvalue() == drawn
 
 
+# 6b. One or the other: the bar on a terminal, the evaluations' lines elsewhere (README, "Fashion-MNIST")
+
+EVALUATION = "epoch 1 step 6/12 loss 0.4321 test_acc 0.8765 lr 0.01 samples/s 1234"
+
+
+def six_steps_and_an_evaluation() -> None:
+    bar = Progress(12)
+    for _ in range(6):
+        bar.step(loss="0.4321")
+    bar.log(EVALUATION)
+    bar.note(loss="0.4321", test_acc="0.8765")
+    bar.close()
+
+
+def test_on_a_terminal_the_bar_stands_in_for_the_evaluation_lines() -> None:
+    with on_terminal() as terminal:
+        six_steps_and_an_evaluation()
+    out = terminal.getvalue()
+    assert "epoch 1" not in out  # not beside the bar ...
+    assert "test_acc=0.8765" in last_line(terminal)  # ... which shows its figures
+
+
+def test_elsewhere_each_evaluation_is_one_line_and_there_is_no_bar(capsys: pytest.CaptureFixture) -> None:
+    six_steps_and_an_evaluation()
+    assert capsys.readouterr().err == EVALUATION + "\n"
+
+
 def stopped_run(error: BaseException):
     def run(ns) -> int:
         bar = Progress(100)

@@ -21,6 +21,7 @@ from distbp.data.datasets import fashion_mnist, spirals
 from distbp.loops.sync import train
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
+PYARROW = 'pyarrow is not installed: pip install -e ".[dev]" (or ".[parquet]")'
 
 
 # A subprocess running ``distbp convert ARGS`` through cli.main.
@@ -145,7 +146,8 @@ def test_the_streamed_statistics_add_in_numpys_order():
     assert np.cumsum(values)[-1] != np.sum(values)  # the order matters for these values
 
 
-@pytest.mark.skipif(not REAL_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+@pytest.mark.skipif(not REAL_DIR.is_dir(), reason=f"Fashion-MNIST is not in {REAL_DIR}: "
+                                                  "apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_gives_the_bits_of_the_in_memory_dataset(tmp_path):
     done = convert.convert("fashion-mnist", str(tmp_path / "out"))
     assert (done["rows"], done["test_rows"], done["shards"]) == (60000, 10000, 2)
@@ -164,8 +166,8 @@ def test_fashion_mnist_npy_dir_trains_to_the_bits_of_fashion_mnist(ray_session, 
 # ---- Parquet -------------------------------------------------------------------------------------
 
 def test_parquet_round_trip(tmp_path, monkeypatch):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow", reason=PYARROW)
+    pq = pytest.importorskip("pyarrow.parquet", reason=PYARROW)
     monkeypatch.setattr(sources, "CHUNK_BYTES", 256)
     rng = np.random.default_rng(3)
     a, b, y = rng.standard_normal(90).astype(np.float32), rng.integers(-5, 5, 90).astype(np.int32), \
@@ -268,15 +270,15 @@ def nonempty_dir(tmp_path):
 
 
 def null_in_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow", reason=PYARROW)
+    pq = pytest.importorskip("pyarrow.parquet", reason=PYARROW)
     pq.write_table(pa.table({"a": [1.0, None, 3.0], "y": [0, 1, 2]}), tmp_path / "t.parquet")
     return f"parquet:{tmp_path / 't.parquet'}"
 
 
 def float_label_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow", reason=PYARROW)
+    pq = pytest.importorskip("pyarrow.parquet", reason=PYARROW)
     pq.write_table(pa.table({"a": [1.0, 2.0], "y": [0.0, 1.0]}), tmp_path / "t.parquet")
     return f"parquet:{tmp_path / 't.parquet'}"
 
@@ -290,7 +292,7 @@ def float_label_parquet(tmp_path):
     (lambda p: "fashion-mnist", ["--data-dir", "nowhere"], "missing train-images-idx3-ubyte"),
     (nonempty_dir, [], "already exists and is not empty"),
     (nonempty_dir, ["--rows-per-shard", "0"], "--rows-per-shard must be at least 1"),
-    (nonempty_dir, ["--label-column", "z"], "apply to parquet:PATH only"),
+    (nonempty_dir, ["--label-column", "z"], "--label-column applies to parquet:PATH and csv:PATH only"),
     (null_in_parquet, [], "column 'a' has a missing value (first at row 1)"),
     (float_label_parquet, [], "label column 'y' must hold integer class ids"),
 ], ids=["missing", "unknown", "truncated", "corrupt-member", "truncated-idx", "no-idx", "nonempty-dir",

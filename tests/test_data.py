@@ -158,7 +158,8 @@ def test_bad_dataset_spec(spec: str, words: str) -> None:
         load(spec)
 
 
-@pytest.mark.skipif(not REAL_DIR.is_dir(), reason=f"{REAL_DIR} not installed")
+@pytest.mark.skipif(not REAL_DIR.is_dir(), reason=f"Fashion-MNIST is not in {REAL_DIR}: "
+                                                  "apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_standardised_with_training_statistics_only() -> None:
     data = fashion_mnist(str(REAL_DIR))
     raw_train, _, raw_test, _ = load_fashion_mnist(REAL_DIR)

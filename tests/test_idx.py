@@ -258,7 +258,8 @@ def test_labels_not_1d(tmp_path: Path) -> None:
         load_fashion_mnist(tmp_path)
 
 
-@pytest.mark.skipif(not REAL_DIR.is_dir(), reason=f"{REAL_DIR} not installed")
+@pytest.mark.skipif(not REAL_DIR.is_dir(), reason=f"Fashion-MNIST is not in {REAL_DIR}: "
+                                                  "apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist() -> None:
     X_train, y_train, X_test, y_test = load_fashion_mnist(REAL_DIR)
     assert X_train.shape == (60000, 784) and X_train.dtype == np.uint8

@@ -130,5 +130,5 @@ def test_fit_calls_on_evaluation_every_n_steps(ray_session, tmp_path):
     result = fit(data.X[:1200], data.y[:1200], X_test=data.X[1200:], y_test=data.y[1200:], layers=[2, 8, 3],
                  steps=7, batch_size=60, micro_batch=8, eval_every=2, keep_checkpoints=1, callbacks=[Record()],
                  out=str(tmp_path / "run"))
-    assert seen == [2, 4, 6, 7] == [r["step"] for r in result.metrics if "test_accuracy" in r]
+    assert seen == [2, 4, 6, 7] == [r["step"] for r in result.evaluations if "test_accuracy" in r]
     assert outdir.kept(result.path) == [7]

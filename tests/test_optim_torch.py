@@ -1,7 +1,8 @@
 """--adam-betas, --adam-eps, --optimizer adamw and --clip-norm against PyTorch itself, in float64.
 
 torch is a reference written differently (its own Adam, AdamW, clip_grad_norm_ and autograd),
-not a dependency: these tests are skipped without it (.ci/run installs it).  Biases are not
+not a dependency: these tests are skipped without it (``pip install -e ".[reference]"``; .ci/run
+installs it).  Biases are not
 decayed in distbp, so on the torch side they form a parameter group with weight_decay 0.
 """
 
@@ -18,7 +19,8 @@ from distbp.lecture import tree
 from distbp.lecture.optim import Hyper, init_state, update
 from distbp.step.server import ServerState
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason='torch is not installed: pip install -e ".[reference]" '
+                                        "(a CPU build is enough)")
 
 P, B, STEPS = 40, 32, 8
 TIGHT = dict(rtol=1e-13, atol=1e-15)  # what float64 gives after STEPS updates: a few ulps apart

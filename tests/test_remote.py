@@ -21,8 +21,9 @@ from distbp import cli
 from distbp.data.datasets import spirals
 from distbp.run import remote
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto")
+NEEDS = 's3fs and moto serve S3 here: pip install -e ".[dev]"'
+pytest.importorskip("s3fs", reason=NEEDS)
+pytest.importorskip("moto", reason=NEEDS)
 
 OPTIONS = ["--layers", "2,16,3", "--batch-size", "60", "--micro-batch", "8", "--checkpoint-every", "4"]
 

@@ -16,8 +16,9 @@ from distbp.run import metrics
 from distbp.run.outdir import CHECKPOINT, SUMMARY
 from tests.conftest import train_config
 
-pytest.importorskip("tensorboardX")
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+NEEDS = 'tensorboardX writes and tensorboard reads the event files here: pip install -e ".[dev]"'
+pytest.importorskip("tensorboardX", reason=NEEDS)
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator", reason=NEEDS)
 
 # 1200 training samples (20% of the spirals held out), batch 200: 6 steps an epoch, an evaluation each.
 OPTIONS = dict(val_fraction=0.2, batch_size=200, micro_batch=25, steps=12, checkpoint_every=4)
@@ -89,7 +90,7 @@ def test_tensorboard_after_resume_has_each_step_once(ray_session, tmp_path):
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A local MLflow file store in tmp_path, and a client on it."""
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = pytest.importorskip("mlflow", reason='mlflow is not installed: pip install -e ".[dev]"')
     uri = "file:" + str(tmp_path / "mlruns")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -118,8 +119,8 @@ def test_mlflow_gets_params_metrics_and_artifacts_from_fit(ray_session, tmp_path
     assert [m.step for m in history] == list(range(1, 13))
     assert [m.value for m in history] == [r["loss"] for r in steps]  # float64 kept
     accuracy = mlflow_store.get_metric_history(run.info.run_id, "eval.validation_accuracy")
-    assert [(m.step, m.value) for m in accuracy] == [(r["step"], r["validation_accuracy"]) for r in result.metrics
-                                                     if "validation_accuracy" in r]
+    assert [(m.step, m.value) for m in accuracy] == [(r["step"], r["validation_accuracy"])
+                                                     for r in result.evaluations]
     artifacts = {a.path for a in mlflow_store.list_artifacts(run.info.run_id)}
     assert artifacts == {"summary.json", "checkpoint.npz"}
     got = mlflow_store.download_artifacts(run.info.run_id, "checkpoint.npz", str(tmp_path))

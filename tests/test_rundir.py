@@ -339,7 +339,7 @@ def nan_at(i, size=SIZE):
     ({"weights": None}, "no weights in it"),
     ({"step": np.array([2, 3])}, "step is int64 of shape (2,)"),
     ({"step": np.float64(2.0)}, "step is float64"),
-    ({"step": np.int64(0)}, "not an integer >= 1"),
+    ({"step": np.int64(-1)}, "not an integer >= 0"),
     ({"step": np.bool_(True)}, "step is bool"),
     ({"config_json": np.array("5")}, "config_json holds a JSON int, not an object of options"),
     ({"config_json": np.array("[1, 2]")}, "config_json holds a JSON list"),

@@ -1,8 +1,8 @@
 """``distbp convert SRC DIR``: a dataset into the ``.npy`` shards of ``--dataset npy:DIR``, in chunks.
 
 ``npy:DIR`` trains on data larger than memory because each worker maps the files and reads only
-its rows (npydir.py); but the sources users have, an ``.npz`` archive, Fashion-MNIST's IDX files
-or a Parquet table, are read whole by their loaders.  Convert reads a source a chunk of about
+its rows (npydir.py); but the sources users have, an ``.npz`` archive, Fashion-MNIST's IDX files,
+a Parquet table or a CSV file, are read whole by their loaders.  Convert reads a source a chunk of about
 ``CHUNK_BYTES`` at a time and writes each chunk straight into its shard file, so its memory stays
 at a few chunks whatever the size of the data:
 
@@ -15,6 +15,8 @@ at a few chunks whatever the size of the data:
   ``datasets.fashion_mnist()`` and trains to the same ``weights_sha256``.
 - ``parquet:PATH`` (pyarrow, an optional extra): read a batch of rows at a time; the features
   are numeric columns, the label an integer column.
+- ``csv:PATH``: read a chunk of lines at a time (csvfile.py); the label column chosen as for
+  ``--dataset csv:PATH#label=NAME`` or with ``--label-column``, every other column a feature.
 
 Shards are written with plain writes (a ``.npy`` header, then the rows), not through a memory
 map: the pages of a mapped file count in the process's resident memory, which would grow to a
@@ -41,13 +43,14 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..errors import DataError, Interrupted, UsageError, size_text
+from . import csvfile
 from .idx import DEFAULT_DATA_DIR
 from .parquet import parquet_source
 from .sources import Source, Split, fashion_source, npz_source, progress_bar
 
 SHARD_BYTES = 256 << 20  # the default shard size (X's bytes per shard)
 MAX_SHARDS = 100_000  # X-00000 ... X-99999: more would not sort by name (npydir numbers them in order)
-SOURCES = "npz:PATH, fashion-mnist or parquet:PATH"
+SOURCES = "npz:PATH, fashion-mnist, parquet:PATH or csv:PATH[#label=NAME|INDEX]"
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -63,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"rows per shard (default: about {SHARD_BYTES >> 20} MiB of X per shard)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help=f"fashion-mnist: where the IDX files are (default: {DEFAULT_DATA_DIR})")
-    parser.add_argument("--label-column", metavar="NAME", help="parquet: the integer label column (default: y)")
+    parser.add_argument("--label-column", metavar="NAME", help="parquet: the integer label column (default: y); "
+                        "csv: the label column's name or index (default: the last column)")
     parser.add_argument("--feature-columns", metavar="A,B,...",
                         help="parquet: the feature columns (default: every other numeric column)")
 
@@ -86,18 +90,15 @@ def convert(src: str, directory: str, rows_per_shard: int | None = None, data_di
     kind = _kind(src)
     if data_dir is not None and kind != "fashion-mnist":
         raise UsageError("--data-dir applies to fashion-mnist only")
-    if (label_column is not None or feature_columns is not None) and kind != "parquet":
-        raise UsageError("--label-column and --feature-columns apply to parquet:PATH only")
+    if label_column is not None and kind not in ("parquet", "csv"):
+        raise UsageError("--label-column applies to parquet:PATH and csv:PATH only")
+    if feature_columns is not None and kind != "parquet":
+        raise UsageError("--feature-columns applies to parquet:PATH only")
     if rows_per_shard is not None and rows_per_shard < 1:
         raise UsageError(f"--rows-per-shard must be at least 1, got {rows_per_shard}")
     target = _target(directory)
     with _signals_raise(f"{target} was not created"):
-        if kind == "npz":
-            source = npz_source(src[len("npz:"):])
-        elif kind == "parquet":
-            source = parquet_source(src[len("parquet:"):], label_column or "y", feature_columns)
-        else:
-            source = fashion_source(data_dir, progress)
+        source = _source(kind, src, data_dir, label_column, feature_columns, progress)
         train = source.train
         per_shard = rows_per_shard or max(1, SHARD_BYTES // max(1, train.row_bytes))
         shards = -(-train.rows // per_shard)
@@ -111,15 +112,30 @@ def convert(src: str, directory: str, rows_per_shard: int | None = None, data_di
         return _write(source, target, per_shard, shards, progress)
 
 
+def _source(kind: str, src: str, data_dir: str | None, label_column: str | None, feature_columns: str | None,
+            progress: bool) -> Source:
+    """SRC opened: its headers read and checked, its rows not yet."""
+    if kind == "npz":
+        return npz_source(src[len("npz:"):])
+    if kind == "parquet":
+        return parquet_source(src[len("parquet:"):], label_column or "y", feature_columns)
+    if kind == "csv":
+        path, label = csvfile.parse_spec(src)
+        if label is not None and label_column is not None:
+            raise UsageError(f"SRC {src!r} names the label column and so does --label-column; give one of them")
+        return csvfile.csv_source(path, label_column if label is None else label)
+    return fashion_source(data_dir, progress)
+
+
 def _kind(src: str) -> str:
     if src == "fashion-mnist":
         return src
-    for kind in ("npz", "parquet"):
+    for kind in ("npz", "parquet", "csv"):
         if src.startswith(f"{kind}:"):
             if not src[len(kind) + 1:]:
                 raise UsageError(f"SRC {src!r}: give the file's path after {kind}:")
             return kind
-    hint = " (a file is named with its format: npz:PATH or parquet:PATH)" if os.path.exists(src) else ""
+    hint = " (a file is named with its format: npz:PATH, parquet:PATH or csv:PATH)" if os.path.exists(src) else ""
     raise UsageError(f"unknown SRC {src!r}; choose {SOURCES}{hint}")
 
 

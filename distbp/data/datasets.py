@@ -1,4 +1,5 @@
-"""The datasets: spirals, random, Fashion-MNIST (IDX), npz, and a held-out validation split.  Pure numpy.
+"""The datasets: spirals, random, Fashion-MNIST (IDX), npz, npy, CSV (csvfile.py), and a held-out
+validation split.  Pure numpy.
 
 Every loader returns a ``Dataset`` whose arrays are validated here, at the boundary, so the
 core can trust them: finite features, labels in range, matching lengths.  Sizes are checked
@@ -221,7 +222,8 @@ def validate(data: Dataset, source: str | None = None) -> None:
 
 
 def load(spec: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
-    """A dataset from its ``--dataset`` spec: spirals, fashion-mnist, random:N,D,C, npz:PATH or npy:DIR."""
+    """A dataset from its ``--dataset`` spec: spirals, fashion-mnist, random:N,D,C, npz:PATH, npy:DIR or
+    csv:PATH[#label=NAME|INDEX]."""
     if spec == "spirals":
         data = spirals(seed=seed)
     elif spec == "fashion-mnist":
@@ -240,9 +242,13 @@ def load(spec: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
         return load_npz(spec[len("npz:"):])
     elif spec.startswith("npy:"):
         return from_arrays(spec, *open_dir(spec[len("npy:"):]), source=spec)
+    elif spec.startswith("csv:"):
+        from .csvfile import load_csv  # here: csvfile reads through sources.py, which imports this module
+
+        return load_csv(spec)
     else:
-        raise DataError(f"unknown dataset {spec!r}; choose spirals, fashion-mnist, random:N,D,C, npz:PATH or "
-                        "npy:DIR")
+        raise DataError(f"unknown dataset {spec!r}; choose spirals, fashion-mnist, random:N,D,C, npz:PATH, "
+                        "npy:DIR or csv:PATH")
     validate(data)
     return data
 

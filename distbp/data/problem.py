@@ -32,6 +32,11 @@ class Problem:
     sampler: Sampler
     total_steps: int
 
+    def layer_list(self) -> str:
+        """The layer sizes as ``--layers`` takes them (``2,64,64,3``): a run's checkpoints record
+        these, also where they were derived from the data, so that every run loads back."""
+        return ",".join(str(d) for d in self.layers)
+
     @property
     def test_name(self) -> str | None:
         """``test`` or ``validation``: the split evaluated each epoch; None without one."""

@@ -6,6 +6,7 @@
   the training set's mean and standard deviation; two passes compute them, adding in numpy's
   pairwise order (``_pairwise_sum``), so X has exactly the bits of ``datasets.fashion_mnist()``.
 - ``parquet:PATH``: parquet.py.
+- ``csv:PATH``: csvfile.py.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Split:
 
 @dataclass
 class Source:
-    name: str  # names the source in messages: npz:PATH, fashion-mnist, parquet:PATH
+    name: str  # names the source in messages: npz:PATH, fashion-mnist, parquet:PATH, csv:PATH
     train: Split
     test: Split | None = None
 

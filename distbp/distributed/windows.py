@@ -24,7 +24,7 @@ What a window is not used for, so that everything else keeps its meaning:
   window may not run past a checkpoint, an evaluation or the end of an epoch (each needs the
   driver between two steps); injected kills strike inside windows, at their step;
 - runs with ``--clip-norm`` over several servers (a step needs every server's sums first) and
-  ``fit`` callbacks (they may stop the run after any step);
+  ``fit`` callbacks with ``on_step`` (they may stop the run after any step);
 - the steps after a window where a worker was late: those go one by one, where the crew hands
   a late worker's share to another (a window cannot).
 

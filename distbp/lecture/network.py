@@ -277,44 +277,29 @@ class Network:
 
     @classmethod
     def from_checkpoint(cls, path: str) -> Network:
-        """The network saved in a distbp ``checkpoint.npz``: its config's layers ``d^0..d^L``,
-        activation, loss and dtype, with the stored weights as ``flat``.
-
-        A damaged file is a DataError (from ``checkpoint.load``); a checkpoint whose config or
-        weights do not describe a network of this module is a ValueError.
-        """
+        """The network in a distbp checkpoint (a run's ``checkpoint.npz``, or ``save``'s file).  A damaged
+        file is a DataError; one whose config or weights describe no network here, a ValueError."""
         from ..run import checkpoint  # here, not at the top: the math module needs no file format to import
 
-        saved = checkpoint.load(path)
-        config = saved["config"]
-        missing = [k for k in ("layers", "activation", "loss", "dtype") if k not in config]
-        if missing:
-            raise ValueError(f"{path}: the checkpoint's config lacks {', '.join(missing)}")
-        if config["layers"] is None:
-            # The trainer then chose (d^0, 64, 64, classes) from the data, which the file does not hold,
-            # and the weight count alone does not pin down the layer sizes.
-            raise ValueError(f"{path}: the checkpoint's config does not name its layers (layers = None), "
-                             "so the network cannot be rebuilt from it")
-        try:
-            layers = tuple(int(d) for d in str(config["layers"]).split(","))
-        except ValueError:
-            raise ValueError(f"{path}: the checkpoint's config has layers {config['layers']!r}; "
-                             "expected comma-separated sizes like 2,64,64,3") from None
-        net = cls(layers, config["activation"], config["loss"], config["dtype"])
-        weights = saved["weights"]
-        if weights.size != net.layout.size:
-            raise ValueError(f"{path}: the checkpoint holds {weights.size} weights but layers {layers} "
-                             f"need {net.layout.size}")
-        if weights.dtype.newbyteorder("=") != net.dtype:
-            # A cast would change the bits; a run writes its weights in the dtype it trains in.
-            raise ValueError(f"{path}: the checkpoint's weights are {weights.dtype} but its config says {net.dtype}")
-        net.flat = np.array(weights, dtype=net.dtype)  # own, contiguous, native byte order
-        return net
+        return checkpoint.network(path)
+
+    def save(self, path: str) -> None:
+        """Write the network to ``path`` in the checkpoint format (``from_checkpoint`` reads it back,
+        ``--init-from`` starts a run from it); the file is written whole or not at all."""
+        from ..run import checkpoint
+
+        checkpoint.save_network(self, path)
 
     def forward(self, X) -> np.ndarray:
         """``h(x_n)`` for each row of ``X``: shape ``(N, d^L)``."""
         X = self._inputs(X)
         return output(forward(self.weights, X, self.activation, self.workspace(len(X))), self.loss_name)
+
+    def predict(self, X) -> np.ndarray:
+        """What the network says for each row of ``X``: the class id (``argmax`` of the output) under
+        cross-entropy, the output values ``(N, d^L)`` under squared error."""
+        out = self.forward(X)
+        return out.argmax(axis=1) if self.loss_name == "cross-entropy" else out
 
     def loss(self, X, y) -> float:
         """The summed error ``sum_n e(h(x_n), y_n)``."""

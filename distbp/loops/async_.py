@@ -43,7 +43,7 @@ from ..errors import Diverged, RunFailed, UsageError
 from ..lecture import cuts, schedule
 from ..lecture.network import Network
 from ..lecture.tree import blocks
-from ..run import summary
+from ..run import resume, summary
 from ..run.checkpoint import fingerprint
 from ..run.outdir import RunFiles
 from ..run.progress import Progress
@@ -161,8 +161,11 @@ def train_async(config: Config, resumed: dict | None = None, data: Dataset | Non
     from ..distributed.session import Session
     from ..step.server import NonFiniteGradient
 
+    resume.warm_layers(config)
     problem = prepare(config, data)
+    config.layers = problem.layer_list()  # what the checkpoints record: the sizes used, also when derived
     net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
+    resume.warm_start(config, net)  # --init-from: the server starts from the checkpoint's weights
     staleness = (2 if config.staleness is None else config.staleness) if config.mode == "ssp" else None
     clocks = Clocks(problem, config, staleness)
     failed = f"--mode {config.mode}: a worker or the server failed (%s); this mode has no fault handling " \

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..config import Config
 from ..data.problem import Problem
 from ..run import spans
-from ..run.outdir import RunFiles
+from ..run.outdir import CHECKPOINT, RunFiles
 from ..run.progress import Progress
 from ..run.report import Reporters
 from ..step.server import merge_reports
@@ -53,7 +53,11 @@ class StepLog:
         the servers' and the ``workers``' (a ``WorkerPool``) timings."""
         self.files, self.problem, self.lr_at, self.get = files, problem, lr_at, get
         self.progress, self.callbacks = progress, list(callbacks)
-        self.workers = workers
+        # A callback on each step must see a step's record before the next step starts, so that
+        # the run can stop with that step's weights: its line is written at once, not with the next.
+        self.per_step = any(handles(c, "on_step") for c in self.callbacks)
+        self.workers, self.config = workers, config
+        self.idle_said: set[int] = set()  # the numbers of live workers already said to idle (idle())
         self.reporters = self.timeline = None
         names = config.reporters() if config is not None else ()
         if names:  # before the log opens: a failure leaves no directory
@@ -85,7 +89,7 @@ class StepLog:
             if self.timeline is not None:
                 self.timeline.driver("workers", entry.step)  # waiting for the step's workers, and sending it on
             self.pending.append(entry)
-        self.write(keep=1)
+        self.write(keep=0 if self.per_step else 1)
 
     def write(self, keep: int = 0) -> None:
         """Write the lines of the pending steps but the last ``keep``."""
@@ -142,9 +146,29 @@ class StepLog:
     def _notify(self, method: str, record: dict) -> None:
         """Call ``method`` of each callback that has it with a copy of ``record``; True asks to stop."""
         for callback in self.callbacks:
-            hook = getattr(callback, method, None)
-            if hook is not None and hook(dict(record)):
+            if handles(callback, method) and getattr(callback, method)(dict(record)) and method != "on_end":
                 self.stop_requested = True
+
+    def idle(self, live: int) -> None:
+        """Say on stderr, once for each number of ``live`` workers, when some will idle: a step
+        has only ceil(B/M) micro-batches to share out (a fixed K, or each elastic resize)."""
+        config = self.config
+        if config is None:
+            return
+        shares = -(-config.batch_size // config.micro_batch)
+        if live <= shares or live in self.idle_said:
+            return
+        self.idle_said.add(live)
+        idle = live - shares
+        self.progress.say(f"distbp: {live} workers but a step has only {shares} micro-batch"
+                          f"{'es' if shares != 1 else ''} (--batch-size {config.batch_size} / --micro-batch "
+                          f"{config.micro_batch}), so {idle} worker{'s idle' if idle != 1 else ' idles'} each step; "
+                          f"--micro-batch {max(1, config.batch_size // live)} keeps all {live} busy "
+                          "(the same bits either way)")
+
+    def ended(self, summary: dict) -> None:
+        """The run wrote its summary: each callback's ``on_end`` gets a copy of it."""
+        self._notify("on_end", summary)
 
     def forget_after(self, step: int) -> None:
         """The servers hold ``step`` steps (after a recovery): the later ones sent are redone."""
@@ -155,6 +179,7 @@ class StepLog:
         """A checkpoint is on disk: steps up to it are never redone now."""
         for step in [s for s in self.logged if s <= self.files.saved_step]:
             del self.logged[step]
+        self._notify("on_checkpoint", {"step": self.files.saved_step, "path": self.files.shown(CHECKPOINT)})
         if self.timeline is not None:
             self.timeline.driver("checkpoint", self.files.saved_step)  # evaluation and checkpoint
             self.fetch_worker_spans()
@@ -177,3 +202,10 @@ class StepLog:
             shown[f"{self.problem.test_name}_acc"] = f"{self.last['test_accuracy']:.4f}"
         shown["samples/s"] = f"{self.seen / self.elapsed():.0f}"
         return shown
+
+
+def handles(callback, method: str) -> bool:
+    """Whether ``callback`` does something on ``method``: it has the method, and not as the no-op
+    that ``distbp.Callback`` gives every method (marked ``noop``)."""
+    hook = getattr(callback, method, None)
+    return hook is not None and not getattr(hook, "noop", False)

@@ -50,13 +50,18 @@ def train(config: Config, resumed: dict | None = None, data: Dataset | None = No
         from .async_ import train_async
         return train_async(config, resumed, data, callbacks)
     config.validate()
+    if resumed is None:
+        resume.warm_layers(config)
     problem = prepare(config, data)
+    config.layers = problem.layer_list()  # what the checkpoints record: the sizes used, also when derived
     if config.eval_every and problem.test_name is None:
         raise UsageError(f"--eval-every {config.eval_every}: {problem.data.name} has no test split to evaluate "
                          "on (hold one out with --val-fraction)")
     data_id = fingerprint(problem.X, problem.Y)  # kept in each checkpoint: a resume on other data is refused
     start = _check_resume(config, problem, resumed, data_id)
     net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
+    if resumed is None:
+        resume.warm_start(config, net)  # --init-from: step 0 is the checkpoint's weights
     files = RunFiles.reopen(config.out, start, data_id) if resumed else RunFiles.create(config.out, data_id)
     with files:  # the run directory is locked until the summary is written
         if start >= problem.total_steps:  # a finished run whose summary was never written: write it
@@ -95,19 +100,22 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
         log = StepLog(files, problem, lr_at, servers.get, progress, callbacks,
                       compare=not resumed or resumed["config"].get("servers", 1) == config.servers,
                       config=config, workers=pool)
-        # Windows of steps without a Ray call each, where the transport and the run allow them
+        # Windows of steps without a Ray call each, where the transport and the run allow them (a
+        # callback on each step may stop the run after any step; evaluations end windows anyway)
         windows = Windows(crew, session.transport) if session.transport.windows and not servers.two_halves \
-            and not callbacks else None
+            and not log.per_step else None
         run = Run(config, problem, files, net, servers, log)
         steps = Steps(config, problem.sampler, crew, servers, windows, log, lr_at, run.after, start)
         run.go(steps, lambda: files.latest(initial))
         elapsed = log.elapsed()
         progress.close()
-    return summary.sync(config, problem, files, net, log, elapsed, start, steps.applied,
-                        crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
-                        worker_nodes=[node for node in pool.nodes() if node], server_nodes=server_nodes,
-                        transport=session.transport.name, resizes=crew.resizes,
-                        windows=windows.stats if windows else None)
+    out = summary.sync(config, problem, files, net, log, elapsed, start, steps.applied,
+                       crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
+                       worker_nodes=[node for node in pool.nodes() if node], server_nodes=server_nodes,
+                       transport=session.transport.name, resizes=crew.resizes,
+                       windows=windows.stats if windows else None)
+    log.ended(out)
+    return out
 
 
 class Run:
@@ -230,6 +238,7 @@ class Steps:
         """Apply the next step, or a window of steps from it (of at most ``total``).  A failure is
         raised once the steps applied before it are logged."""
         step = self.applied + 1
+        self.log.idle(len(self.crew.pool.live()))
         last = step if self.windows is None else \
             self.windows.last_step(step, total, lambda t: busy(t, self.config, self.sampler))
         if last > step:

@@ -131,6 +131,58 @@ def save(path: str, weights: np.ndarray, optimizer_state: dict[str, np.ndarray],
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
+def network_config(net) -> dict:
+    """What a checkpoint's config needs to rebuild ``net`` (a ``lecture.network.Network``)."""
+    return {"layers": ",".join(str(d) for d in net.layers), "activation": net.activation, "loss": net.loss_name,
+            "dtype": str(net.dtype)}
+
+
+def save_network(net, path: str) -> None:
+    """``Network.save``: the weights and what rebuilds the network, at step 0 (no training state)."""
+    save(path, net.flat, {}, 0, network_config(net))
+
+
+def network(path: str):
+    """``Network.from_checkpoint``: the network a checkpoint holds.  ValueError where its config or
+    weights describe no network; a run from before checkpoints recorded derived layers (config
+    ``layers`` null) takes them from the ``summary.json`` beside it."""
+    from ..lecture.network import Network
+
+    saved = load(path)
+    config = saved["config"]
+    missing = [k for k in ("layers", "activation", "loss", "dtype") if k not in config]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint's config lacks {', '.join(missing)}")
+    text = config["layers"] if config["layers"] is not None else _summary_layers(path)
+    try:
+        layers = tuple(int(d) for d in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"{path}: the checkpoint's config has layers {text!r}; "
+                         "expected comma-separated sizes like 2,64,64,3") from None
+    net = Network(layers, config["activation"], config["loss"], config["dtype"])
+    weights = saved["weights"]
+    if weights.size != net.layout.size:
+        raise ValueError(f"{path}: the checkpoint holds {weights.size} weights but layers {layers} "
+                         f"need {net.layout.size}")
+    if weights.dtype.newbyteorder("=") != net.dtype:
+        # A cast would change the bits; a run writes its weights in the dtype it trains in.
+        raise ValueError(f"{path}: the checkpoint's weights are {weights.dtype} but its config says {net.dtype}")
+    net.flat = np.array(weights, dtype=net.dtype)  # own, contiguous, native byte order
+    return net
+
+
+def _summary_layers(path: str) -> str:
+    """The layers in the summary.json beside an older checkpoint whose config left them to the data."""
+    summary = os.path.join(os.path.dirname(os.path.abspath(path)), "summary.json")
+    try:
+        with open(summary, encoding="utf-8") as fh:
+            layers = json.load(fh)["layers"]
+        return ",".join(str(int(d)) for d in layers)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: the checkpoint's config does not name its layers (a run from before they were "
+                         "recorded) and no summary.json beside it does") from None
+
+
 def load(path: str) -> dict:
     """``{"weights", "optimizer", "step", "config", "data"}`` (``data``: the training data's
     fingerprint, None in checkpoints from before it was kept); any damage is a DataError
@@ -178,8 +230,8 @@ def _check_arrays(path: str, arrays: dict[str, np.ndarray]) -> dict:
                       f"{weights.dtype} of shape {weights.shape}")
         _finite(path, f"the optimizer buffer {name!r}", buf)
     step = arrays["step"]
-    if step.shape != () or step.dtype.kind not in "iu" or int(step) < 1:
-        raise bad(f"step is {step.dtype} of shape {step.shape} ({_brief(step)}), not an integer >= 1")
+    if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:  # 0: Network.save, no step trained
+        raise bad(f"step is {step.dtype} of shape {step.shape} ({_brief(step)}), not an integer >= 0")
     if "format" in arrays:
         fmt = arrays["format"]
         if fmt.shape != () or fmt.dtype.kind not in "iu":

@@ -18,6 +18,10 @@ checkpoint, the one ``--resume``, ``Result.from_path`` and ``Network.from_checkp
 and each save also leaves ``checkpoint-<step>.npz``, the same file (a hard link: no second
 copy on disk), of which the newest N are kept.  Each name appears whole or not at all: the
 link is made under a temporary name and renamed into place.
+
+A run that began and then failed (it diverged, lost too many workers, was stopped by a signal)
+leaves ``error.json`` (``{"error", "kind", "step"}``: its one line, the error's class, the step
+of its last checkpoint) for ``Result.error``; a resume removes it as the run goes on.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ import time
 
 import numpy as np
 
-from ..errors import Diverged, RunFailed, UsageError
+from ..errors import DistbpError, Diverged, RunFailed, UsageError, one_line
 from . import checkpoint, metrics, remote
 
 CHECKPOINT = "checkpoint.npz"
 SUMMARY = "summary.json"
+ERROR = "error.json"  # why a run that began did not finish (Result.error)
 LOCK = ".lock"
 
 
@@ -229,13 +234,27 @@ class RunFiles:
                 _unlock(path, fd)
             raise UsageError(f"--resume {path}: cannot write there ({exc.strerror or exc})") from None
         sweep(path)
+        try:  # the run goes on: what stopped it before is past
+            os.unlink(os.path.join(path, ERROR))
+        except FileNotFoundError:
+            pass
         return cls(path, None, step, fd, data_fingerprint)
 
     def __enter__(self) -> RunFiles:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, tb) -> None:
+        if isinstance(exc, DistbpError) and self.log is not None:
+            self.failed(exc)
         self.close()
+
+    def failed(self, exc: DistbpError) -> None:
+        """error.json: the run began and stops on ``exc`` (best effort: it must not hide ``exc``)."""
+        try:
+            checkpoint.write_json(os.path.join(self.path, ERROR),
+                                  {"error": one_line(exc), "kind": type(exc).__name__, "step": self.saved_step})
+        except OSError:
+            pass
 
     def open_log(self) -> tuple[float, dict[int, str]]:
         """Start appending to metrics.jsonl: the run has begun.  A resumed run first drops the

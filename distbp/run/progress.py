@@ -1,5 +1,11 @@
 """What a run shows while it goes: a tqdm bar on a terminal, plain log lines otherwise.
 
+One or the other, not both: on a terminal the bar's fields carry what an evaluation's line
+says (the last batch's loss, the last evaluation's accuracy, samples/s), so the lines are not
+printed beside it; elsewhere (a log file, a pipe, a Ray job) there is no bar and each
+evaluation (each epoch's end, and every ``--eval-every`` steps) is one line on stderr.
+metrics.jsonl keeps every figure either way.
+
 The bar is kept short enough for an 80-column terminal: ``step/total``, the bar, elapsed and
 remaining time, then the fields (``loss=... test_acc=... samples/s=...``), which come last and
 are not cut at 80 columns (up to 999,999 steps, 99 hours and 999,999 samples/s).  Before the
@@ -36,7 +42,7 @@ def postfix(fields: dict) -> str:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain log lines (one per epoch) otherwise."""
+    """A tqdm bar on a terminal; plain log lines (one per evaluation) otherwise."""
 
     def __init__(self, total: int, initial: int = 0):
         self.total, self.initial = total, initial
@@ -56,7 +62,12 @@ class Progress:
             self.bar.set_postfix_str(postfix(fields))
 
     def log(self, line: str) -> None:
-        """One line on stderr, above the bar if there is one."""
+        """An evaluation's line: on stderr when there is no bar; with a bar, ``note`` shows its figures instead."""
+        if self.bar is None:
+            print(line, file=sys.stderr, flush=True)
+
+    def say(self, line: str) -> None:
+        """One line on stderr whatever is shown, above the bar if there is one."""
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
         else:
@@ -65,7 +76,7 @@ class Progress:
     def resuming(self, directory: str, step: int, total: int) -> None:
         """Say that the run in ``directory`` goes on from its checkpoint after ``step`` (of ``total``)."""
         # a run at a URL is resumed in a staging directory: name the URL
-        self.log(f"resuming {url_of(directory) or directory} from step {step} of {total}")
+        self.say(f"resuming {url_of(directory) or directory} from step {step} of {total}")
 
     def close(self) -> None:
         """End the bar (it stays on screen, and the cursor goes to a new line); again does nothing."""

@@ -110,7 +110,7 @@ def fetch(url: str, flag: str = "--resume", needs: str = "checkpoint.npz") -> st
     names = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["name"] for e in entries}
     if needs not in names:
         raise UsageError(f"{flag} {url}: there is no {needs} in it" +
-                         (" to continue from" if needs == "checkpoint.npz" else " (not a finished distbp run)"))
+                         (" to continue from" if flag == "--resume" else " (not a distbp run)"))
     local = _stage()
     try:
         for name, key in names.items():

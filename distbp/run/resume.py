@@ -20,9 +20,12 @@ from ..options import for_resume
 from . import checkpoint, metrics
 from .outdir import CHECKPOINT, holder
 
+ARRAYS = "arrays"  # the dataset of a distbp.fit run: in-memory arrays, which only Python can give again
 
-def load(directory: str, options: dict) -> tuple[Config, dict]:
-    """The config (stored, plus the ``options`` given again) and the checkpoint of the run in ``directory``."""
+
+def load(directory: str, options: dict, arrays: bool = False) -> tuple[Config, dict]:
+    """The config (stored, plus the ``options`` given again) and the checkpoint of the run in
+    ``directory``; ``arrays``: the caller (``distbp.fit``) gives the data as arrays again."""
     if not os.path.isdir(directory):
         raise UsageError(f"--resume {directory}: no such directory")
     live = holder(directory)  # a run still going: say so, whatever else its files would say now
@@ -41,6 +44,9 @@ def load(directory: str, options: dict) -> tuple[Config, dict]:
     if logged < state["step"]:
         raise DataError(f"--resume {directory}: {CHECKPOINT} is of step {state['step']} but {metrics.NAME} "
                         f"ends at step {logged}")
+    if state["config"].get("dataset") == ARRAYS and not arrays:
+        raise UsageError(f"--resume {directory}: the run was trained by distbp.fit on in-memory arrays; continue it "
+                         f"from Python with the same arrays: distbp.fit(X, y, resume={directory!r})")
     return for_resume(state["config"], options, directory), state
 
 
@@ -69,3 +75,34 @@ def check_fits(state: dict, layers: tuple[int, ...], config: Config, path: str,
         raise DataError(f"{path}: the run was trained on other data than {config.dataset} holds now "
                         f"(data fingerprint {stored[:12]} in the checkpoint, {data_fingerprint[:12]} now); "
                         "resume it on the data it was trained on")
+
+
+def warm_layers(config: Config) -> None:
+    """``--init-from`` without ``--layers``: the run takes the checkpoint's layers (before the data's
+    defaults are derived, so that a mismatch with the data is the usual --layers error)."""
+    if config.init_from and config.layers is None:
+        config.layers = _initial(config)["config"].get("layers")
+
+
+def warm_start(config: Config, net) -> None:
+    """``--init-from CHECKPOINT``: ``net`` (the run's step 0) takes the checkpoint's weights; the optimizer
+    and the step start afresh.  DataError where the checkpoint is of another network or dtype."""
+    if not config.init_from:
+        return
+    weights = _initial(config)["weights"]
+    if weights.size != net.layout.size:
+        raise DataError(f"--init-from {config.init_from}: holds {weights.size} weights but a "
+                        f"{','.join(map(str, net.layers))} network has {net.layout.size}: another architecture")
+    if weights.dtype.newbyteorder("=") != net.dtype:
+        raise DataError(f"--init-from {config.init_from}: its weights are {weights.dtype} but the run uses "
+                        f"{net.dtype} (--dtype {weights.dtype.name} starts from them unchanged)")
+    net.flat[:] = weights
+
+
+def _initial(config: Config) -> dict:
+    path = config.init_from
+    if os.path.isdir(path):  # a run directory: its latest checkpoint
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise UsageError(f"--init-from {config.init_from}: no such checkpoint")
+    return checkpoint.load(path)

@@ -26,6 +26,7 @@ def describe(config: Config, problem: Problem, steps: int) -> dict:
         "dtype": config.dtype,
         "layers": list(problem.layers),
         "dataset": problem.data.name,
+        "init_from": config.init_from,  # --init-from: a new trajectory from that checkpoint's weights
     }
 
 
