@@ -23,6 +23,8 @@ def opt(default, help: str, choices=None, metavar=None, removed=None):
                                             "removed": removed or {}})
 
 
+MAX_INT = 2**53  # an integer option above this is a mistake (and past what a float holds exactly)
+
 # --transport names of earlier versions: each was one way of the direct transport, which now
 # picks sockets or shared memory for each worker-server pair by itself.
 REMOVED_TRANSPORTS = {"shared-memory": "direct", "socket": "direct", "socket+shared-memory": "direct"}
@@ -101,7 +103,9 @@ class Config:
                             "weights) and ssp (bounded staleness) are NOT split-invariant: for experiments",
                     choices=("sync", "async", "ssp"))
     elastic_timeout: float = opt(300.0, "with fewer workers than the MIN of --workers MIN:MAX, wait this long for "
-                                        "more, then checkpoint and stop", metavar="SECONDS")
+                                        "more, then checkpoint and stop; also how long servers lost with their node "
+                                        "wait for a CPU to restart on, and how long the actors wait on each other "
+                                        "within a window of steps (at least 30 s)", metavar="SECONDS")
     staleness: int | None = opt(None, "with --mode ssp: how many steps a worker may run ahead of the slowest, "
                                       "as in Ho et al. 2013 (default: 2)", metavar="s")
     report_to: str | None = opt(None, "also send each step's metrics and each evaluation to: tensorboard "
@@ -113,6 +117,7 @@ class Config:
     def validate(self) -> None:
         """Raise UsageError naming the first bad option; checks that need the data come later."""
         self.workers = canonical_workers(self.workers)
+        check_sizes(self)
         if not (self.elastic_timeout >= 0 and math.isfinite(self.elastic_timeout)):
             raise UsageError(f"--elastic-timeout must be a finite number of seconds >= 0, got {self.elastic_timeout}")
         for name in ("batch_size", "micro_batch", "threads_per_worker"):
@@ -272,6 +277,16 @@ def canonical_workers(value: int | str) -> int | str:
 
 def flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def check_sizes(config: Config) -> None:
+    """UsageError for an integer option past ``MAX_INT``: 10**400 steps would pass every other
+    check and reach Ray."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            shown = str(value) if len(str(value)) <= 20 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+            raise UsageError(f"--{flag(f.name)} {shown} is too large (at most {MAX_INT})")
 
 
 def option_type(f) -> type:

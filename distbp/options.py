@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import tomllib
 from dataclasses import fields
 
@@ -50,18 +51,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=help_text(f))
 
 
-def load_toml(path: str) -> dict:
-    """Options from a TOML file: keys are option names (dashes or underscores); unknown keys are errors."""
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+CONFIG_BYTES = 1 << 20  # an options file is a few hundred bytes; anything past 1 MiB is something else
+INT64 = (-(1 << 63), 1 << 63)  # TOML integers are 64-bit: a larger one is an error (toml.io, "Integer")
+
+
+def _read_toml(path: str) -> dict:
+    """The TOML table in ``path``, read only if it is a regular file (a FIFO would block, /dev/zero
+    never ends) and at most ``CONFIG_BYTES`` of it; UsageError naming what is wrong."""
+    try:  # O_NONBLOCK: opening a FIFO does not wait for a writer; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+        raise UsageError(f"--config {path}: {what}, not a TOML file")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(data) > CONFIG_BYTES:
+        raise UsageError(f"--config {path}: larger than {CONFIG_BYTES >> 20} MiB, not an options file")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:  # TOML is UTF-8 text
         raise UsageError(f"--config {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
                          f"at offset {exc.start})") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
         raise UsageError(f"--config {path}: {one_line(exc)}") from None
+    except RecursionError:
+        raise UsageError(f"--config {path}: arrays or tables nested too deeply") from None
+
+
+def load_toml(path: str) -> dict:
+    """Options from a TOML file: keys are option names (dashes or underscores); unknown keys are errors."""
+    raw = _read_toml(path)
     known = {f.name: f for f in fields(Config)}
     values, keys = {}, {}
     for key, value in raw.items():
@@ -71,6 +100,10 @@ def load_toml(path: str) -> dict:
         if name in keys:  # batch-size and batch_size are one option: neither may silently win
             raise UsageError(f"--config {path}: {keys[name]!r} and {key!r} are the same option; give it once")
         keys[name] = key
+        big = [v for v in (value if isinstance(value, list) else [value])
+               if type(v) is int and not INT64[0] <= v < INT64[1]]
+        if big:  # tomllib takes any size; TOML allows 64 bits (and float(10**400) would overflow)
+            raise UsageError(f"--config {path}: {key} is an integer beyond TOML's 64 bits")
         kind = option_type(known[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

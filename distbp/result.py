@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, replace
 
-from .errors import DataError, UsageError
+from .errors import DataError, DistbpError, UsageError
 from .lecture.network import Network
 from .run import metrics as metrics_file
 from .run import remote
@@ -42,8 +41,12 @@ class Result:
             local = remote.fetch(run_dir, "Result.from_path", needs=CHECKPOINT)
             try:
                 return replace(cls.from_path(local), path=run_dir)
+            except (DistbpError, ValueError) as exc:  # named where the user finds it: the staging is gone
+                if len(exc.args) == 1 and isinstance(exc.args[0], str):
+                    exc.args = (exc.args[0].replace(local, run_dir.rstrip("/")),)
+                raise
             finally:
-                shutil.rmtree(local, ignore_errors=True)
+                remote.discard(local)
         summary, error = _summary(run_dir), None
         if summary is None:
             error = _error(run_dir)

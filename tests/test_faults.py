@@ -212,6 +212,18 @@ def test_a_refused_step_reaches_the_workers_as_divergence(ray_session):
     ray.kill(worker)
 
 
+def test_an_actor_killed_by_rays_memory_monitor_is_a_lost_actor():
+    """Ray's memory monitor kills the process of a call with OutOfMemoryError, which is no
+    RayActorError: the crew takes it as the loss of that actor (a worker's share is redone, a
+    server is recovered), not as a bug that ends the run with a traceback."""
+    from ray.exceptions import OutOfMemoryError
+
+    killed = OutOfMemoryError("Task was killed due to the node running low on memory.")
+    assert crew.outcome_of(killed, worker=True) is Outcome.WORKER_LOST
+    assert crew.outcome_of(killed, worker=False) is Outcome.SERVER_LOST
+    assert decide(Outcome.WORKER_LOST) is Decision.REDO_SHARE
+
+
 def test_fault_spec():
     faults = parse("kill-worker:1@5, delay-worker:0@7:2.5,kill-server@9", workers=2)
     assert [str(f) for f in faults] == ["kill-worker:1@5", "delay-worker:0@7:2.5", "kill-server@9"]

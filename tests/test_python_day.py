@@ -226,11 +226,11 @@ def test_train_says_once_when_workers_will_idle(ray_session, tmp_path, capsys):
 
 
 def test_idle_workers_are_said_again_for_each_resize():
-    from distbp.loops.steplog import StepLog
+    from distbp.loops.sync import Steps
 
     said = []
-    log = types.SimpleNamespace(config=distbp.Config(batch_size=256, micro_batch=128), idle_said=set(),
-                                progress=types.SimpleNamespace(say=said.append))
+    steps = types.SimpleNamespace(config=distbp.Config(batch_size=256, micro_batch=128), idle_said=set(),
+                                  log=types.SimpleNamespace(progress=types.SimpleNamespace(say=said.append)))
     for live in (1, 2, 3, 3, 4, 2, 3):
-        StepLog.idle(log, live)
+        Steps.say_idle(steps, live)
     assert [line.split(" workers")[0] for line in said] == ["distbp: 3", "distbp: 4"]

@@ -23,10 +23,11 @@ map: the pages of a mapped file count in the process's resident memory, which wo
 whole shard.
 
 Nothing half-made is ever left at DIR: the shards go into a hidden temporary directory beside it
-(``.DIR.*.converting``), renamed into place only when every file is written and synced; an error
-or a signal removes it (only a SIGKILL can leave it behind, never DIR).  Bad input (headers,
-shapes, dtypes, lengths, non-finite features, negative or non-integer labels) ends in one line
-and exit 2, with DIR not created.
+(``.DIR.*.converting``, locked while it is written), renamed into place only when every file is
+written and synced; an error or a signal removes it.  Only a SIGKILL can leave it behind, never
+DIR, and the next convert to DIR removes it (one whose lock no live process holds:
+run/remote.py ``sweep_stale``).  Bad input (headers, shapes, dtypes, lengths, non-finite
+features, negative or non-integer labels) ends in one line and exit 2, with DIR not created.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import signal
-import tempfile
 import threading
 from contextlib import contextmanager
 
 import numpy as np
 
 from ..errors import DataError, Interrupted, UsageError, size_text
+from ..run.remote import locked_tempdir, sweep_stale
 from . import csvfile
 from .idx import DEFAULT_DATA_DIR
 from .parquet import parquet_source
@@ -108,6 +110,8 @@ def convert(src: str, directory: str, rows_per_shard: int | None = None, data_di
         parent = os.path.dirname(target)
         needed = sum(s.rows * (s.row_bytes + s.y_dtype.itemsize * math.prod(s.y_tail)) + 2 * 128 * n
                      for s, n in ((train, shards), (source.test, 1)) if s is not None)
+        # a killed convert's leftovers (their writer gone) first: they take space too
+        sweep_stale(parent, re.compile(re.escape(f".{os.path.basename(target)}.") + r"[a-z0-9_]{8}\.converting"))
         _check_space(_existing(parent), needed, target)
         return _write(source, target, per_shard, shards, progress)
 
@@ -218,10 +222,10 @@ class _NpyWriter:
 def _write(source: Source, target: str, per_shard: int, shards: int, progress: bool) -> dict:
     parent = os.path.dirname(target)
     made = _make_parents(parent)
-    tmp = None
+    tmp = lock = None
     bar = progress_bar(source.train.rows + (source.test.rows if source.test else 0), "converting", progress)
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".converting", dir=parent)
+        tmp, lock = locked_tempdir(f".{os.path.basename(target)}.", ".converting", parent)
         train = source.train
         sizes = [min(per_shard, train.rows - i * per_shard) for i in range(shards)]
         names = [(f"X-{i:05d}.npy", f"y-{i:05d}.npy") for i in range(shards)]
@@ -249,6 +253,8 @@ def _write(source: Source, target: str, per_shard: int, shards: int, progress: b
                     os.rmdir(d)
                 except OSError:
                     break
+        if lock is not None:  # after the rename or the removal: never a directory there unlocked
+            os.close(lock)
     return {"dir": target, "rows": source.train.rows, "test_rows": source.test.rows if source.test else 0,
             "shards": shards, "bytes": total}
 

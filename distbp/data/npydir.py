@@ -16,7 +16,13 @@ same data in memory.
 Opening a directory checks what can go wrong (shapes, dtypes and lengths across shards,
 labels in range, every feature finite) once: the finiteness scan reads the whole set in
 chunks, so its verdict is remembered under ``~/.cache/distbp`` by a fingerprint of the files
-(paths, sizes, modification times, headers); changed files are scanned again.
+(paths, sizes, modification and change times, inodes, headers: the change time moves with any
+write and with ``os.utime``, so a file written and given its old mtime back is scanned again).
+
+Data that changes under a run: rows are read with ``pread`` from the file at the offsets its
+header gives, never through a mapping, so a shard truncated mid-run is a DataError naming it
+(a mapping would kill the reading process with SIGBUS); and ``changed`` tells the driver which
+file is no longer the one the run opened, which it checks before each checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import mmap
 import os
 import re
+import stat
 import sys
 
 import numpy as np
@@ -56,9 +63,22 @@ class Rows:
         self.dtype = first.dtype
         rows = int(self.starts[-1]) if index is None else len(index)
         self.shape = (rows, *first.shape[1:])
+        self.identity = [_identity(_path(p)) for p in self.paths]  # what changed() compares with
 
     def __reduce__(self):
-        return Rows, (self.paths, self.index)  # a worker maps the files itself
+        return Rows, (self.paths, self.index)  # a worker opens the files itself
+
+    def changed(self) -> str | None:
+        """The first file that is no longer the one these rows were opened on (written, replaced,
+        truncated or gone since), or None."""
+        for source, seen in zip(self.paths, self.identity):
+            try:
+                now = _identity(_path(source))
+            except OSError:
+                return _path(source)
+            if now != seen:
+                return _path(source)
+        return None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -92,7 +112,8 @@ class Rows:
         shard = np.searchsorted(self.starts, rows, side="right") - 1
         for s in np.unique(shard):
             mine = shard == s
-            out[mine] = self.parts[s][rows[mine] - self.starts[s]]
+            wanted, where = np.unique(rows[mine] - self.starts[s], return_inverse=True)
+            out[mine] = _read(_path(self.paths[s]), self.parts[s], wanted)[where]
         return out
 
     def __getitem__(self, key) -> np.ndarray:
@@ -106,17 +127,56 @@ class Rows:
         for lo in range(0, len(self), rows):
             yield self[lo:lo + rows]
 
-    def signature(self) -> str:
-        """What identifies these files without reading them: paths, sizes, times, headers, subset."""
+    def signature(self, strong: bool = False) -> str:
+        """What identifies these files without reading them: paths, sizes, modification times,
+        headers, subset (the data fingerprint a resumed run is checked against: a copy put back
+        with its times is the same data).  ``strong`` adds what no write can keep: inodes and
+        change times (the finiteness verdict's key)."""
         h = hashlib.sha256()
         for source, part in zip(self.paths, self.parts):
-            path = source if isinstance(source, str) else source[0]
+            path = _path(source)
             st = os.stat(path)
-            h.update(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, part.shape,
+            identity = _identity(path) if strong else (st.st_size, st.st_mtime_ns)
+            h.update(json.dumps([os.path.abspath(path), *identity, part.shape,
                                  part.dtype.str, None if isinstance(source, str) else source[2]]).encode())
         if self.index is not None:
             h.update(np.ascontiguousarray(self.index, dtype="<i8").tobytes())
         return h.hexdigest()
+
+
+def _read(path: str, part: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Rows ``wanted`` (sorted, unique) of the shard ``part`` mapped from ``path``, read with one
+    ``pread`` per run of consecutive rows: a file cut short is a DataError naming it, not SIGBUS."""
+    row_bytes = part.dtype.itemsize * int(np.prod(part.shape[1:], dtype=np.int64))
+    block = np.empty((len(wanted), *part.shape[1:]), dtype=part.dtype)
+    flat = block.reshape(-1).view(np.uint8)
+    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it any more ({exc.strerror}); it changed during the run") from None
+    try:
+        for lo, hi in zip([0, *breaks], [*breaks, len(wanted)]):
+            size = (hi - lo) * row_bytes
+            data = os.pread(fd, size, part.offset + int(wanted[lo]) * row_bytes)
+            if len(data) < size:
+                raise DataError(f"{path}: the file ends before row {int(wanted[lo]) + len(data) // row_bytes} "
+                                f"of the {len(part)} its header declares; it was truncated during the run")
+            flat[lo * row_bytes:hi * row_bytes] = np.frombuffer(data, dtype=np.uint8)
+    finally:
+        os.close(fd)
+    return block
+
+
+def _path(source) -> str:
+    return source if isinstance(source, str) else source[0]
+
+
+def _identity(path: str) -> tuple[int, ...]:
+    """A file's identity without reading it: device, inode, size, modification and change times.
+    ``os.utime`` can set the modification time back, but it moves the change time."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _open(source) -> np.ndarray:
@@ -127,6 +187,12 @@ def _open(source) -> np.ndarray:
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: cannot map it ({str(exc).splitlines()[0]})") from None
     path = source
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc.strerror})") from None
+    if not regular:  # a FIFO or a device would block or never end
+        raise DataError(f"{path}: not a regular file, not an .npy file")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -166,7 +232,7 @@ def finite(rows: Rows, dtype=None, progress: str | None = None) -> bool:
     float32 run) is finite; the whole set is scanned in chunks once per version of the files
     (the verdict is cached), with a progress bar labelled ``progress`` on a terminal."""
     dtype = np.dtype(dtype or rows.dtype)
-    mark = os.path.join(CACHE, f"{rows.signature()}-{dtype.str}")
+    mark = os.path.join(CACHE, f"{rows.signature(strong=True)}-{dtype.str}")
     if os.path.exists(mark) or rows.dtype.kind not in "fc":
         return True  # integer features are finite in any float dtype here (2**64 < float32's max)
     step = max(1, SCAN_ROWS_BYTES // max(1, rows.dtype.itemsize * int(np.prod(rows.shape[1:]))))

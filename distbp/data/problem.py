@@ -32,6 +32,16 @@ class Problem:
     sampler: Sampler
     total_steps: int
 
+    def check_unchanged(self, saved: int) -> None:
+        """DataError naming the file if memory-mapped training data (``npy:DIR``) is no longer the
+        file the run opened: the steps since may have trained on other rows (checked before each
+        checkpoint, so that none is written of them)."""
+        path = self.X.changed() if isinstance(self.X, Rows) else None
+        if path is not None:
+            raise DataError(f"{path} changed during the run (written, replaced or truncated after it was opened); "
+                            f"the last checkpoint (step {saved}) is from before: put the data back as it was "
+                            "and resume, or start a new run on the new data")
+
     def layer_list(self) -> str:
         """The layer sizes as ``--layers`` takes them (``2,64,64,3``): a run's checkpoints record
         these, also where they were derived from the data, so that every run loads back."""

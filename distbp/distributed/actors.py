@@ -27,6 +27,7 @@ from ..lecture.optim import Hyper
 from ..step.outcome import Stopped, Why
 from ..step.server import Abandoned, NonFiniteGradient, ServerState, pass_threads
 from ..step.worker import WorkerState
+from .inbox import Late
 from .transport import Transport
 
 BLAS_THREADS = 1
@@ -173,9 +174,11 @@ class ParameterServer(_Actor):
             for step, n, nodes, keys, lr, scale, size, fault in plan:
                 if fault is not None:  # --fault-injection kill-server at this step
                     strike(fault)
-                got = self.end.collect(keys, step)
+                got = self.end.collect(keys, step, n, nodes)
                 if got is None:
                     return done, Stopped(Why.CALLED_OFF, step)
+                if isinstance(got, Late):  # a straggler: the driver calls the window off, the crew backs it up
+                    return done, Stopped(Why.LATE, step)
                 values, metas, ready = got  # the values may still be coming in: ready() waits for each chunk
                 loss = math.fsum(x for losses, _ in metas for x in losses) / size
                 if not math.isfinite(loss):  # caught before anything is applied, as the sync loop does

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import threading
 
-WAIT_S = 600.0  # a window's wait for a step's values or weights gives up after this (windows.py)
-
 
 class Board:
-    """The steps a server holds, its window, and the chunks of the step it is applying."""
+    """The steps a server holds, its window, and the chunks of the step it is applying; a wait
+    for them gives up after ``wait_s`` (the run's: ``Direct.wait_s``)."""
 
-    def __init__(self, changed: threading.Condition):
-        self.changed = changed
+    def __init__(self, changed: threading.Condition, wait_s: float):
+        self.changed, self.wait_s = changed, wait_s
         self.steps = 0  # the weights it holds are those after this many steps
         # the window it runs or ran last, whether that one is over, the highest one called off
         self.window, self.over, self.called_off = 0, True, 0
@@ -71,15 +70,16 @@ class Board:
             return there() or self.window > window or self.called_off >= window or \
                 (self.window == window and self.over)
         with self.changed:
-            self.changed.wait_for(known, timeout=WAIT_S)
+            self.changed.wait_for(known, timeout=self.wait_s)
             return there()
 
     def next_chunk(self, at: int, steps: int, width: int) -> int:
         """Where the run of entries from ``at`` that holds the weights after ``steps`` steps ends,
         waiting until it does (the whole range's end once the step is applied); EOFError if
-        that does not come within ``WAIT_S``."""
+        that does not come within ``wait_s``."""
         with self.changed:
             if not self.changed.wait_for(lambda: self.steps >= steps or self.fresh.get(at, (0, -1))[1] >= steps,
-                                         timeout=WAIT_S):
-                raise EOFError(f"the weights after step {steps} did not come")  # the worker's PeerLost
+                                         timeout=self.wait_s):
+                raise EOFError(f"the weights after step {steps} did not come within {self.wait_s:g} s "
+                               "(--elastic-timeout)")  # the worker's PeerLost
             return width if self.steps >= steps else self.fresh[at][0]

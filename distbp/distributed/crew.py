@@ -40,12 +40,13 @@ import numpy as np
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
-from ..errors import Diverged, RunFailed
+from ..errors import DistbpError, Diverged, RunFailed
 from ..faults import Action, Fault
 from ..lecture import tree
 from ..step import plan
 from ..step.outcome import Decision, Outcome, Stopped, Why, decide
 from ..step.server import NonFiniteGradient
+from .runtime import ACTOR_LOST
 from .servers import ServerFailed, Servers
 from .workers import TooFewWorkers, WorkerPool
 
@@ -179,6 +180,11 @@ class Crew:
                         [float(v) for task in tasks for v in task.result[0]],
                         max(task.result[1] for task in tasks), len({task.worker for task in tasks}))
 
+    def adopt(self, worker: int, info: ray.ObjectRef) -> None:
+        """``worker`` is still in a call nobody waits for (a window's, called off while it
+        straggled): it sits out, as a late worker does, until that call ends."""
+        self.running[worker] = Task(worker, range(0), [], [], info, time.monotonic(), None)
+
     def enlist(self, step: int) -> None:
         """Step ``step``'s boundary: workers that came up join; with fewer than ``minimum`` live,
         wait for more, and past ``wait_s`` raise TooFewWorkers (nothing of the step was sent)."""
@@ -257,7 +263,7 @@ class Crew:
                 self._abandon()
                 raise ServerFailed(f"step {self.step}: its weights are lost ({type(exc).__name__})") from exc
             elif decision is Decision.RAISE:
-                raise
+                raise plain(exc) from None
             return None
         task.status = Status.DONE
         return time.monotonic() - task.started if task.part is not None else None
@@ -288,11 +294,18 @@ def outcome_of(exc: BaseException, worker: bool) -> Outcome:
         return Outcome.DIVERGED
     if isinstance(exc, RayTaskError):  # the task did not run: an argument (the weights) failed
         return Outcome.INPUTS_LOST if isinstance(exc, (RayActorError, ObjectLostError)) else Outcome.BUG
-    if isinstance(exc, RayActorError):
+    if isinstance(exc, ACTOR_LOST):  # also killed by Ray's memory monitor
         return Outcome.WORKER_LOST if worker else Outcome.SERVER_LOST
     if isinstance(exc, ObjectLostError):  # PeerLost too: a server the call talked to is gone
         return Outcome.INPUTS_LOST
     return Outcome.BUG
+
+
+def plain(exc: BaseException) -> BaseException:
+    """A DistbpError raised in an actor (data that changed under the run) as itself, not wrapped in
+    Ray's RayTaskError with the actor's traceback: one line for the user."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(exc, RayTaskError) and isinstance(cause, DistbpError) else exc
 
 
 def _consume(ref: ray.ObjectRef) -> None:

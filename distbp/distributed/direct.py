@@ -30,6 +30,9 @@ the driver chose (``Push`` or, on the server's node, ``Put`` of a memfd's handle
 micro-batch losses and compute time; the server's step waits for its keys (``collect``).  The
 driver calls a window off (``call_off``: ``CallOff`` on a connection of its own, with the run's key) when
 something in it failed, and every server then ends its steps and says no to waiting workers.
+Every wait on a peer ends after ``Direct.wait_s``, from the run's --elastic-timeout: a server
+that nobody calls off gives up by itself, and a worker whose server says nothing for twice
+that long takes it for lost.
 
 Within a window's step the bytes between nodes flow as in BytePS: a push goes piece by piece
 (``PIECE_BYTES`` of every row at a time) and the server sums each chunk of the gradient as soon
@@ -65,6 +68,16 @@ from ..lecture import cuts
 from . import channel, shm
 
 PIECE_BYTES = 1 << 20  # a push goes this many bytes of every row at a time
+# An actor's wait on a peer (a worker's values, the weights after a step, a connection to a full
+# listener) gives up after the run's --elastic-timeout, how long the run waits for missing
+# workers (``peer_wait``), but never sooner than this: a window that gave up on every slow step
+# would be tried again, and again.
+WAIT_FLOOR_S = 30.0
+
+
+def peer_wait(elastic_timeout: float) -> float:
+    """How long an actor of a run with ``--elastic-timeout elastic_timeout`` waits on a peer."""
+    return max(WAIT_FLOOR_S, elastic_timeout)
 
 
 def pieces(width: int, itemsize: int) -> list[range]:
@@ -159,8 +172,10 @@ class Direct:
     # a socket on one machine, as between nodes.
     within_node = True
 
-    def __init__(self, size: int, dtype, servers: int):
-        self.size, self.dtype = size, np.dtype(dtype)
+    def __init__(self, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S):
+        """``wait_s``: how long an actor waits on a peer before it gives up (``peer_wait`` of the
+        run's --elastic-timeout: Session); a server's wait then ends its window, as a call-off does."""
+        self.size, self.dtype, self.wait_s = size, np.dtype(dtype), wait_s
         self.bounds = cuts.aligned(size, servers)
         self.key = channel.new_key()  # made for this run; reaches the actors in their Ray arguments
         self.share_node = self.within_node and shm.memfd_available()
@@ -176,10 +191,12 @@ class Direct:
 
 def call_off(transport: Direct, servers: list[Handle], window: int) -> None:
     """The driver calls window ``window`` off (a worker of it failed): each server that can be
-    reached ends its steps there and tells its waiting workers so."""
+    reached ends its steps there and tells its waiting workers so.  A full listener is tried
+    again for up to ``transport.wait_s``: the time after which the server gives up by itself."""
     for handle in servers:
         try:
-            with channel.connect(handle.address, transport.key) as sock:
+            with channel.connect(handle.address, transport.key, within=transport.wait_s,
+                                 timeout=transport.wait_s) as sock:
                 channel.send(sock, CallOff(window))
                 channel.recv(sock)
         except (OSError, EOFError):

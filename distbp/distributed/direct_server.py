@@ -17,10 +17,11 @@ from collections.abc import Callable
 import numpy as np
 import ray
 
+from ..lecture import tree
 from . import channel, shm
 from .board import Board
 from .direct import CallOff, Direct, Handle, PeerLost, Pull, Push, Put, Reached, Reply, pieces
-from .inbox import Entry, Inbox
+from .inbox import Entry, Inbox, Late
 
 
 class DirectServer:
@@ -32,7 +33,8 @@ class DirectServer:
         self.weights: np.ndarray | None = None  # its range of the weights (``own``)
         # one lock for the inbox and the board: a window's end ends the waits of both
         changed = threading.Condition(threading.Lock())
-        self.inbox, self.board = Inbox(self.width, self.dtype, changed), Board(changed)
+        self.inbox = Inbox(self.width, self.dtype, changed, transport.wait_s)
+        self.board = Board(changed, transport.wait_s)
         self.post = channel.Listener(ray.util.get_node_ip_address(), transport.key, Requests(self).serve)
         # with shared memory: the range in a memfd, for workers of this node; their rows mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
@@ -67,16 +69,20 @@ class DirectServer:
         entries = [Entry(part.step, None, part.block) if part.block is not None else next(pushed) for part in parts]
         return self._values(entries, step)
 
-    def collect(self, keys: list[str], step: int) -> tuple[list[np.ndarray], list[tuple], Callable] | None:
-        """A window's step: the values and metas under ``keys``, once each has started to come in;
-        None if the window is called off (or nothing came for ``WAIT_S``) before.  The third
-        item is ``ready(lo, hi)`` for the server's sum (step/server.py): it waits until columns
-        ``[lo, hi)`` of every pushed row are in, or says no when the window is called off."""
+    def collect(self, keys: list[str], step: int, n: int,
+                nodes: list[list]) -> tuple[list[np.ndarray], list[tuple], Callable] | Late | None:
+        """A window's step: the values and metas under ``keys`` (the tasks' tree ``nodes`` over ``n``
+        micro-batches), once each has started to come in; None if the window is called off (or
+        nothing came for ``Direct.wait_s``) before, ``Late`` if a task is late by the crew's rule
+        (inbox.py).  The third item is ``ready(lo, hi)``
+        for the server's sum (step/server.py): it waits until columns ``[lo, hi)`` of every pushed
+        row are in, or says no when the window is called off."""
         def over() -> bool:
             return self.board.over
-        entries = self.inbox.wait(keys, over)
-        if entries is None:
-            return None
+        counts = [sum(hi - lo for lo, hi in (tree.span(node, n) for node in task)) for task in nodes]
+        entries = self.inbox.wait(keys, over, counts)
+        if entries is None or isinstance(entries, Late):
+            return entries
         return self._values(entries, step), [entry.meta for entry in entries], self.inbox.ready(entries, over)
 
     def _values(self, entries: list[Entry], step: int) -> list[np.ndarray]:

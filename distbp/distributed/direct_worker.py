@@ -30,8 +30,10 @@ class Links:
     the same connection (answered in order), after the next request has gone out, so that a
     step costs no round trip of its own."""
 
-    def __init__(self, key: bytes):
-        self.key = key
+    def __init__(self, key: bytes, wait_s: float):
+        """``wait_s``: the servers' own deadline (``Direct.wait_s``); a full listener is tried again
+        for that long, and a server that says nothing for twice that long is taken for lost."""
+        self.key, self.wait_s = key, wait_s
         self.socks: dict[Address, socket.socket] = {}
         self.unread: set[Address] = set()
 
@@ -40,7 +42,8 @@ class Links:
         sock = self.socks.get(address)
         try:
             if sock is None:
-                sock = self.socks[address] = channel.connect(address, self.key)
+                sock = self.socks[address] = channel.connect(address, self.key, within=self.wait_s,
+                                                             timeout=2 * self.wait_s)
             return talk(sock)
         except (OSError, EOFError) as exc:
             self.socks.pop(address, None)
@@ -72,7 +75,7 @@ class DirectWorker:
 
     def __init__(self, transport: Direct):
         self.bounds, self.dtype = transport.bounds, transport.dtype
-        self.links = Links(transport.key)
+        self.links = Links(transport.key, transport.wait_s)
         self.flat = np.empty(transport.size, transport.dtype)
         self.out = np.empty((0, transport.size), dtype=transport.dtype)
         self.servers: tuple[Handle, ...] = ()

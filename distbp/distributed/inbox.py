@@ -13,13 +13,32 @@ No Ray here: numpy and a condition variable shared with the server's board (boar
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..step import plan
 from . import shm
-from .board import WAIT_S
+
+LATE_MIN_S = 0.5  # a window's step waits at least this long for a key before it is late
+
+
+@dataclass
+class Late:
+    """A window's step whose keys ``missing`` are late: the driver hands their shares to others."""
+
+    missing: list[str]
+
+
+def _late_at(keys: list[str], counts: list[int], came: dict[str, float]) -> float | None:
+    """Seconds after the wait began at which the first key not there is late; None before any came."""
+    if not came:
+        return None
+    size = dict(zip(keys, counts))
+    pace = plan.pace_of([came[key] for key in came], [size[key] for key in came])
+    return max(LATE_MIN_S, min(plan.late_after(pace, size[key]) for key in keys if key not in came))
 
 
 @dataclass
@@ -35,10 +54,11 @@ class Entry:
 
 
 class Inbox:
-    """The entries handed to one server (``width`` columns of ``dtype``), by key."""
+    """The entries handed to one server (``width`` columns of ``dtype``), by key; a wait for
+    them gives up after ``wait_s`` (the run's: ``Direct.wait_s``)."""
 
-    def __init__(self, width: int, dtype, changed: threading.Condition):
-        self.width, self.dtype, self.changed = width, np.dtype(dtype), changed
+    def __init__(self, width: int, dtype, changed: threading.Condition, wait_s: float):
+        self.width, self.dtype, self.changed, self.wait_s = width, np.dtype(dtype), changed, wait_s
         self.entries: dict[str, Entry] = {}
         self.spare: list[np.ndarray] = []  # buffers of steps done with, reused for new pushes
         self.taken: list[Entry] = []  # the pushed entries the last step read
@@ -71,24 +91,44 @@ class Inbox:
                 raise RuntimeError(f"node values {missing} never reached this server")
             return [self.entries.pop(key) for key in keys]
 
-    def wait(self, keys: list[str], over: Callable[[], bool]) -> list[Entry] | None:
+    def wait(self, keys: list[str], over: Callable[[], bool],
+             counts: list[int] | None = None) -> list[Entry] | Late | None:
         """The entries of ``keys`` once each has started to come in; None if ``over()`` (the
-        window is called off) or nothing came for ``WAIT_S`` before."""
+        window is called off) or nothing came for ``wait_s`` before.  With ``counts`` (each key's
+        micro-batches), ``Late`` once a key that has not come is late by the crew's rule
+        (``plan.late_after``, against the quickest key's pace since the wait began), and at
+        least ``LATE_MIN_S`` after it began: arrivals carry transfer jitter a Ray call's
+        compute time does not."""
+        begun = time.monotonic()
+        came: dict[str, float] = {}  # key -> seconds after the wait began that it was there
+
+        def all_in() -> bool:
+            return over() or all(key in self.entries for key in keys)
+
         with self.changed:
-            if not self.changed.wait_for(lambda: over() or all(key in self.entries for key in keys),
-                                         timeout=WAIT_S) or over():
+            while not all_in():
+                now = time.monotonic()
+                came.update({key: now - begun for key in keys if key in self.entries and key not in came})
+                late_at = None if counts is None else _late_at(keys, counts, came)
+                if late_at is not None and now - begun >= late_at:
+                    return Late([key for key in keys if key not in came])
+                left = self.wait_s - (now - begun)
+                if left <= 0:
+                    return None
+                self.changed.wait(left if late_at is None else min(left, late_at - (now - begun)))
+            if over():
                 return None
             return [self.entries.pop(key) for key in keys]
 
     def ready(self, entries: list[Entry], over: Callable[[], bool]) -> Callable[[int, int], bool]:
         """``ready(lo, hi)`` for the server's sum (step/server.py): waits until columns ``[lo, hi)``
-        of every pushed entry are in, or says no once ``over()``."""
+        of every pushed entry are in, or says no once ``over()`` (or after ``wait_s`` without them)."""
         pushed = [entry for entry in entries if entry.block is None]
 
         def ready(lo: int, hi: int) -> bool:
             with self.changed:
                 return self.changed.wait_for(lambda: over() or all(e.upto >= hi for e in pushed),
-                                             timeout=WAIT_S) and not over()
+                                             timeout=self.wait_s) and not over()
         return ready
 
     def recycle(self, entries: list[Entry], step: int) -> None:

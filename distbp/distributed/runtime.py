@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 import ray
-from ray.exceptions import AuthenticationError
+from ray.exceptions import AuthenticationError, OutOfMemoryError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -31,6 +31,9 @@ from ..errors import UsageError
 from ..run import signals
 
 PLACEMENT_TIMEOUT_S = 60
+# An actor gone: it died (RayActorError), or Ray's memory monitor killed the process that ran
+# the call (OutOfMemoryError, which is no RayActorError): the same loss, handled the same way.
+ACTOR_LOST = (RayActorError, OutOfMemoryError)
 MARKER = "DISTBP_LOCAL_RAY"  # environment variable naming the local Ray a driver started
 
 # The reaper: argv = the marker entry, the driver's pid.  Which processes are that Ray's: those

@@ -12,34 +12,45 @@ The ranges are decided once, by the run's transport (``transport.bounds``).  ``S
 the driver's handle on the S actors: each method starts the same call on every server and
 returns one ObjectRef per server, in range order.  It also brings them back after a failure
 (``recover``): a live group says how many steps it holds; a lost one restarts from the
-latest checkpoint.
+latest checkpoint, in its bundle of the servers' placement group, which Ray moves to another
+node when the server's node is lost.  Until there is a CPU for it the restart is tried again,
+for up to ``--elastic-timeout``; then ``ServersLost`` stops the run at its last checkpoint.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
+from ray.exceptions import GetTimeoutError, ObjectLostError
 
 from ..errors import Diverged, RunFailed
 from ..faults import Action
 from ..step.server import NonFiniteGradient
+from .runtime import ACTOR_LOST
 
 SERVER_TIMEOUT_S = 30.0  # a live server answers step_count within this, whatever it is doing
+RESTART_PAUSE_S = 1.0  # between tries to restart servers that could not start
 
 
 class ServerFailed(RunFailed):
     """A server died or a step's inputs were lost; ``Servers.recover`` brings the servers back."""
 
 
+class ServersLost(RunFailed):
+    """The servers could not be restarted within --elastic-timeout (no CPU for them anywhere)."""
+
+
 class Servers:
     """The S ``ParameterServer`` actors of a run; server ``s`` owns ``bounds[s]`` of the flat vector."""
 
-    def __init__(self, spawn: Callable[[int], object], bounds: list[range], clip: bool = False):
-        """``spawn(s)`` starts the actor of server ``s``; ``clip``: --clip-norm is given."""
-        self.spawn, self.bounds = spawn, bounds
+    def __init__(self, spawn: Callable[[int], object], bounds: list[range], clip: bool = False,
+                 wait_s: float = 300.0):
+        """``spawn(s)`` starts the actor of server ``s``; ``clip``: --clip-norm is given;
+        ``wait_s``: how long a restart may wait for a CPU (--elastic-timeout)."""
+        self.spawn, self.bounds, self.wait_s = spawn, bounds, wait_s
         # Clipping scales every range by the norm of the whole gradient: with S servers a step is
         # two calls, so that each server's update waits for the S servers' sums of squares.
         self.two_halves = clip and len(bounds) > 1
@@ -71,10 +82,10 @@ class Servers:
         parts = self.get([a.snapshot.remote() for a in self.actors])
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
-    def restore(self, arrays: dict[str, np.ndarray], t: int) -> None:
+    def restore(self, arrays: dict[str, np.ndarray], t: int, timeout: float | None = None) -> None:
         """Load full-length buffers (weights, optimizer state) of step ``t``: each server its range."""
         ray.get([a.restore.remote({k: v[r.start:r.stop] for k, v in arrays.items()}, t)
-                 for a, r in zip(self.actors, self.bounds)])
+                 for a, r in zip(self.actors, self.bounds)], timeout=timeout)
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
@@ -89,7 +100,7 @@ class Servers:
             return ray.get(refs)
         except NonFiniteGradient as exc:
             raise Diverged(f"training diverged: {_message(exc)} (the server did not apply it)") from None
-        except (RayActorError, ObjectLostError) as exc:
+        except (*ACTOR_LOST, ObjectLostError) as exc:
             raise ServerFailed(str(type(exc).__name__)) from exc
 
     def recover(self, latest: Callable[[], tuple[dict[str, np.ndarray], int]]) -> int:
@@ -103,15 +114,23 @@ class Servers:
             counts = ray.get([a.step_count.remote() for a in self.actors], timeout=SERVER_TIMEOUT_S)
             if len(set(counts)) == 1:
                 return counts[0]
-        except (RayActorError, GetTimeoutError):
+        except (*ACTOR_LOST, GetTimeoutError):
             pass
-        for actor in self.actors:  # all of them, so that they restart from one checkpoint
-            ray.kill(actor, no_restart=True)
         self.restarts += 1
-        self.actors = [self.spawn(s) for s in range(len(self.bounds))]
         arrays, step = latest()
-        self.restore(arrays, step)
-        return step
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            for actor in self.actors:  # all of them, so that they restart from one checkpoint
+                ray.kill(actor, no_restart=True)
+            self.actors = [self.spawn(s) for s in range(len(self.bounds))]
+            try:  # a server whose node was lost waits for its bundle to be placed again
+                self.restore(arrays, step, timeout=max(1.0, deadline - time.monotonic()))
+                return step
+            except (*ACTOR_LOST, GetTimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise ServersLost(f"the parameter servers could not be restarted within {self.wait_s:g} s "
+                                      f"(--elastic-timeout; {type(exc).__name__}): no CPU for them") from None
+            time.sleep(RESTART_PAUSE_S)  # a node just lost: Ray moves its bundles elsewhere
 
 
 def _message(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from ..lecture.optim import Hyper
 from ..run import signals
 from . import cores
 from .actors import ParameterServer, Worker
+from .direct import peer_wait
 from .runtime import PLACEMENT_TIMEOUT_S, connect, disconnect, in_bundle, place
 from .servers import Servers
 from .transport import choose
@@ -51,7 +52,8 @@ class Session:
             if users_ray:
                 self._check_fits()
             self.pg = place(servers, "servers")
-            self.transport = choose(transport or config.transport, Layout(self.layers).size, self.dtype, servers)
+            self.transport = choose(transport or config.transport, Layout(self.layers).size, self.dtype, servers,
+                                    peer_wait(config.elastic_timeout))
             self.X, self.Y = ray.put(problem.X), ray.put(problem.Y)
         except BaseException:
             self.close()
@@ -81,7 +83,7 @@ class Session:
         start = ray.put(weights)  # once, however many servers read it
         return Servers(lambda s: ParameterServer.options(**in_bundle(self.pg, s)).remote(
             s, start, hyper, mask, self.transport), self.transport.bounds,
-            hyper.clip_norm is not None)
+            hyper.clip_norm is not None, config.elastic_timeout)
 
     def start_workers(self) -> WorkerPool:
         """MAX worker actors (``--workers MIN:MAX``), each placed on its own, once MIN are up;

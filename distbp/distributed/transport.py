@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..lecture import cuts
-from .direct import Direct
+from .direct import WAIT_FLOOR_S, Direct
 
 
 class ObjectStore:
@@ -98,10 +98,10 @@ class _StoreServer:
 Transport = ObjectStore | Direct
 
 
-def choose(name: str, size: int, dtype, servers: int) -> Transport:
+def choose(name: str, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S) -> Transport:
     """The transport ``--transport name`` asks for (a validated Config's): ``object-store``, or
     the direct transport (``direct``, ``auto``), which reaches whichever nodes the workers land
-    on, now or when they join."""
+    on, now or when they join; its actors wait on each other up to ``wait_s`` (``direct.peer_wait``)."""
     if name == "object-store":
         return ObjectStore(size, dtype, servers)
-    return Direct(size, dtype, servers)
+    return Direct(size, dtype, servers, wait_s)

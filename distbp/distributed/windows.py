@@ -26,7 +26,9 @@ What a window is not used for, so that everything else keeps its meaning:
 - runs with ``--clip-norm`` over several servers (a step needs every server's sums first) and
   ``fit`` callbacks with ``on_step`` (they may stop the run after any step);
 - the steps after a window where a worker was late: those go one by one, where the crew hands
-  a late worker's share to another (a window cannot).
+  a late worker's share to another (a window cannot).  A server that waits for a late share
+  inside a window (inbox.py's rule) ends the window there; the driver calls it off, and a
+  worker still in its call then sits out the crew's steps until the call ends (``Crew.adopt``).
 
 When something fails in a window (a worker or a server dies, a step diverges), the driver calls
 the window off: every server ends its steps there and tells its waiting workers so.  The steps
@@ -41,16 +43,18 @@ import time
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import ObjectLostError, RayActorError
+from ray.exceptions import ObjectLostError
 
 from ..errors import Diverged
 from ..step import plan
 from ..step.outcome import Decision, Outcome, Stopped, Why, decide
-from .crew import Crew, outcome_of
+from .crew import Crew, outcome_of, plain
 from .direct import call_off
+from .runtime import ACTOR_LOST
 from .servers import ServerFailed
 
 WINDOW = 16  # steps a window holds at most: new workers join, and Ctrl-C acts, at its end
+GRACE_S = 2.0  # a window called off and its servers done: how long its workers have to end their calls
 
 
 @dataclass
@@ -143,8 +147,14 @@ class Windows:
         (a server that stopped at a diverging step, a worker told so) calls the window off, so
         that no actor waits for a step that will not come."""
         results, pending, failed = {}, list(calls), False
+        servers, grace = sum(who[0] == "server" for who in calls.values()), None
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            timeout = None if grace is None else max(0.0, grace - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not ready:  # called off, every server done: a worker still in its call is a straggler
+                for ref in pending:  # it sits out the crew's steps until its call ends
+                    self.crew.adopt(calls[ref][1], ref)
+                break
             who = calls[ready[0]]
             try:
                 result = results[who] = ray.get(ready[0])
@@ -154,6 +164,9 @@ class Windows:
             if short and not failed:
                 failed = True
                 call_off(self.transport, _handles(weights), window)
+            servers -= who[0] == "server"
+            if failed and not servers and grace is None:
+                grace = time.monotonic() + GRACE_S
         return results, failed
 
     def _outcome(self, first: int, batches: list, shares: dict, results: dict,
@@ -182,7 +195,7 @@ class Windows:
                 # a server's own refusal, or a call that failed on weights refused before the window
                 problem = Diverged((stopped or Stopped(Why.GRADIENT, first - 1)).line())
             elif decision is Decision.RAISE:
-                problem = problem or result  # an error in the call itself
+                problem = problem or plain(result)  # an error in the call itself
         counts = [len(done) for done in applied]
         if len(set(counts)) > 1 and not isinstance(problem, Diverged):
             problem = ServerFailed(f"the servers applied {counts} steps of a window")  # recover them
@@ -215,6 +228,6 @@ def _handles(weights: list) -> list:
     for ref in weights:
         try:
             handles.append(ray.get(ref))
-        except (RayActorError, ObjectLostError):
+        except (*ACTOR_LOST, ObjectLostError):
             pass
     return handles

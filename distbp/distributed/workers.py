@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayActorError
 
 from ..errors import RunFailed
 from ..faults import Action
+from .runtime import ACTOR_LOST
 
 MAX_LOST = 10  # per worker slot: past that, workers die of something a new actor will not cure
 
@@ -67,7 +67,7 @@ class WorkerPool:
         ref = self.starting.pop(k)
         try:
             self.node_ids[k] = ray.get(ref)
-        except RayActorError:
+        except ACTOR_LOST:
             self.replace(k)
             return
         self.events.append(f"worker {k} started on node {self.node_ids[k][:8]}")

@@ -237,43 +237,7 @@ class Network:
             raise ValueError(f"X must have shape (N, {self.layers[0]}), got {X.shape}")
         if y is None:
             return X
-        return X, self._targets(y, len(X))
-
-    def _targets(self, y, rows: int) -> np.ndarray:
-        """``y`` for ``rows`` samples: class ids in ``0..d^L-1`` (shape ``(N,)``) for either loss, or
-        for squared error also real targets of shape ``(N, d^L)``."""
-        y = np.asarray(y)
-        d_out = self.layers[-1]
-        if y.ndim not in (1, 2):
-            raise ValueError(f"y must be class ids of shape (N,) or targets of shape (N, {d_out}), "
-                             f"got shape {y.shape}")
-        if len(y) != rows:
-            raise ValueError(f"y has {len(y)} labels but X has {rows} rows; they must match")
-        if y.ndim == 2:
-            if self.loss_name == "cross-entropy":
-                raise ValueError(f"cross-entropy wants integer class ids of shape (N,), got y of shape {y.shape}; "
-                                 "for one-hot rows pass y.argmax(axis=1)")
-            if y.shape[1] != d_out:
-                raise ValueError(f"squared-error targets must have shape (N, {d_out}) = (N, d^L), got {y.shape}")
-            if y.dtype.kind not in "biuf":
-                raise ValueError(f"squared-error targets must be numbers, got dtype {y.dtype}")
-            return y.astype(self.dtype, copy=False)
-        # 1-D: class ids.  Floats holding whole numbers (2.0, as from a float npz) are ids too;
-        # anything else (1.5, nan, strings) is not, and would be truncated or crash in the cast.
-        if y.dtype.kind == "f":
-            if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-                bad = y[~np.isfinite(y) | (y != np.round(y))][0]
-                raise ValueError(f"class ids must be integers, got non-integer value {bad} in y"
-                                 + ("; for real-valued targets pass shape (N, d^L)"
-                                    if self.loss_name == "squared" else ""))
-        elif y.dtype.kind not in "biu":
-            raise ValueError(f"class ids must be integers, got y of dtype {y.dtype}")
-        # Range checks on the values themselves, before the int64 cast could wrap a huge float.
-        if y.size and y.min() < 0:
-            raise ValueError(f"class ids must be >= 0, got negative class id {y.min()}")
-        if y.size and y.max() >= d_out:
-            raise ValueError(f"class ids must be < d^L = {d_out} (the number of outputs), got class id {y.max()}")
-        return encode_targets(y.astype(np.int64, copy=False), self.loss_name, d_out, self.dtype)
+        return X, targets(y, len(X), self.loss_name, self.layers[-1], self.dtype)
 
     @classmethod
     def from_checkpoint(cls, path: str) -> Network:
@@ -327,6 +291,42 @@ class Network:
         backprop(self.weights, X, Y, self.activation, self.loss_name, ws,
                  self.layout.views(np.empty(self.layout.size, dtype=self.dtype)))
         return [np.einsum("ni,nj->nij", ws.x[l - 1], ws.delta[l]) for l in range(1, len(self.layers))]
+
+
+def targets(y, rows: int, loss_name: str, d_out: int, dtype) -> np.ndarray:
+    """``y`` for ``rows`` samples: class ids in ``0..d^L-1`` (shape ``(N,)``) for either loss, or
+    for squared error also real targets of shape ``(N, d^L)``."""
+    y = np.asarray(y)
+    if y.ndim not in (1, 2):
+        raise ValueError(f"y must be class ids of shape (N,) or targets of shape (N, {d_out}), "
+                         f"got shape {y.shape}")
+    if len(y) != rows:
+        raise ValueError(f"y has {len(y)} labels but X has {rows} rows; they must match")
+    if y.ndim == 2:
+        if loss_name == "cross-entropy":
+            raise ValueError(f"cross-entropy wants integer class ids of shape (N,), got y of shape {y.shape}; "
+                             "for one-hot rows pass y.argmax(axis=1)")
+        if y.shape[1] != d_out:
+            raise ValueError(f"squared-error targets must have shape (N, {d_out}) = (N, d^L), got {y.shape}")
+        if y.dtype.kind not in "biuf":
+            raise ValueError(f"squared-error targets must be numbers, got dtype {y.dtype}")
+        return y.astype(dtype, copy=False)
+    # 1-D: class ids.  Floats holding whole numbers (2.0, as from a float npz) are ids too;
+    # anything else (1.5, nan, strings) is not, and would be truncated or crash in the cast.
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            bad = y[~np.isfinite(y) | (y != np.round(y))][0]
+            raise ValueError(f"class ids must be integers, got non-integer value {bad} in y"
+                             + ("; for real-valued targets pass shape (N, d^L)"
+                                if loss_name == "squared" else ""))
+    elif y.dtype.kind not in "biu":
+        raise ValueError(f"class ids must be integers, got y of dtype {y.dtype}")
+    # Range checks on the values themselves, before the int64 cast could wrap a huge float.
+    if y.size and y.min() < 0:
+        raise ValueError(f"class ids must be >= 0, got negative class id {y.min()}")
+    if y.size and y.max() >= d_out:
+        raise ValueError(f"class ids must be < d^L = {d_out} (the number of outputs), got class id {y.max()}")
+    return encode_targets(y.astype(np.int64, copy=False), loss_name, d_out, dtype)
 
 
 def evaluate(net: Network, X: np.ndarray, y: np.ndarray, chunk: int = 4096) -> tuple[float, float]:

@@ -56,8 +56,7 @@ class StepLog:
         # A callback on each step must see a step's record before the next step starts, so that
         # the run can stop with that step's weights: its line is written at once, not with the next.
         self.per_step = any(handles(c, "on_step") for c in self.callbacks)
-        self.workers, self.config = workers, config
-        self.idle_said: set[int] = set()  # the numbers of live workers already said to idle (idle())
+        self.workers = workers
         self.reporters = self.timeline = None
         names = config.reporters() if config is not None else ()
         if names:  # before the log opens: a failure leaves no directory
@@ -148,23 +147,6 @@ class StepLog:
         for callback in self.callbacks:
             if handles(callback, method) and getattr(callback, method)(dict(record)) and method != "on_end":
                 self.stop_requested = True
-
-    def idle(self, live: int) -> None:
-        """Say on stderr, once for each number of ``live`` workers, when some will idle: a step
-        has only ceil(B/M) micro-batches to share out (a fixed K, or each elastic resize)."""
-        config = self.config
-        if config is None:
-            return
-        shares = -(-config.batch_size // config.micro_batch)
-        if live <= shares or live in self.idle_said:
-            return
-        self.idle_said.add(live)
-        idle = live - shares
-        self.progress.say(f"distbp: {live} workers but a step has only {shares} micro-batch"
-                          f"{'es' if shares != 1 else ''} (--batch-size {config.batch_size} / --micro-batch "
-                          f"{config.micro_batch}), so {idle} worker{'s idle' if idle != 1 else ' idles'} each step; "
-                          f"--micro-batch {max(1, config.batch_size // live)} keeps all {live} busy "
-                          "(the same bits either way)")
 
     def ended(self, summary: dict) -> None:
         """The run wrote its summary: each callback's ``on_end`` gets a copy of it."""

@@ -130,7 +130,7 @@ class Run:
     def go(self, steps: Steps, latest) -> None:
         """Apply steps until the last, a stop signal, a callback's stop or too few workers;
         ``latest()``: the arrays and step a lost server restarts from."""
-        from ..distributed.servers import ServerFailed
+        from ..distributed.servers import ServerFailed, ServersLost
         from ..distributed.workers import TooFewWorkers
 
         total, few = self.problem.total_steps, None  # TooFewWorkers: stop at a step boundary, checkpointed
@@ -145,7 +145,11 @@ class Run:
                     # Live servers say how many steps they hold; lost ones restart from the
                     # latest checkpoint.  Either way the loop goes on from there: steps are
                     # redone (to the same bits), never applied twice.
-                    steps.recover(latest)
+                    try:
+                        steps.recover(latest)
+                    except ServersLost as exc:  # no CPU for them: stop at the latest checkpoint
+                        few = exc
+                        break
         if stop.signum is not None:
             self.interrupted(stop, steps.applied)
         if few is not None:
@@ -182,8 +186,10 @@ class Run:
         return snapshot
 
     def save(self, step: int, snapshot: dict[str, np.ndarray]) -> None:
-        """checkpoint.npz after step ``step``, every line before it written first."""
+        """checkpoint.npz after step ``step``, every line before it written first, the data checked
+        to be the files the run opened (``Problem.check_unchanged``)."""
         self.log.write()
+        self.problem.check_unchanged(self.files.saved_step)
         self.files.save(step, snapshot, self.config.to_dict())
         self.log.saved()
 
@@ -229,6 +235,7 @@ class Steps:
         self.config, self.sampler, self.crew, self.servers, self.windows = config, sampler, crew, servers, windows
         self.log, self.lr_at, self.after = log, lr_at, after  # after(step): the driver's part after a step
         self.applied, self.weights = applied, servers.weights()
+        self.idle_said: set[int] = set()  # the numbers of live workers said to leave some idle (say_idle)
 
     def scale_of(self, batch) -> int | None:
         """What the servers divide the summed gradient by: B under --reduction mean."""
@@ -238,13 +245,28 @@ class Steps:
         """Apply the next step, or a window of steps from it (of at most ``total``).  A failure is
         raised once the steps applied before it are logged."""
         step = self.applied + 1
-        self.log.idle(len(self.crew.pool.live()))
+        self.say_idle(len(self.crew.pool.live()))
         last = step if self.windows is None else \
             self.windows.last_step(step, total, lambda t: busy(t, self.config, self.sampler))
         if last > step:
             self._window(step, last)
         else:
             self._one(step)
+
+    def say_idle(self, live: int) -> None:
+        """Say on stderr, once for each number of ``live`` workers, when some will idle: a step
+        has only ceil(B/M) micro-batches to share out (a fixed K, or each elastic resize)."""
+        config = self.config
+        shares = -(-config.batch_size // config.micro_batch)
+        if live <= shares or live in self.idle_said:
+            return
+        self.idle_said.add(live)
+        idle = live - shares
+        self.log.progress.say(f"distbp: {live} workers but a step has only {shares} micro-batch"
+                              f"{'es' if shares != 1 else ''} (--batch-size {config.batch_size} / --micro-batch "
+                              f"{config.micro_batch}), so {idle} worker{'s idle' if idle != 1 else ' idles'} each "
+                              f"step; --micro-batch {max(1, config.batch_size // live)} keeps all {live} busy "
+                              "(the same bits either way)")
 
     def _window(self, step: int, last: int) -> None:
         """Steps ``step`` to ``last`` in one window (windows.py), logged as steps one by one."""
@@ -275,8 +297,16 @@ class Steps:
 
     def recover(self, latest) -> None:
         """A server failed: go on from the steps the servers hold after ``Servers.recover``
-        (``latest()``: the checkpoint a lost one restarts from)."""
-        self.applied = self.servers.recover(latest)
+        (``latest()``: the checkpoint a lost one restarts from).  ServersLost if they cannot be
+        restarted: the run holds the checkpoint's steps then."""
+        from ..distributed.servers import ServersLost
+
+        try:
+            self.applied = self.servers.recover(latest)
+        except ServersLost:
+            self.applied = latest()[1]
+            self.log.forget_after(self.applied)
+            raise
         self.weights = self.servers.weights()
         self.log.forget_after(self.applied)
 

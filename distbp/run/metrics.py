@@ -13,8 +13,9 @@ import json
 import math
 import os
 import stat
+from collections.abc import Callable
 
-from ..errors import DataError
+from ..errors import DataError, RunFailed
 from .checkpoint import atomic_write
 
 NAME = "metrics.jsonl"
@@ -41,7 +42,7 @@ def read(path: str) -> list[dict]:
         try:
             entry = json.loads(text)
             _check(entry)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             if number == len(lines):  # no newline yet: a line cut short or still being written
                 break
             raise DataError(f"{path}: line {number} is not a metrics record") from None
@@ -84,16 +85,36 @@ def trim(path: str, step: int) -> tuple[float, dict[int, str]]:
 
 
 class Writer:
-    """Appends records to ``metrics.jsonl`` line by line: a crash keeps every finished step."""
+    """Appends records to ``metrics.jsonl`` line by line: a crash keeps every finished step.
 
-    def __init__(self, path: str, mode: str = "a"):
-        self.fh = open(path, mode, buffering=1)
+    A write that fails (a full disk, a read-only or immutable file, an I/O error) raises
+    ``failed(exc)`` (by default a RunFailed naming the file and the error) and the run stops;
+    the line may be cut short, and ``read`` skips such a last line.  ``close`` never raises:
+    each line is flushed as it is written, so all it could fail on is the line already said.
+    """
+
+    def __init__(self, path: str, mode: str = "a", failed: Callable[[OSError], Exception] | None = None):
+        self.path = path
+        self.failed = failed or (lambda exc: RunFailed(f"cannot write {path} ({exc.strerror or exc})"))
+        try:
+            self.fh = open(path, mode, buffering=1)
+        except OSError as exc:
+            raise self.failed(exc) from None
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
+        try:
+            self.fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise self.failed(exc) from None
 
     def flush(self) -> None:
-        self.fh.flush()
+        try:
+            self.fh.flush()
+        except OSError as exc:
+            raise self.failed(exc) from None
 
     def close(self) -> None:
-        self.fh.close()
+        try:
+            self.fh.close()
+        except OSError:  # the failed line again (already said), or nothing of ours
+            pass

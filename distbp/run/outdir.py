@@ -19,9 +19,8 @@ and each save also leaves ``checkpoint-<step>.npz``, the same file (a hard link:
 copy on disk), of which the newest N are kept.  Each name appears whole or not at all: the
 link is made under a temporary name and renamed into place.
 
-A run that began and then failed (it diverged, lost too many workers, was stopped by a signal)
-leaves ``error.json`` (``{"error", "kind", "step"}``: its one line, the error's class, the step
-of its last checkpoint) for ``Result.error``; a resume removes it as the run goes on.
+A run that began and then failed leaves ``error.json`` (its one line, the error's class, the
+step of its last checkpoint) for ``Result.error``; a resume removes it.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import suppress
 
 import numpy as np
 
@@ -124,10 +124,8 @@ def _sign(fd: int) -> None:
 
 def _unlock(directory: str, fd: int) -> None:
     """Remove the lock file, then let the lock go (in that order: see ``_lock``)."""
-    try:
+    with suppress(OSError):
         os.unlink(os.path.join(directory, LOCK))
-    except OSError:
-        pass
     os.close(fd)
 
 
@@ -193,6 +191,23 @@ def make_out_dir(path: str | None) -> tuple[str, str | None, int]:
     return path, created, fd
 
 
+def write_failed(files: RunFiles, exc: OSError, name: str = metrics.NAME) -> RunFailed:
+    """The one line for a failed write of ``name`` in the run of ``files``: the file, the error,
+    the checkpoint kept."""
+    kept = (f"the checkpoint of step {files.saved_step} is intact: continue with: distbp train --resume "
+            f"{files.shown()}") if files.saved_step else "no checkpoint was written"
+    return RunFailed(f"cannot write {files.shown(name)} ({exc.strerror or exc}); {kept}")
+
+
+def record_error(path: str, exc: DistbpError, step: int) -> None:
+    """error.json: the run in ``path`` stops on ``exc``; best effort (a full disk must not hide ``exc``)."""
+    try:
+        checkpoint.write_json(os.path.join(path, ERROR), {"error": one_line(exc), "kind": type(exc).__name__,
+                                                          "step": step})
+    except OSError:
+        pass
+
+
 class RunFiles:
     """The files of one run in ``path``: ``saved_step`` is the step of the checkpoint on disk.
 
@@ -234,35 +249,28 @@ class RunFiles:
                 _unlock(path, fd)
             raise UsageError(f"--resume {path}: cannot write there ({exc.strerror or exc})") from None
         sweep(path)
-        try:  # the run goes on: what stopped it before is past
+        with suppress(FileNotFoundError):  # the run goes on: what stopped it before is past
             os.unlink(os.path.join(path, ERROR))
-        except FileNotFoundError:
-            pass
         return cls(path, None, step, fd, data_fingerprint)
 
     def __enter__(self) -> RunFiles:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        if isinstance(exc, DistbpError) and self.log is not None:
-            self.failed(exc)
+        if isinstance(exc, DistbpError) and self.log is not None:  # the run began: say why it stops
+            record_error(self.path, exc, self.saved_step)
         self.close()
-
-    def failed(self, exc: DistbpError) -> None:
-        """error.json: the run began and stops on ``exc`` (best effort: it must not hide ``exc``)."""
-        try:
-            checkpoint.write_json(os.path.join(self.path, ERROR),
-                                  {"error": one_line(exc), "kind": type(exc).__name__, "step": self.saved_step})
-        except OSError:
-            pass
 
     def open_log(self) -> tuple[float, dict[int, str]]:
         """Start appending to metrics.jsonl: the run has begun.  A resumed run first drops the
         lines past its checkpoint (they are redone); returns their ``time`` offset and hashes."""
         offset, dropped = (0.0, {})
         if self.saved_step:
-            offset, dropped = metrics.trim(self.metrics_path, self.saved_step)
-        self.log = metrics.Writer(self.metrics_path)
+            try:
+                offset, dropped = metrics.trim(self.metrics_path, self.saved_step)
+            except OSError as exc:  # written aside and renamed (atomic_write): the file is as it was
+                raise write_failed(self, exc) from None
+        self.log = metrics.Writer(self.metrics_path, failed=lambda exc: write_failed(self, exc))
         return offset, dropped
 
     def save(self, step: int, arrays: dict[str, np.ndarray], config: dict) -> None:
@@ -312,7 +320,10 @@ class RunFiles:
         return {"weights": saved["weights"], **saved["optimizer"]}, saved["step"]
 
     def write_summary(self, summary: dict) -> None:
-        checkpoint.write_json(os.path.join(self.path, SUMMARY), summary)
+        try:
+            checkpoint.write_json(os.path.join(self.path, SUMMARY), summary)
+        except OSError as exc:
+            raise write_failed(self, exc, SUMMARY) from None
         for watcher in self.watchers:
             watcher.summarised(self, summary)
 

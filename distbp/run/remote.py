@@ -5,6 +5,13 @@ As Ray Train's ``storage_path``: the run writes its files in a local staging dir
 checkpoints) and ``Upload`` copies them to the URL after each checkpoint and at the end; a
 ``--resume URL`` first downloads the run's top-level files into a new staging directory.
 
+A staging directory goes once its files are at the URL.  One whose process was killed would stay
+for ever, so each is made locked (``locked_tempdir``: a flock on the directory itself, held until
+it goes or its process dies) and the next staging removes those no live process holds
+(``sweep_stale``), except those kept on purpose: one whose upload failed and whose error named
+it (``KEEP``), or one a ``distbp train --resume`` runs in.  ``distbp convert`` sweeps its own
+``.DIR.*.converting`` the same way.
+
 What a reader of the URL sees, whenever it looks:
 
 - every object whole: an object store (S3, GCS) makes an upload visible only once it is
@@ -22,8 +29,11 @@ from the filesystem's usual environment (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACC
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -38,11 +48,14 @@ OBJECT_STORES = {"s3", "s3a", "gs", "gcs"}
 NEEDS = {"s3": ("s3fs", 'pip install -e ".[s3]"'), "s3a": ("s3fs", 'pip install -e ".[s3]"'),
          "gs": ("gcsfs", "pip install gcsfs"), "gcs": ("gcsfs", "pip install gcsfs")}
 STAGING = os.path.join(os.path.expanduser("~"), ".cache", "distbp", "staging")
+STAGED = re.compile(r"run-[a-z0-9_]{8}")  # tempfile.mkdtemp's names: 8 of [a-z0-9_]
+KEEP = ".kept"  # in a staging directory whose upload failed: its files are the user's now
 LAST = ("checkpoint.npz", "summary.json")  # uploaded after every other file, in this order
-SKIP = (".lock", TMP_PREFIX)  # outdir.py's lock and atomic_write's temporary files are never uploaded
+SKIP = (".lock", TMP_PREFIX, KEEP)  # outdir.py's lock, atomic_write's temporary files, the mark: never uploaded
 
 _uploads: dict[str, Upload] = {}  # staging directory -> its upload, for the RunFiles made there
 _urls: dict[str, str] = {}  # every staging directory of this process -> its URL, for messages
+_locks: dict[str, int] = {}  # staging directory -> the descriptor holding its lock (locked_tempdir)
 
 
 def is_url(path: str | None) -> bool:
@@ -79,9 +92,75 @@ def _atomic(fs) -> bool:
     return bool(set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & OBJECT_STORES)
 
 
+def locked_tempdir(prefix: str, suffix: str, parent: str) -> tuple[str, int]:
+    """A new directory in ``parent`` (``tempfile.mkdtemp``) and a descriptor holding an exclusive
+    flock on it: while the descriptor is open (the kernel closes it when the process dies) no
+    ``sweep_stale`` removes it.  OSError if it cannot be made."""
+    for _ in range(100):
+        path = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
+        try:  # a sweep that locks it before we do removes it: then make another
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):  # not removed before our lock
+                return path, fd
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        os.close(fd)
+    raise OSError(errno.EAGAIN, f"cannot lock a new directory in {parent}")
+
+
+def sweep_stale(parent: str, names: re.Pattern, keep=None) -> list[str]:
+    """Remove the directories in ``parent`` named ``names`` whose lock (``locked_tempdir``) no
+    process holds: what a killed process left.  ``keep(path)`` spares more; links are left alone."""
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in filter(names.fullmatch, entries):
+        path = os.path.join(parent, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, a link or not a directory: not one of ours
+            continue
+        try:  # held to the end of the removal, so that no writer takes it meanwhile
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.lstat(path)) and not (keep and keep(path)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except OSError:  # BlockingIOError: a live process holds it
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _kept(path: str) -> bool:
+    """A staging directory to keep although no staging holds it: its failed upload named it, or a
+    ``distbp train --resume`` of it is running (outdir.py's lock)."""
+    from .outdir import holder  # outdir imports this module
+
+    return os.path.lexists(os.path.join(path, KEEP)) or holder(path) is not None
+
+
 def _stage() -> str:
+    """A new staging directory, locked, after removing those of killed runs."""
     os.makedirs(STAGING, exist_ok=True)
-    return tempfile.mkdtemp(prefix="run-", dir=STAGING)
+    sweep_stale(STAGING, STAGED, keep=_kept)
+    local, fd = locked_tempdir("run-", "", STAGING)
+    _locks[local] = fd
+    return local
+
+
+def discard(local: str) -> None:
+    """Remove the staging directory ``local``, then let its lock go."""
+    shutil.rmtree(local, ignore_errors=True)
+    fd = _locks.pop(local, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def stage(url: str) -> str:
@@ -117,7 +196,7 @@ def fetch(url: str, flag: str = "--resume", needs: str = "checkpoint.npz") -> st
             if not name.startswith(SKIP):
                 fs.get_file(key, os.path.join(local, name))
     except Exception as exc:
-        shutil.rmtree(local, ignore_errors=True)
+        discard(local)
         raise UsageError(f"{flag} {url}: cannot download it ({one_line(exc)})") from None
     return local
 
@@ -139,7 +218,7 @@ def discarded_unless_begun(local: str):
         yield
     finally:
         if _uploads.pop(local, None) is not None:  # Upload.closed unregisters a run that began
-            shutil.rmtree(local, ignore_errors=True)
+            discard(local)
 
 
 def watchers(local: str) -> list:
@@ -210,9 +289,17 @@ class Upload:
                     self._put(rel)
                 except Exception as exc:
                     self.failed = True
+                    self._keep()
                     raise RunFailed(f"cannot upload {rel} to {self.url} ({one_line(exc)}); the run's files are "
                                     f"kept in {self.local}") from None
                 self.sent[rel] = stamp
+
+    def _keep(self) -> None:
+        """Mark the staging directory as the user's: the error names it, no sweep removes it."""
+        try:
+            open(os.path.join(self.local, KEEP), "w").close()
+        except OSError:
+            pass
 
     def prune(self) -> None:
         """Remove at the URL the ``checkpoint-<step>.npz`` that ``--keep-checkpoints`` removed here
@@ -255,4 +342,4 @@ class Upload:
             print(f"distbp: error: {exc}", file=sys.stderr)
             return
         # Everything is at the URL (a stopped run's last checkpoint too: in_words names it there).
-        shutil.rmtree(self.local, ignore_errors=True)
+        discard(self.local)

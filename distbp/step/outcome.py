@@ -56,6 +56,7 @@ class Why(Enum):
     """Why a server ended a window before its last step."""
 
     CALLED_OFF = "called off"
+    LATE = "a worker's share of the step is late: the driver hands it to another"
     LOSS = "the loss is not finite"
     GRADIENT = "the summed gradient has NaN or inf"
 
@@ -71,7 +72,7 @@ class Stopped:
 
     @property
     def outcome(self) -> Outcome:
-        return Outcome.CALLED_OFF if self.why is Why.CALLED_OFF else Outcome.DIVERGED
+        return Outcome.CALLED_OFF if self.why in (Why.CALLED_OFF, Why.LATE) else Outcome.DIVERGED
 
     def line(self) -> str:
         """The user's one line for a divergence (``Diverged``'s message)."""

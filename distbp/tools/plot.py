@@ -38,36 +38,63 @@ class Curves:
 def read_run(run_dir: str) -> Curves:
     """Parse ``run_dir/metrics.jsonl``; a step logged twice (a resumed run) keeps its last line."""
     if not os.path.isdir(run_dir):
-        raise DataError(f"{run_dir}: no such run directory")
+        raise DataError(f"{run_dir}: no such run directory" + " (not a directory)" * os.path.lexists(run_dir))
     path = os.path.join(run_dir, metrics.NAME)
     if not os.path.isfile(path):
         raise DataError(f"{run_dir}: not a distbp run directory (no metrics.jsonl)")
-    records = metrics.read(path)
+    try:
+        records = metrics.read(path)
+    except RecursionError:
+        raise DataError(f"{path}: not a metrics file (a line nested too deeply)") from None
     steps = {r["step"]: r for r in metrics.steps(records)}
     evals = {r["step"]: r for r in records if "loss" not in r and any(k.endswith("_accuracy") for k in r)}
     if not steps:
         raise DataError(f"{path}: no training steps recorded yet")
-    spe = _steps_per_epoch(run_dir, steps)
+    if max(steps) > MAX_STEP:
+        raise DataError(f"{path}: a step beyond any run's ({str(max(steps))[:20]}...; at most {MAX_STEP})")
+    spe = _steps_per_epoch(run_dir, steps, path)
     order = sorted(steps)
     eval_steps = sorted(evals)
     name = next((k[:-len("_accuracy")] for e in evals.values() for k in e if k.endswith("_accuracy")), "test")
     return Curves(label=os.path.basename(os.path.normpath(run_dir)),
-                  step_epoch=[s / spe for s in order], loss=[float(steps[s]["loss"]) for s in order],
+                  step_epoch=[s / spe for s in order], loss=[_number(steps[s]["loss"], path, s) for s in order],
                   eval_epoch=[s / spe for s in eval_steps],
-                  eval_loss=[float(evals[s].get(f"{name}_loss", math.nan)) for s in eval_steps],
-                  eval_accuracy=[float(evals[s].get(f"{name}_accuracy", math.nan)) for s in eval_steps],
+                  eval_loss=[_number(evals[s].get(f"{name}_loss", math.nan), path, s) for s in eval_steps],
+                  eval_accuracy=[_number(evals[s].get(f"{name}_accuracy", math.nan), path, s) for s in eval_steps],
                   eval_name=name, steps_per_epoch=spe)
 
 
-def _steps_per_epoch(run_dir: str, steps: dict[int, dict]) -> int:
-    """From summary.json when the run has finished; else the first step of epoch 2 minus one."""
+MAX_STEP = 1 << 53  # steps a float counts exactly: the x axis is step / steps_per_epoch
+
+
+def _number(value, path: str, step: int) -> float:
+    """A record's loss or accuracy as a float: an integer past a float's range is +-inf, as JSON's
+    1e400 reads; anything but a number is a DataError naming the step."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DataError(f"{path}: step {step} has a loss or accuracy that is not a number ({repr(value)[:40]})")
     try:
-        with open(os.path.join(run_dir, "summary.json")) as fh:
-            summary = json.load(fh)
-        return max(1, round(summary["steps"] / summary["epochs"]))
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        pass
-    later = [s for s, e in steps.items() if e.get("epoch", 1) >= 2]
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _steps_per_epoch(run_dir: str, steps: dict[int, dict], path: str) -> int:
+    """From summary.json when the run has finished; else the first step of epoch 2 minus one."""
+    summary = os.path.join(run_dir, "summary.json")
+    try:  # only a regular file, and only its first MiB: a FIFO would block, /dev/zero never end
+        if os.path.isfile(summary) and os.path.getsize(summary) < 1 << 20:
+            with open(summary, encoding="utf-8") as fh:
+                done = json.load(fh)
+            spe = round(done["steps"] / done["epochs"])
+            if 1 <= spe <= MAX_STEP:
+                return spe
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, OverflowError, RecursionError):
+        pass  # no summary, or one that does not say: from the records
+    epochs = {s: e.get("epoch", 1) for s, e in steps.items()}
+    for s, epoch in epochs.items():
+        if isinstance(epoch, bool) or not isinstance(epoch, int | float):
+            raise DataError(f"{path}: step {s} has an epoch that is not a number ({repr(epoch)[:40]})")
+    later = [s for s, epoch in epochs.items() if epoch >= 2]
     return min(later) - 1 if later else max(steps)  # still in epoch 1: the x axis ends at 1
 
 
@@ -84,9 +111,13 @@ def smooth(values: list[float], span: float) -> list[float]:
 
 def plot(run_dirs: list[str], out: str | None = None) -> str:
     """Draw the runs' curves side by side into ``out`` (default ``<first run>/curves.png``); return its path."""
+    if out == "":
+        raise UsageError("--out must not be empty: give the PNG's name, or leave --out out for curves.png")
     out = out or os.path.join(run_dirs[0], "curves.png")
     if not out.lower().endswith(".png"):
         raise UsageError(f"--out {out}: the plot is a PNG; give a name ending in .png")
+    if os.path.lexists(out) and not os.path.isfile(out):  # a PNG is replaced; a FIFO or a directory is not
+        raise UsageError(f"--out {out}: exists and is not a regular file; give another name")
     runs = [read_run(d) for d in run_dirs]
     labels = [r.label for r in runs]
     if len(set(labels)) < len(labels):  # same basename twice: tell them apart by path

@@ -25,7 +25,7 @@ import argparse
 import bisect
 import os
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, one_line
 from ..run import spans
 from ..run.checkpoint import write_json
 
@@ -43,30 +43,70 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
+# What a record's fields may hold: times are time.time() seconds (so below MAX_TIME: year 5138),
+# ids and steps fit the int32/int64 of a trace viewer; anything else is damage, said in one line
+# rather than an overflow (1e400 reads as inf, 10**400 as an int no float holds) or a KeyError.
+MAX_TIME = 1e11
+FIELDS = {"driver": ("step", "name"), "server": ("step", "sum", "update", "cpu"), "worker": ("cpu",)}
+
+
+def _real(value) -> bool:
+    """A number in [0, MAX_TIME): finite (JSON's bools are ints to Python: not numbers here)."""
+    return type(value) in (int, float) and 0 <= value < MAX_TIME
+
+
+def _check(r) -> None:
+    """ValueError naming the first field of record ``r`` that is missing or out of range."""
+    if not isinstance(r, dict) or r.get("lane") not in PIDS:
+        raise ValueError("a record without a lane of " + "/".join(PIDS))
+    missing = [k for k in ("id", "start", "end", *FIELDS[r["lane"]]) if k not in r]
+    if missing:
+        raise ValueError(f"a {r['lane']} record without {missing[0]!r}")
+    bad = [k for k in ("start", "end", "sum", "update", "cpu") if k in r and not _real(r[k])]
+    for k, limit in (("id", 1 << 31), ("step", 1 << 63)):
+        if k == "step" and r["lane"] == "worker" and r.get(k) is None:
+            continue  # a timeline written before workers recorded their step
+        if not (type(r.get(k)) is int and 0 <= r[k] < limit):
+            bad.append(k)
+    if r["lane"] == "driver" and not isinstance(r["name"], str):
+        bad.append("name")
+    if bad:
+        raise ValueError(f"a {r['lane']} record whose {bad[0]!r} is {repr(r.get(bad[0]))[:40]}")
+    if r["start"] > r["end"]:
+        raise ValueError(f"a {r['lane']} record that ends before it starts")
+
+
 def load(run_dir: str) -> list[dict]:
     """The records of ``run_dir/timeline.jsonl``; UsageError/DataError naming what is wrong."""
     if not os.path.isdir(run_dir):
-        raise UsageError(f"{run_dir}: no such run directory")
+        raise UsageError(f"{run_dir}: no such run directory" + " (not a directory)" * os.path.lexists(run_dir))
     path = os.path.join(run_dir, spans.NAME)
     if not os.path.isfile(path):
         raise UsageError(f"{run_dir}: no {spans.NAME} (train with --timeline to record one)")
     try:
         records = spans.read(path)
         for r in records:
-            if r["lane"] not in PIDS or not r["start"] <= r["end"]:
-                raise ValueError("bad record")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a timeline ({exc})") from None
+            _check(r)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a timeline ({one_line(exc)})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not a timeline (a line nested too deeply)") from None
     if not records:
         raise DataError(f"{path}: empty (the run recorded no step)")
     return records
 
 
 def write(run_dir: str) -> str:
-    """``run_dir/timeline.json`` from ``run_dir/timeline.jsonl``; returns its path."""
+    """``run_dir/timeline.json`` from ``run_dir/timeline.jsonl``; returns its path.  An earlier
+    timeline.json is replaced; anything else at that name (a directory, a FIFO, a link) is refused."""
     events = trace(load(run_dir))
     path = os.path.join(run_dir, OUT)
-    write_json(path, {"traceEvents": events, "displayTimeUnit": "ms"})
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+        raise UsageError(f"{path}: exists and is not a regular file; move it away to write the timeline")
+    try:
+        write_json(path, {"traceEvents": events, "displayTimeUnit": "ms"})
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write there ({exc.strerror or exc})") from None
     return path
 
 

@@ -1,0 +1,91 @@
+"""A lost node that held the parameter server: the server comes back on another node from the
+latest checkpoint, to the fault-free bits; with no CPU for it anywhere the run waits
+--elastic-timeout, then stops at its checkpoint with one line, and --resume finishes it.
+
+The cluster is Ray's own ``ray.cluster_utils.Cluster`` (a head without CPUs and nodes added and
+removed in one process), driven from a child process: the test session's Ray is another one.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+DRIVER = textwrap.dedent("""
+    import json, os, subprocess, sys, time
+    import numpy as np
+    import ray
+    from ray.cluster_utils import Cluster
+
+    out, spare, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3]  # spare: CPUs left for a server on the workers' node
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 4))
+    np.savez(f"{out}/d.npz", X=X, y=(X[:, 0] + X[:, 1] > 0).astype(np.int64))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    server_node = cluster.add_node(num_cpus=1)  # the only CPU when the run places its server
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    args = ["--dataset", f"npz:{out}/d.npz", "--layers", "4,16,2", "--workers", "1", "--batch-size", "60",
+            "--micro-batch", "10", "--steps", "60", "--checkpoint-every", "10", "--elastic-timeout", wait,
+            "--address", cluster.address]
+
+    def train(name, *more):
+        return subprocess.Popen([sys.executable, "-m", "distbp", "train", *args, "--out", f"{out}/{name}", *more],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    begun, run = time.time(), train("killed")
+    while not any(p["state"] == "CREATED" for p in ray.util.placement_group_table().values()):
+        assert time.time() - begun < 60, run.poll()
+        time.sleep(0.2)
+    cluster.add_node(num_cpus=1 + spare)  # the worker's node
+    log = f"{out}/killed/metrics.jsonl"
+    while not (os.path.exists(log) and sum(1 for _ in open(log)) >= 25):
+        assert time.time() - begun < 120, run.poll()
+        time.sleep(0.05)
+    cluster.remove_node(server_node, allow_graceful=False)
+    _, err = run.communicate(timeout=200)
+    report = {"rc": run.returncode, "err": err.strip().splitlines()[-1] if err.strip() else ""}
+    if run.returncode != 0:  # no CPU for the server: a node comes, and --resume goes on
+        cluster.add_node(num_cpus=1)
+        resumed = subprocess.run([sys.executable, "-m", "distbp", "train", "--resume", f"{out}/killed"],
+                                 capture_output=True, text=True, timeout=200)
+        report["resume_rc"] = resumed.returncode
+    ref = train("ref")
+    ref.communicate(timeout=200)
+    summaries = [json.load(open(f"{out}/{name}/summary.json")) for name in ("killed", "ref")]
+    report.update(same=summaries[0]["weights_sha256"] == summaries[1]["weights_sha256"],
+                  restarts=summaries[0]["faults"].get("server_restarts", 0))
+    print("REPORT " + json.dumps(report), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def lose_the_servers_node(tmp_path, spare: int, wait_s: int) -> dict:
+    """``wait_s``: --elastic-timeout (Ray notices a lost node and places its bundle again within
+    about 10-20 s here)."""
+    child = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), str(spare), str(wait_s)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    try:
+        out, err = child.communicate(timeout=540)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 0, err[-3000:]
+    return json.loads([line for line in out.splitlines() if line.startswith("REPORT ")][-1][len("REPORT "):])
+
+
+def test_a_server_lost_with_its_node_comes_back_on_another_node(tmp_path):
+    report = lose_the_servers_node(tmp_path, spare=1, wait_s=90)
+    assert report["rc"] == 0, report["err"]
+    assert report["restarts"] == 1 and report["same"]
+
+
+def test_with_no_cpu_for_the_server_the_run_stops_at_its_checkpoint_in_one_line(tmp_path):
+    report = lose_the_servers_node(tmp_path, spare=0, wait_s=8)
+    assert report["rc"] != 0 and "could not be restarted within 8 s" in report["err"], report["err"]
+    assert "continue with: distbp train --resume" in report["err"] and report["err"].startswith("distbp: error:")
+    assert report["resume_rc"] == 0 and report["same"]
