@@ -1,6 +1,7 @@
 """Chaos: SIGKILLs of random actors (busy workers, idle workers, servers) at random steps,
-several per run.  Every run must still end (``train`` returns) with its summary.json and the
-fault-free bits: the same weights_sha256 and the same summed-gradient hash at every step.
+several per run, and busy workers stopped for seconds (SIGSTOP) inside windows of steps.
+Every run must still end (``train`` returns) with its summary.json and the fault-free bits:
+the same weights_sha256 and the same summed-gradient hash at every step.
 
 A background thread watches metrics.jsonl (``metrics.read``) to know how far the run is, and
 kills processes with ``os.kill(pid, SIGKILL)`` from outside, as an OOM killer or a lost node
@@ -39,6 +40,7 @@ BASE = dict(dataset="spirals", layers="2,32,32,3", batch_size=120, micro_batch=8
 # one micro-batch a step (batch < micro-batch): one worker computes, the others idle
 IDLE = dict(BASE, batch_size=60, micro_batch=64)
 KINDS = ("busy-worker", "idle-worker", "server")
+STALL_S = 4.0  # a "stall": a busy worker stopped (SIGSTOP) this long, then let go on (SIGCONT)
 RUNS = [(2, 1, 11), (3, 1, 12), (2, 2, 13), (3, 2, 14), (3, 1, 15)]  # K workers, S servers, seed of the plan
 FIND_S = 3.0  # how long the killer looks for an actor of the planned kind before giving the kill up
 
@@ -48,7 +50,7 @@ TOTALS: Counter = Counter()  # runs, and kills by kind
 @pytest.fixture(scope="module", autouse=True)
 def report_totals():
     yield
-    kinds = ", ".join(f"{TOTALS[k]} {k}" for k in KINDS)
+    kinds = ", ".join(f"{TOTALS[k]} {k}" for k in (*KINDS, "stall"))
     print(f"\nchaos: {TOTALS['runs']} runs, {TOTALS['kills']} SIGKILLs ({kinds}); "
           f"{TOTALS['at-the-end']} after the last step's line; {TOTALS['missed']} planned kills found no target")
 
@@ -114,11 +116,15 @@ class Chaos(threading.Thread):
         for step, kind in self.plan:
             while self.progress() < step and not self.done.is_set():
                 time.sleep(0.003)
-            pid = None if self.done.is_set() else self.victim(kind)
+            pid = None if self.done.is_set() else self.victim("busy-worker" if kind == "stall" else kind)
             if pid is None:
                 self.missed.append((step, kind))
                 continue
-            os.kill(pid, signal.SIGKILL)
+            if kind == "stall":  # a straggler: its share must be backed up, not waited for
+                os.kill(pid, signal.SIGSTOP)
+                threading.Timer(STALL_S, go_on, (pid,)).start()
+            else:
+                os.kill(pid, signal.SIGKILL)
             reached = self.progress()
             self.kills.append((reached, kind, pid))
             self.at_the_end += reached >= STEPS
@@ -148,6 +154,13 @@ class Chaos(threading.Thread):
                 return self.rng.choice(pids)
             time.sleep(0.001)
         return None
+
+
+def go_on(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:  # killed meanwhile, or its run ended
+        pass
 
 
 def alive_pid(handle) -> int | None:
@@ -226,3 +239,18 @@ def test_idle_workers_killed_mid_run_and_at_the_last_step_do_not_cost_the_summar
     # the victims were idle: no share of any step was lost with them, so nothing was redone
     assert summary["windows"]["steps"] > 0 and summary["windows"]["called_off"] == 0
     assert "micro_batches_redone" not in summary["faults"]
+
+
+def test_stalls_inside_windows_are_backed_up_among_kills(clean, crews, tmp_path):
+    """Busy workers stopped for STALL_S in the middle of windows of steps, and a kill between:
+    the fault-free bits, and no step waits for a stopped worker."""
+    rng = random.Random(31)
+    plan = [(5, "stall"), (11, "busy-worker"), (17, "stall")]
+    config = Config(**BASE, workers=3, servers=1, out=str(tmp_path / "run"))
+    reference = clean(BASE, 1)
+    summary, chaos = run_with_chaos(config, plan, crews, rng)
+    assert [kind for _, kind, _ in chaos.kills].count("stall") == 2, f"the stalls did not land: {chaos.kills}"
+    assert_fault_free(summary, reference)
+    times = [e["time"] for e in step_lines(summary["out"])]
+    slowest = max(b - a for a, b in zip(times, times[1:]))
+    assert slowest < STALL_S / 2, f"a step took {slowest:.2f} s: a stopped worker's share was waited for"

@@ -112,7 +112,8 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(whole, tmp_path, m
     assert "previous checkpoint is intact" in err
     assert open(path, "rb").read() == before  # byte for byte
     assert checkpoint.load(path)["step"] == 4
-    assert sorted(os.listdir(part["out"])) == ["checkpoint.npz", "metrics.jsonl", "summary.json"]  # no temp file
+    # no temp file; error.json says why the resume stopped
+    assert sorted(os.listdir(part["out"])) == ["checkpoint.npz", "error.json", "metrics.jsonl", "summary.json"]
 
     monkeypatch.undo()
     assert cli.main(["train", "--resume", part["out"], "--steps", "12"]) == 0

@@ -30,10 +30,11 @@ class StopAWorker(distbp.Callback):
 
     def __init__(self):
         self.stopped = None
+        self.others = set(worker_pids())  # processes of earlier runs' workers, still exiting
 
     def on_checkpoint(self, record):
         if record["step"] == 10 and self.stopped is None:
-            self.stopped = worker_pids()[0]
+            self.stopped = [pid for pid in worker_pids() if pid not in self.others][0]
             os.kill(self.stopped, signal.SIGSTOP)
             threading.Timer(STOP_S, go_on, (self.stopped,)).start()
 
@@ -54,7 +55,7 @@ def test_a_worker_stopped_inside_a_window_is_backed_up(ray_session, tmp_path):
     result = distbp.fit(X, y, **options, out=str(tmp_path / "stopped"), callbacks=[stop])
     assert stop.stopped is not None
     times = [r["time"] for r in result.metrics]
-    slowest = max(b - a for a, b in zip(times[10:], times[11:]))
+    slowest = max(b - a for a, b in zip(times[9:], times[10:]))  # from step 10, where it stopped
     assert slowest < STOP_S / 3, f"a step took {slowest:.2f} s: the stopped worker's share was waited for"
     assert result.summary["windows"]["called_off"] >= 1 and result.summary["windows"]["steps"] > 0
     plain = distbp.fit(X, y, **options, out=str(tmp_path / "plain"))

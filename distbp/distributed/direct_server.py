@@ -69,17 +69,18 @@ class DirectServer:
         entries = [Entry(part.step, None, part.block) if part.block is not None else next(pushed) for part in parts]
         return self._values(entries, step)
 
-    def collect(self, keys: list[str], step: int, n: int,
-                nodes: list[list]) -> tuple[list[np.ndarray], list[tuple], Callable] | Late | None:
+    def collect(self, keys: list[str], step: int, n: int = 0,
+                nodes: list[list] | None = None) -> tuple[list[np.ndarray], list[tuple], Callable] | Late | None:
         """A window's step: the values and metas under ``keys`` (the tasks' tree ``nodes`` over ``n``
-        micro-batches), once each has started to come in; None if the window is called off (or
-        nothing came for ``Direct.wait_s``) before, ``Late`` if a task is late by the crew's rule
-        (inbox.py).  The third item is ``ready(lo, hi)``
+        micro-batches; without them no share is judged late), once each has started to come in; None
+        if the window is called off (or nothing came for ``Direct.wait_s``) before, ``Late`` if a
+        task is late by the crew's rule (inbox.py).  The third item is ``ready(lo, hi)``
         for the server's sum (step/server.py): it waits until columns ``[lo, hi)`` of every pushed
         row are in, or says no when the window is called off."""
         def over() -> bool:
             return self.board.over
-        counts = [sum(hi - lo for lo, hi in (tree.span(node, n) for node in task)) for task in nodes]
+        counts = None if nodes is None else \
+            [sum(hi - lo for lo, hi in (tree.span(node, n) for node in task)) for task in nodes]
         entries = self.inbox.wait(keys, over, counts)
         if entries is None or isinstance(entries, Late):
             return entries

@@ -54,7 +54,8 @@ from .runtime import ACTOR_LOST
 from .servers import ServerFailed
 
 WINDOW = 16  # steps a window holds at most: new workers join, and Ctrl-C acts, at its end
-GRACE_S = 2.0  # a window called off and its servers done: how long its workers have to end their calls
+GRACE_S = 0.1  # a window called off and its servers done: how long its workers have to end their calls (one
+# still in it then sits out until it ends: that costs the crew a worker for a while, never a wait)
 
 
 @dataclass
