@@ -67,7 +67,8 @@ def lose_the_servers_node(tmp_path, spare: int, wait_s: int) -> dict:
     about 10-20 s here)."""
     child = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), str(spare), str(wait_s)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+                             env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+                                  "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # every node on 127.0.0.1
     try:
         out, err = child.communicate(timeout=540)
     finally:
