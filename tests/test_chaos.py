@@ -254,3 +254,15 @@ def test_stalls_inside_windows_are_backed_up_among_kills(clean, crews, tmp_path)
     times = [e["time"] for e in step_lines(summary["out"])]
     slowest = max(b - a for a, b in zip(times, times[1:]))
     assert slowest < STALL_S / 2, f"a step took {slowest:.2f} s: a stopped worker's share was waited for"
+
+
+def test_a_node_holding_the_server_lost_then_its_worker_killed(ray_session, tmp_path):
+    """Node loss in the chaos: the node of the server goes at step 25 (tests/test_node_loss.py's
+    cluster), then the worker's process is SIGKILLed twice; the fault-free bits at the end."""
+    from test_node_loss import fault_free, lose_the_servers_node
+
+    report = lose_the_servers_node(tmp_path, spare=2, wait_s=90, then=(400, 800))
+    assert report["rc"] == 0, report["err"]
+    assert report["restarts"] == 1 and report["kills"] == [400, 800], report
+    assert report["faults"].get("workers_lost", 0) >= 1, report
+    assert report["weights"] == fault_free(tmp_path)

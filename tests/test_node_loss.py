@@ -20,6 +20,7 @@ DRIVER = textwrap.dedent("""
     from ray.cluster_utils import Cluster
 
     out, spare, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3]  # spare: CPUs left for a server on the workers' node
+    then = [int(step) for step in sys.argv[4].split(",") if step]  # also SIGKILL the worker at these steps
     rng = np.random.default_rng(0)
     X = rng.standard_normal((600, 4))
     np.savez(f"{out}/d.npz", X=X, y=(X[:, 0] + X[:, 1] > 0).astype(np.int64))
@@ -46,6 +47,15 @@ DRIVER = textwrap.dedent("""
         assert time.time() - begun < 120, run.poll()
         time.sleep(0.05)
     cluster.remove_node(server_node, allow_graceful=False)
+    kills = []
+    for step in then:  # more faults after the node's loss: the worker's process, as chaos would
+        while run.poll() is None and sum(1 for _ in open(log)) < step:
+            time.sleep(0.02)
+        pids = [a["Pid"] for a in ray._private.state.actors().values()
+                if a.get("State") == "ALIVE" and a.get("ActorClassName") == "Worker" and a.get("Pid")]
+        if pids:
+            os.kill(pids[0], 9)
+            kills.append(step)
     _, err = run.communicate(timeout=200)
     report = {"rc": run.returncode, "err": err.strip().splitlines()[-1] if err.strip() else ""}
     if run.returncode != 0:  # no CPU for the server: a node comes, and --resume goes on
@@ -55,17 +65,18 @@ DRIVER = textwrap.dedent("""
         report["resume_rc"] = resumed.returncode
     summary = json.load(open(f"{out}/killed/summary.json"))
     report.update(weights=summary["weights_sha256"], restarts=summary["faults"].get("server_restarts", 0),
-                  faults=summary["faults"], resizes=summary["resizes"], nodes=[n["NodeID"] for n in ray.nodes()])
+                  faults=summary["faults"], resizes=summary["resizes"], kills=kills)
     print("REPORT " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()
 """)
 
 
-def lose_the_servers_node(tmp_path, spare: int, wait_s: int) -> dict:
+def lose_the_servers_node(tmp_path, spare: int, wait_s: int, then: tuple[int, ...] = ()) -> dict:
     """``wait_s``: --elastic-timeout (Ray notices a lost node and places its bundle again within
-    about 10-20 s here)."""
-    child = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), str(spare), str(wait_s)],
+    about 10-20 s here); ``then``: steps at which the worker's process is killed after that."""
+    child = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), str(spare), str(wait_s),
+                              ",".join(map(str, then))],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
                                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # every node on 127.0.0.1
