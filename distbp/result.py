@@ -4,8 +4,8 @@
 (``<split>_loss``, ``<split>_accuracy``), each in step order; ``metrics_dataframe`` joins them
 into one pandas table (``pip install 'distbp[dataframe]'``).  ``error`` is why a run that began
 did not finish (its ``network`` is then its last checkpoint's, or None before the first one, and
-its ``summary`` empty), and
-``best_checkpoint(metric)`` picks among the checkpoints kept with ``--keep-checkpoints``.
+its ``summary`` empty), and ``best_checkpoint(metric)`` picks among the checkpoints kept with
+``--keep-checkpoints``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from dataclasses import dataclass, replace
 
 from .errors import DataError, DistbpError, UsageError
 from .lecture.network import Network
+from .run import checkpoint, remote
 from .run import metrics as metrics_file
-from .run import remote
-from .run.checkpoint import KEPT
-from .run.outdir import CHECKPOINT, ERROR, SUMMARY
+from .run.outdir import CHECKPOINT, ERROR, SUMMARY, kept
 
 
 @dataclass(repr=False)
@@ -89,8 +88,8 @@ class Result:
         if not values:
             names = sorted({k for r in self.metrics + self.evaluations for k in r} - {"step", "epoch"})
             raise UsageError(f"{self.path}: no record has {metric!r}; the records have {', '.join(names)}")
-        candidates = {s: os.path.join(self.path, f"checkpoint-{s}.npz") for s in _kept(self.path)}
-        latest = self.summary.get("steps") or self.network_step()
+        candidates = {s: os.path.join(self.path, f"checkpoint-{s}.npz") for s in kept(self.path)}
+        latest = self.summary.get("steps") or checkpoint.load(os.path.join(self.path, CHECKPOINT))["step"]
         candidates.setdefault(latest, os.path.join(self.path, CHECKPOINT))
         scored = [(values[s], s) for s in candidates if s in values]
         if not scored:
@@ -98,12 +97,6 @@ class Result:
                              f"{metric!r}; keep more with --keep-checkpoints, at evaluation steps")
         best = min(scored) if mode == "min" else max(scored, key=lambda vs: (vs[0], -vs[1]))
         return candidates[best[1]]
-
-    def network_step(self) -> int | None:
-        """The step of checkpoint.npz (for a run without a summary)."""
-        from .run import checkpoint
-
-        return checkpoint.load(os.path.join(self.path, CHECKPOINT))["step"]
 
 
 def _summary(run_dir: str) -> dict | None:
@@ -127,6 +120,3 @@ def _error(run_dir: str) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return f"the run did not finish: no {SUMMARY} (its process was killed, or it is still running)"
 
-
-def _kept(run_dir: str) -> list[int]:
-    return sorted(int(m.group(1)) for name in os.listdir(run_dir) if (m := KEPT.fullmatch(name)))

@@ -19,7 +19,7 @@ chunks, so its verdict is remembered under ``~/.cache/distbp`` by a fingerprint 
 (paths, sizes, modification and change times, inodes, headers: the change time moves with any
 write and with ``os.utime``, so a file written and given its old mtime back is scanned again).
 
-Data that changes under a run: rows are read with ``pread`` from the file at the offsets its
+Data that changes under a run: rows are read with ``preadv`` from the file at the offsets its
 header gives, never through a mapping, so a shard truncated mid-run is a DataError naming it
 (a mapping would kill the reading process with SIGBUS); and ``changed`` tells the driver which
 file is no longer the one the run opened, which it checks before each checkpoint.
@@ -112,8 +112,7 @@ class Rows:
         shard = np.searchsorted(self.starts, rows, side="right") - 1
         for s in np.unique(shard):
             mine = shard == s
-            wanted, where = np.unique(rows[mine] - self.starts[s], return_inverse=True)
-            out[mine] = _read(_path(self.paths[s]), self.parts[s], wanted)[where]
+            out[mine] = _read(_path(self.paths[s]), self.parts[s], rows[mine] - self.starts[s])
         return out
 
     def __getitem__(self, key) -> np.ndarray:
@@ -135,8 +134,8 @@ class Rows:
         h = hashlib.sha256()
         for source, part in zip(self.paths, self.parts):
             path = _path(source)
-            st = os.stat(path)
-            identity = _identity(path) if strong else (st.st_size, st.st_mtime_ns)
+            full = _identity(path)  # device, inode, size, modification and change time
+            identity = full if strong else full[2:4]
             h.update(json.dumps([os.path.abspath(path), *identity, part.shape,
                                  part.dtype.str, None if isinstance(source, str) else source[2]]).encode())
         if self.index is not None:
@@ -145,27 +144,42 @@ class Rows:
 
 
 def _read(path: str, part: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Rows ``wanted`` (sorted, unique) of the shard ``part`` mapped from ``path``, read with one
-    ``pread`` per run of consecutive rows: a file cut short is a DataError naming it, not SIGBUS."""
+    """Rows ``wanted`` of the shard ``part`` mapped from ``path``, in that order, read with one
+    ``preadv`` into the result per run of consecutive rows (a slice is one read): a file cut
+    short is a DataError naming it, not SIGBUS."""
     row_bytes = part.dtype.itemsize * int(np.prod(part.shape[1:], dtype=np.int64))
     block = np.empty((len(wanted), *part.shape[1:]), dtype=part.dtype)
-    flat = block.reshape(-1).view(np.uint8)
-    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+    flat = memoryview(block.reshape(-1).view(np.uint8))
+    rows = wanted.tolist()
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise DataError(f"{path}: cannot read it any more ({exc.strerror}); it changed during the run") from None
     try:
-        for lo, hi in zip([0, *breaks], [*breaks, len(wanted)]):
-            size = (hi - lo) * row_bytes
-            data = os.pread(fd, size, part.offset + int(wanted[lo]) * row_bytes)
-            if len(data) < size:
-                raise DataError(f"{path}: the file ends before row {int(wanted[lo]) + len(data) // row_bytes} "
+        lo = 0
+        while lo < len(rows):
+            hi = lo + 1
+            while hi < len(rows) and rows[hi] == rows[hi - 1] + 1:
+                hi += 1
+            got = _read_into(fd, flat[lo * row_bytes:hi * row_bytes], part.offset + rows[lo] * row_bytes)
+            if got < (hi - lo) * row_bytes:
+                raise DataError(f"{path}: the file ends before row {rows[lo] + got // row_bytes} "
                                 f"of the {len(part)} its header declares; it was truncated during the run")
-            flat[lo * row_bytes:hi * row_bytes] = np.frombuffer(data, dtype=np.uint8)
+            lo = hi
     finally:
         os.close(fd)
     return block
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` of ``fd``; the bytes read (fewer only at the end of the file)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def _path(source) -> str:

@@ -25,11 +25,9 @@ from . import shm
 LATE_MIN_S = 0.5  # a window's step waits at least this long for a key before it is late
 
 
-@dataclass
 class Late:
-    """A window's step whose keys ``missing`` are late: the driver hands their shares to others."""
-
-    missing: list[str]
+    """What ``Inbox.wait`` gives for a window's step with a late key: the window ends there, and
+    the crew hands the late share to another worker."""
 
 
 def _late_at(keys: list[str], counts: list[int], came: dict[str, float]) -> float | None:
@@ -111,7 +109,7 @@ class Inbox:
                 came.update({key: now - begun for key in keys if key in self.entries and key not in came})
                 late_at = None if counts is None else _late_at(keys, counts, came)
                 if late_at is not None and now - begun >= late_at:
-                    return Late([key for key in keys if key not in came])
+                    return Late()
                 left = self.wait_s - (now - begun)
                 if left <= 0:
                     return None

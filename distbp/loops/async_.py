@@ -161,11 +161,11 @@ def train_async(config: Config, resumed: dict | None = None, data: Dataset | Non
     from ..distributed.session import Session
     from ..step.server import NonFiniteGradient
 
-    resume.warm_layers(config)
+    start_from = resume.initial(config)  # --init-from
     problem = prepare(config, data)
     config.layers = problem.layer_list()  # what the checkpoints record: the sizes used, also when derived
     net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
-    resume.warm_start(config, net)  # --init-from: the server starts from the checkpoint's weights
+    resume.warm_start(config, net, start_from)  # --init-from: the server starts from the checkpoint's weights
     staleness = (2 if config.staleness is None else config.staleness) if config.mode == "ssp" else None
     clocks = Clocks(problem, config, staleness)
     failed = f"--mode {config.mode}: a worker or the server failed (%s); this mode has no fault handling " \

@@ -36,6 +36,7 @@ from ..run.checkpoint import fingerprint
 from ..run.outdir import CHECKPOINT, SUMMARY, RunFiles
 from ..run.progress import Progress
 from ..run.signals import StopSignals
+from ..step import plan
 from ..step.outcome import Stopped, Why
 from .steplog import Sent, StepLog
 
@@ -50,8 +51,7 @@ def train(config: Config, resumed: dict | None = None, data: Dataset | None = No
         from .async_ import train_async
         return train_async(config, resumed, data, callbacks)
     config.validate()
-    if resumed is None:
-        resume.warm_layers(config)
+    start_from = resume.initial(config) if resumed is None else None  # --init-from
     problem = prepare(config, data)
     config.layers = problem.layer_list()  # what the checkpoints record: the sizes used, also when derived
     if config.eval_every and problem.test_name is None:
@@ -60,8 +60,7 @@ def train(config: Config, resumed: dict | None = None, data: Dataset | None = No
     data_id = fingerprint(problem.X, problem.Y)  # kept in each checkpoint: a resume on other data is refused
     start = _check_resume(config, problem, resumed, data_id)
     net = Network(problem.layers, config.activation, config.loss, config.dtype, config.seed)
-    if resumed is None:
-        resume.warm_start(config, net)  # --init-from: step 0 is the checkpoint's weights
+    resume.warm_start(config, net, start_from)  # --init-from: step 0 is the checkpoint's weights
     files = RunFiles.reopen(config.out, start, data_id) if resumed else RunFiles.create(config.out, data_id)
     with files:  # the run directory is locked until the summary is written
         if start >= problem.total_steps:  # a finished run whose summary was never written: write it
@@ -257,7 +256,7 @@ class Steps:
         """Say on stderr, once for each number of ``live`` workers, when some will idle: a step
         has only ceil(B/M) micro-batches to share out (a fixed K, or each elastic resize)."""
         config = self.config
-        shares = -(-config.batch_size // config.micro_batch)
+        shares = plan.count(config.batch_size, config.micro_batch)
         if live <= shares or live in self.idle_said:
             return
         self.idle_said.add(live)

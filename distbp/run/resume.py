@@ -77,19 +77,29 @@ def check_fits(state: dict, layers: tuple[int, ...], config: Config, path: str,
                         "resume it on the data it was trained on")
 
 
-def warm_layers(config: Config) -> None:
-    """``--init-from`` without ``--layers``: the run takes the checkpoint's layers (before the data's
-    defaults are derived, so that a mismatch with the data is the usual --layers error)."""
-    if config.init_from and config.layers is None:
-        config.layers = _initial(config)["config"].get("layers")
-
-
-def warm_start(config: Config, net) -> None:
-    """``--init-from CHECKPOINT``: ``net`` (the run's step 0) takes the checkpoint's weights; the optimizer
-    and the step start afresh.  DataError where the checkpoint is of another network or dtype."""
+def initial(config: Config) -> dict | None:
+    """``--init-from``: the checkpoint to start from (None without it).  Without ``--layers`` the run
+    takes its layers, before the data's defaults are derived, so that a mismatch with the data is
+    the usual --layers error."""
     if not config.init_from:
+        return None
+    path = config.init_from
+    if os.path.isdir(path):  # a run directory: its latest checkpoint
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise UsageError(f"--init-from {config.init_from}: no such checkpoint")
+    saved = checkpoint.load(path)
+    if config.layers is None:
+        config.layers = saved["config"].get("layers")
+    return saved
+
+
+def warm_start(config: Config, net, saved: dict | None) -> None:
+    """``--init-from``: ``net`` (the run's step 0) takes the weights of ``saved`` (``initial``); the
+    optimizer and the step start afresh.  DataError where it is of another network or dtype."""
+    if saved is None:
         return
-    weights = _initial(config)["weights"]
+    weights = saved["weights"]
     if weights.size != net.layout.size:
         raise DataError(f"--init-from {config.init_from}: holds {weights.size} weights but a "
                         f"{','.join(map(str, net.layers))} network has {net.layout.size}: another architecture")
@@ -97,12 +107,3 @@ def warm_start(config: Config, net) -> None:
         raise DataError(f"--init-from {config.init_from}: its weights are {weights.dtype} but the run uses "
                         f"{net.dtype} (--dtype {weights.dtype.name} starts from them unchanged)")
     net.flat[:] = weights
-
-
-def _initial(config: Config) -> dict:
-    path = config.init_from
-    if os.path.isdir(path):  # a run directory: its latest checkpoint
-        path = os.path.join(path, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise UsageError(f"--init-from {config.init_from}: no such checkpoint")
-    return checkpoint.load(path)
