@@ -81,8 +81,8 @@ def run_train(ns: argparse.Namespace) -> int:
             # of Ray (a KeyboardInterrupt, a failed task, SystemExit), it is reported as the stop.
             raise Interrupted(stop_line(ns, exc).removeprefix("distbp: "), first_signal()) from None
     keys = ("steps", "epochs", "workers", "final_loss", "train_accuracy", "test_split", "test_accuracy",
-            "samples_per_second", "wall_time_s", "mode", "exact", "weights_sha256", "out")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+            "samples_per_second", "wall_time_s", "b_simple", "mode", "exact", "weights_sha256", "out")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))  # b_simple: sync runs
     return 0
 
 

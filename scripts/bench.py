@@ -136,7 +136,7 @@ def breakdown_run(config, warmup: int) -> dict:
     from distbp.distributed.session import Session
     from distbp.distributed.windows import Windows
     from distbp.lecture.network import Network
-    from distbp.step.server import merge_reports
+    from distbp.step.reports import merge_reports
 
     problem = prepare(config)
     K, sampler, total = config.workers, problem.sampler, problem.total_steps

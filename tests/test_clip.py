@@ -85,8 +85,13 @@ def test_a_non_finite_norm_or_gradient_is_refused_by_every_server():
     w0, mask = np.ones(n), np.ones(n)
     ranges, servers = servers_of(n, 2, hyper, w0, mask)
     node = tree.blocks(range(1), 1)
-    huge = np.full((1, n), 1e200)  # finite entries whose squares overflow
+    for s, r in zip(servers, ranges):  # finite entries whose squares overflow: diverged, on each server
+        with pytest.raises(NonFiniteGradient, match="non-finite"):
+            s.gather(1, [node], [np.full((1, n), 1e200)[:, r.start:r.stop]], 1)
+    # each server's squares add up to a finite 1.2e308, all of them to more than the largest float
+    huge = np.full((1, n), 2.2e153)
     squares = [s.gather(1, [node], [huge[:, r.start:r.stop]], 1) for s, r in zip(servers, ranges)]
+    assert all(np.isfinite(part.sum()) for part in squares)
     for s in servers:
         with pytest.raises(NonFiniteGradient, match="norm"):
             s.apply(0.1, 1, None, squares)

@@ -65,6 +65,11 @@ def test_tensorboard_has_every_step_and_evaluation_of_metrics_jsonl(ray_session,
                                rtol=1e-6)
     assert [v for _, v in seen["perf/server0_bytes_in"]] == [r["server_bytes_in"][0] for r in steps]
     assert all(v > 0 for _, v in seen["perf/samples_per_second"])
+    noisy = [r for r in steps if r["b_simple"] is not None]  # the gradient noise scale, once defined
+    assert noisy and [s for s, _ in seen["noise/b_simple"]] == [r["step"] for r in noisy]
+    np.testing.assert_allclose([v for _, v in seen["noise/b_simple"]], [r["b_simple"] for r in noisy], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in seen["noise/grad_sq_batch"]], [r["grad_sq_batch"] for r in steps],
+                               rtol=1e-6)
     evaluations = [r for r in records if "validation_accuracy" in r]
     assert [s for s, _ in seen["eval/validation_accuracy"]] == [r["step"] for r in evaluations] == [6, 12]
     np.testing.assert_allclose([v for _, v in seen["eval/validation_accuracy"]],
@@ -118,6 +123,8 @@ def test_mlflow_gets_params_metrics_and_artifacts_from_fit(ray_session, tmp_path
     steps = metrics.steps(result.metrics)
     assert [m.step for m in history] == list(range(1, 13))
     assert [m.value for m in history] == [r["loss"] for r in steps]  # float64 kept
+    noise = mlflow_store.get_metric_history(run.info.run_id, "noise.grad_sq_micro")
+    assert [m.value for m in noise] == [r["grad_sq_micro"] for r in steps]
     accuracy = mlflow_store.get_metric_history(run.info.run_id, "eval.validation_accuracy")
     assert [(m.step, m.value) for m in accuracy] == [(r["step"], r["validation_accuracy"])
                                                      for r in result.evaluations]

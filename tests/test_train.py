@@ -70,8 +70,8 @@ def test_float32_end_to_end(ray_session, tmp_path):
     assert all(p.dtype == np.float32 for p in end.send(first))  # what goes to the server
     first = first.copy()  # the transport reuses its output buffer
     second = end.rows(1, len(nodes[1]))
-    losses, _ = worker.compute(ckpt["weights"], np.arange(40), nodes[1], second)
-    assert first.dtype == second.dtype == np.float32 and len(losses) == 2
+    leaves = worker.compute(ckpt["weights"], np.arange(40), nodes[1], second)
+    assert first.dtype == second.dtype == np.float32 and len(leaves.errors) == len(leaves.squares) == 2
     server = ServerState(ckpt["weights"].copy(), Hyper("adam"), np.ones(ckpt["weights"].size, np.float32))
     new = server.step(5, nodes, [first, second], 0.01, 1, 40)
     assert new.dtype == np.float32 and all(b.dtype == np.float32 for b in server.state.values())

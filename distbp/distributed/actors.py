@@ -80,7 +80,7 @@ class Worker(_Actor):
         the S servers returned).
 
         Called with ``num_returns=S + 1``: one object of node values for each server, then
-        (per-micro-batch errors, seconds) for the driver.
+        the ``Leaves`` (per-micro-batch errors and squared norms, seconds) for the driver.
         """
         if self.fault is not None:
             action, seconds, self.fault = *self.fault, None
@@ -106,8 +106,8 @@ class Worker(_Actor):
             if flat is None:
                 break
             with np.errstate(over="ignore", invalid="ignore"):  # the servers refuse a diverging step
-                losses, seconds = self.state.compute(flat, batch, nodes, values, step)
-            self.end.hand_in(values, key, (losses.tolist(), seconds))
+                leaves = self.state.compute(flat, batch, nodes, values, step)
+            self.end.hand_in(values, key, leaves)
             done += 1
         self.end.read_answers()  # every server's answer to the hand-ins read: what it returns was taken
         return done
@@ -165,8 +165,9 @@ class ParameterServer(_Actor):
         keys, lr, scale, size, fault)`` of ``plan`` wait for the values handed in under ``keys``, check
         the step's loss (the micro-batches' errors over ``size`` samples), sum, update, and let
         the workers have the weights.  Returns ``{step: (loss, [each task's compute seconds],
-        when it was applied (``perf_counter``))}`` of the steps applied, and why the window
-        ended early (None if it did not): the steps it leaves are the driver's to redo."""
+        when it was applied (``perf_counter``), the exact sum of the micro-batches' squared
+        norms)}`` of the steps applied, and why the window ended early (None if it did not): the
+        steps it leaves are the driver's to redo."""
         done: dict[int, tuple] = {}
         board = self.end.board  # the direct transport's: windows run on it only
         board.begin_window(window)
@@ -180,7 +181,7 @@ class ParameterServer(_Actor):
                 if isinstance(got, Late):  # a straggler: the driver calls the window off, the crew backs it up
                     return done, Stopped(Why.LATE, step)
                 values, metas, ready = got  # the values may still be coming in: ready() waits for each chunk
-                loss = math.fsum(x for losses, _ in metas for x in losses) / size
+                loss = math.fsum(x for leaves in metas for x in leaves.errors) / size
                 if not math.isfinite(loss):  # caught before anything is applied, as the sync loop does
                     return done, Stopped(Why.LOSS, step, loss)
                 try:
@@ -190,7 +191,8 @@ class ParameterServer(_Actor):
                     return done, Stopped(Why.CALLED_OFF, step)
                 except NonFiniteGradient:
                     return done, Stopped(Why.GRADIENT, step)
-                done[step] = (loss, [seconds for _, seconds in metas], time.perf_counter())
+                done[step] = (loss, [leaves.seconds for leaves in metas], time.perf_counter(),
+                              math.fsum(x for leaves in metas for x in leaves.squares))
             return done, None
         finally:
             board.end_window()

@@ -46,6 +46,7 @@ from ..lecture import tree
 from ..step import plan
 from ..step.outcome import Decision, Outcome, Stopped, Why, decide
 from ..step.server import NonFiniteGradient
+from ..step.worker import Leaves
 from .runtime import ACTOR_LOST
 from .servers import ServerFailed, Servers
 from .workers import TooFewWorkers, WorkerPool
@@ -71,7 +72,7 @@ class Task:
     started: float
     part: Part | None  # None once its result is no longer wanted (stale)
     status: Status = Status.RUNNING
-    result: tuple[np.ndarray, float] | None = None  # (per-micro-batch errors, seconds)
+    result: Leaves | None = None
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Computed:
     nodes: list[list[tree.Node]]  # per task, the tree nodes it sends
     values: list[list[ray.ObjectRef]]  # per task, its node values: one object per server range
     losses: list[float]  # summed error of each micro-batch, in order
+    squares: list[float]  # the squared norm of each micro-batch's mean gradient, in order (step/noise.py)
     seconds: float  # the longest compute time of the tasks used
     workers: int  # how many workers computed the tasks used
 
@@ -177,8 +179,9 @@ class Crew:
         self.stalled = set()
         tasks = root.tasks()
         return Computed(n, [task.nodes for task in tasks], [task.values for task in tasks],
-                        [float(v) for task in tasks for v in task.result[0]],
-                        max(task.result[1] for task in tasks), len({task.worker for task in tasks}))
+                        [v for task in tasks for v in task.result.errors],
+                        [v for task in tasks for v in task.result.squares],
+                        max(task.result.seconds for task in tasks), len({task.worker for task in tasks}))
 
     def adopt(self, worker: int, info: ray.ObjectRef) -> None:
         """``worker`` is still in a call nobody waits for (a window's, called off while it

@@ -67,6 +67,7 @@ class Ran:
     loss: float
     seconds: float  # the slowest task's compute time
     workers: int
+    micro_squares: float  # the exact sum of the micro-batches' squared norms (step/noise.py)
     when: float  # when it was applied, on the driver's perf_counter (the server's clock, anchored at the window's end)
 
 
@@ -204,9 +205,9 @@ class Windows:
         done = applied[0]
         for i in range(min(counts)):
             step = first + i
-            loss, seconds, at = done[step]
+            loss, seconds, at, squares = done[step]
             when = ended - (done[first + min(counts) - 1][2] - at)
-            ran.append(Ran(step, len(batches[i]), loss, max(seconds), len(seconds), when))
+            ran.append(Ran(step, len(batches[i]), loss, max(seconds), len(seconds), squares, when))
         self._pace(ran, shares, applied[0])
         self.stats["steps"] += len(ran)
         return ran, problem

@@ -127,7 +127,7 @@ class Pushes:
                 clock, rows, blocks(range(n), n), self.weights)
             self.running[info] = Job(k, clock, rows, batch_size, values, info, self.count)
 
-    def push(self, job: Job, errors: np.ndarray, seconds: float) -> None:
+    def push(self, job: Job, errors: list[float], seconds: float) -> None:
         """Send ``job``'s gradient to the server (applied as it arrives) and log the push."""
         loss = math.fsum(errors) / len(job.rows)
         if not math.isfinite(loss):
@@ -185,13 +185,13 @@ def train_async(config: Config, resumed: dict | None = None, data: Dataset | Non
                 ready, _ = ray.wait(list(pushes.running), num_returns=1)
                 job = pushes.running.pop(ready[0])
                 try:
-                    errors, seconds = ray.get(job.info)
+                    leaves = ray.get(job.info)  # its squared norms: the noise scale is the sync loop's
                 except NonFiniteGradient:  # its weights came from a push the server refused
                     raise Diverged(f"training diverged at push {pushes.count}: the summed gradient has NaN or "
                                    "inf") from None
                 except Exception as exc:  # noqa: BLE001 - a lost actor: this loop has no fault handling
                     raise RunFailed(failed % type(exc).__name__) from None
-                pushes.push(job, errors, seconds)
+                pushes.push(job, leaves.errors, leaves.seconds)
                 for k in clocks.finished(job.k):
                     pushes.begin(k, clocks.next_share(k))
             try:

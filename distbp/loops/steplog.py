@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..data.problem import Problem
-from ..run import spans
+from ..run import metrics, spans
 from ..run.outdir import CHECKPOINT, RunFiles
 from ..run.progress import Progress
 from ..run.report import Reporters
-from ..step.server import merge_reports
+from ..step.noise import RunNoise
+from ..step.reports import merge_reports
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Sent:
     report: list  # refs of the servers' reports
     weights: list  # refs of the step's new weights: fetching them raises why the step failed
     workers: int  # how many workers computed it (--workers MIN:MAX: it changes as the run resizes)
+    micro_squares: float  # the exact sum of its micro-batches' squared norms (step/noise.py)
     when: float | None = None  # when it was done (perf_counter), if not when its line is written (windows.py)
 
 
@@ -66,6 +68,9 @@ class StepLog:
             self.timeline = spans.Timeline(os.path.join(files.path, spans.NAME))
             files.watchers.insert(0, self.timeline)
         offset, logged = files.open_log()
+        self.noise = RunNoise(problem.sampler.n, config.micro_batch)
+        if files.saved_step:  # the moving averages of the steps kept, as they made them
+            self.noise.replay(metrics.read(files.metrics_path))
         self.logged: dict[int, str] = logged if compare else {}  # step -> grad_xxh3 of its first computation
         self.pending: deque[Sent] = deque()
         self.written = files.saved_step  # metrics.jsonl has the lines of the steps up to here
@@ -121,6 +126,7 @@ class StepLog:
                   "server_bytes_in": report["bytes_in"]}
         if "grad_norm" in report:  # --clip-norm: the norm before clipping, as clip_grad_norm_ returns it
             record["grad_norm"] = report["grad_norm"]
+        record.update(self.noise.step(sent.step, sent.batch_size, sent.micro_squares, report["grad_sq"]))
         self.last.update(record)
         self.files.log.write(record)
         self.progress.step(**self.bar())

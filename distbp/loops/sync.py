@@ -273,8 +273,8 @@ class Steps:
                                         self.scale_of, self.weights)
         reports, self.weights = self.servers.report(), self.servers.weights()
         if ran:
-            self.log.sent(*(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, self.weights, r.workers, r.when)
-                            for r in ran))
+            self.log.sent(*(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, self.weights, r.workers,
+                                 r.micro_squares, r.when) for r in ran))
             self.after(ran[-1].step)  # a window ends where the driver has work (Windows.last_step): after its last step
             self.applied = ran[-1].step
         if failure is not None:
@@ -288,7 +288,8 @@ class Steps:
         if not math.isfinite(loss):  # caught before the servers apply anything
             raise Diverged(Stopped(Why.LOSS, step, loss).line())
         self.weights = self.servers.step(done.n, done.nodes, self.lr_at(step), step, self.scale_of(batch), done.values)
-        self.log.sent(Sent(step, len(batch), loss, done.seconds, self.servers.report(), self.weights, done.workers))
+        self.log.sent(Sent(step, len(batch), loss, done.seconds, self.servers.report(), self.weights, done.workers,
+                           math.fsum(done.squares)))
         self.after(step)
         self.applied = step
         if self.windows is not None:

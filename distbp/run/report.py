@@ -55,9 +55,13 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_R
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
 
 
+NOISE = ("b_simple", "grad_sq_micro", "grad_sq_batch", "grad_sq_estimate", "grad_var_estimate")
+
+
 def step_scalars(record: dict, samples_per_second: float | None) -> dict[str, float]:
     """A step's figures under the names both trackers get: loss, lr, samples/s, the slowest
-    worker's compute, the server sum and update (seconds), and the bytes each server received."""
+    worker's compute, the server sum and update (seconds), the bytes each server received, and
+    the gradient noise scale's (step/noise.py)."""
     out = {"train/loss": record["loss"]}
     if "lr" in record:
         out["train/lr"] = record["lr"]
@@ -68,6 +72,9 @@ def step_scalars(record: dict, samples_per_second: float | None) -> dict[str, fl
             out[f"perf/{key}_s"] = record[key]
     for s, nbytes in enumerate(record.get("server_bytes_in", [])):
         out[f"perf/server{s}_bytes_in"] = nbytes
+    for key in NOISE:  # the gradient noise scale (sync runs; null before it is defined)
+        if record.get(key) is not None:
+            out[f"noise/{key}"] = record[key]
     return out
 
 

@@ -10,6 +10,7 @@ from .. import faults
 from ..config import Config
 from ..data.problem import Problem
 from ..lecture.network import Network, evaluate
+from ..step import noise
 from . import metrics
 from .checkpoint import sha256_le
 from .outdir import RunFiles
@@ -62,6 +63,7 @@ def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, e
         "transport": transport,  # of the per-step vectors: direct or object-store
         # steps run in windows without a Ray call each (the direct transport): {"windows", "steps", "called_off"}
         "windows": dict(windows) if windows is not None else None,
+        **log.noise.summary(),  # the gradient noise scale: the last B_simple and its trajectory
         "mode": "sync",
         "exact": True,  # the same weights, bit for bit, for any K and S (--mode async/ssp: false)
         "resumed_from_step": start if start else None,
@@ -135,6 +137,7 @@ def rebuilt(config: Config, problem: Problem, files: RunFiles, net: Network, sta
         "exact": True,
         "resumed_from_step": steps,
         "stopped_early": None,
+        **noise.replayed(records, problem.sampler.n, config.micro_batch),
         "summary_rebuilt": True,  # from checkpoint.npz and metrics.jsonl after the run had ended
         "faults": {"injected": [str(f) for f in faults.parse(config.fault_injection, config.max_workers)]},
         "out": files.path,

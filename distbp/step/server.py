@@ -8,13 +8,15 @@ whichever thread of the server computes them: the sum, its check and the update 
 chunk, the chunks shared out over the server's threads (``threads``), which the workers leave
 idle while they wait for the new weights.
 
-``--clip-norm`` needs one number of the whole vector, the gradient's norm.  The vector is cut
+``--clip-norm`` and the noise scale (noise.py) need one number of the whole vector, the
+gradient's squared norm.  The vector is cut
 into fixed blocks by its size alone (``cuts.blocks``) and a server's range is whole blocks
 (``cuts.aligned``), so each block's sum of squares is the same bits whichever server computes
-it; the norm is ``math.fsum`` of all of them, the exactly rounded sum, which no order or
-grouping of the additions changes.  With one server ``step`` does it all; with S, each
-server's ``gather`` returns its blocks' sums and every server's ``apply`` gets all S of them
-(servers.py).
+it; the squared norm is ``math.fsum`` of all of them, the exactly rounded sum, which no order
+or grouping of the additions changes.  Each step's report carries the range's block sums
+(``merge_reports`` adds them up); with ``--clip-norm`` and one server ``step`` does it all, with
+S each server's ``gather`` returns its blocks' sums and every server's ``apply`` gets all S of
+them (servers.py).
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import xxhash
 
 from ..lecture import cuts, tree
 from ..lecture.optim import Hyper, clip_coef, init_state, update
 from .fingerprint import Fingerprints
+from .reports import exact_sum
 
 # The server sums, checks and updates the vector this many bytes at a time, so that a chunk's
 # operands stay in cache between those passes (ServerState._sum).
@@ -104,7 +106,7 @@ class ServerState:
         self.first_block = np.cumsum([0] + [len(seg) for seg in self.segments]).tolist()  # each chunk's
         self.local = threading.local()  # each thread's chunk-sized work buffers (``_spare``)
         self.widest = max(hi - lo for lo, hi in self.chunks)
-        self.squares = np.empty(len(self.blocks), dtype=self.weights.dtype)  # --clip-norm: each block's sum
+        self.squares = np.empty(len(self.blocks), dtype=self.weights.dtype)  # each block's sum of squares
         self.threads = max(1, min(threads, len(self.chunks)))
         self.pool = ThreadPoolExecutor(self.threads - 1, "distbp-pass") if self.threads > 1 else None
         self.summed = 0  # the step whose gradient is summed (gather), to be applied
@@ -181,16 +183,16 @@ class ServerState:
             if not ready(lo, hi):
                 raise Abandoned(f"the inputs of entries {lo}:{hi} will not come")
             g = self._sum_chunk(n, {node: row[lo:hi] for node, row in table.items()}, lo, hi)
-            # A NaN or inf anywhere makes the sum non-finite (so would an overflow of finite
-            # entries, which needs entries near the dtype's max: diverged too).
-            finite[i] = bool(np.isfinite(g.sum()))
-            if self.hyper.clip_norm is not None:  # each block's sum of squares, while the chunk is in cache
-                with np.errstate(over="ignore"):  # an overflow is an inf norm: apply() refuses it
-                    square = np.square(g, out=self._spare(0, hi - lo))
-                # reduceat sums each block with numpy's pairwise sum: bits that depend on the
-                # block's values alone, not on where the block lies in memory or in the chunk
-                b = self.first_block[i]
-                np.add.reduceat(square, self.segments[i], out=self.squares[b:self.first_block[i + 1]])
+            # Each block's sum of squares, while the chunk is in cache (--clip-norm, the noise
+            # scale).  reduceat sums each block with numpy's pairwise sum: bits that depend on the
+            # block's values alone, not on where the block lies in memory or in the chunk.
+            with np.errstate(over="ignore", invalid="ignore"):
+                square = np.square(g, out=self._spare(0, hi - lo))
+                sums = self.squares[self.first_block[i]:self.first_block[i + 1]]
+                np.add.reduceat(square, self.segments[i], out=sums)
+                # A NaN or inf anywhere makes a sum non-finite; so does an entry whose square
+                # overflows (past 1.8e19 in float32): diverged too.
+                finite[i] = bool(np.isfinite(sums.sum()))
             summed(i)
         self._each(chunk)
         return all(finite)
@@ -212,8 +214,7 @@ class ServerState:
         The server holds the whole vector (or no clipping needs the whole norm): both halves here.
         ``ready`` and ``updated``: as ``gather`` and ``apply`` take them.
         """
-        squares = self.gather(n, nodes, values, t, ready)
-        return self.apply(lr, t, scale, None if squares is None else [squares], updated)
+        return self.apply(lr, t, scale, [self.gather(n, nodes, values, t, ready)], updated)
 
     def gather(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], t: int,
                ready: Callable[[int, int], bool] = always) -> np.ndarray | None:
@@ -222,8 +223,8 @@ class ServerState:
         ``ready``: as ``_sum`` takes it; a chunk waits for its inputs, not the whole sum for all
         of them.  ``Abandoned`` if they stop coming: nothing is applied.
 
-        Returns, under ``--clip-norm``, each of the range's blocks' sum of squares of the summed
-        gradient (its dtype, in block order), else None.
+        Returns each of the range's blocks' sum of squares of the summed gradient (its dtype, in
+        block order): ``--clip-norm`` needs every server's, the noise scale gets them in the report.
         """
         if t != self.t + 1:
             raise ValueError(f"step {t} sent to a server that has applied {self.t} steps")
@@ -243,15 +244,16 @@ class ServerState:
             raise NonFiniteGradient(f"the summed gradient of step {t} has non-finite values")
         self.summed = t
         self.clock = {"start": start, "wall": wall, "cpu": time.thread_time() - cpu, "waited": waited,
-                      "summed": time.perf_counter(), "bytes_in": sum(v.nbytes for v in values)}
-        return self.squares.copy() if self.hyper.clip_norm is not None else None
+                      "summed": time.perf_counter(), "bytes_in": sum(v.nbytes for v in values),
+                      "squares": self.squares.tolist()}
+        return self.squares.copy()
 
-    def apply(self, lr: float, t: int, scale: float | None, squares: list[np.ndarray] | None,
+    def apply(self, lr: float, t: int, scale: float | None, squares: list[np.ndarray],
               updated: Callable[[int], None] = nothing) -> np.ndarray:
         """The second half of step ``t``: update this range in place; return its new weights.
 
-        ``squares``: under ``--clip-norm``, what ``gather`` returned on every server, in range
-        order; each server adds up the same numbers to the same norm.  ``updated(i)`` is called
+        ``squares``: what ``gather`` returned on every server, in range order (this one's alone
+        where it holds the whole vector): under ``--clip-norm`` each adds them up to one norm.  ``updated(i)`` is called
         as chunk ``i`` holds its new weights (from the thread that updated it), so that they can
         go out while the others are updated.
         """
@@ -260,7 +262,7 @@ class ServerState:
         cpu = time.thread_time()
         applying = time.perf_counter()
         clip, norm = None, None
-        if squares is not None:
+        if self.hyper.clip_norm is not None:
             norm = _norm(squares, scale)
             if not math.isfinite(norm):  # overflowed: as diverged as a NaN
                 self._refuse()
@@ -283,7 +285,8 @@ class ServerState:
         self.timings[t] = {"server_sum": c["summed"] - c["waited"], "update": done - applying,
                            "start": c["wall"], "end": c["wall"] + done - c["start"],
                            "cpu": c["cpu"] + time.thread_time() - cpu,
-                           "bytes_in": c["bytes_in"]}  # what the workers sent this server
+                           "bytes_in": c["bytes_in"],  # what the workers sent this server
+                           "squares": c["squares"]}  # this range's blocks' sums of squares
         if norm is not None:
             self.timings[t]["grad_norm"] = norm
         return self.weights
@@ -311,33 +314,6 @@ class ServerState:
 def _norm(squares: list[np.ndarray], scale: float | None) -> float:
     """The 2-norm of the gradient the optimizer sees (the sum divided by ``scale`` if given),
     from every block's sum of squares of the sum: fsum is exact, so the order does not matter."""
-    try:
-        total = math.fsum(x for part in squares for x in part.tolist())
-    except OverflowError:  # fsum's partial sums overflowed: an inf norm
-        return math.inf
+    total = exact_sum([part.tolist() for part in squares])  # inf where the partial sums overflowed
     norm = math.sqrt(total) if total >= 0 else math.nan
     return norm / scale if scale is not None else norm
-
-
-def merge_reports(reports: list[dict[int, dict]]) -> dict[int, dict]:
-    """One report per step from the S servers' ``report()``: the steps every server has.
-
-    The servers run side by side, so a step's ``server_sum`` and ``update`` are the slowest
-    server's.  ``bytes_in`` becomes the list of each server's received bytes.  With S > 1 the
-    ``grad_xxh3`` is the XXH3-128 of the S range digests joined: stable for a given S, but not
-    the same string as with one server (the weights hash is the same for every S).  ``grad_norm``
-    (``--clip-norm``) is the same number on every server.
-    """
-    if len(reports) == 1:
-        return {t: {**entry, "bytes_in": [entry["bytes_in"]]} for t, entry in reports[0].items()}
-    merged = {}
-    for t in set.intersection(*(set(r) for r in reports)):
-        entries = [r[t] for r in reports]
-        timings = set(entries[0]) - {"grad_xxh3", "bytes_in", "start"}  # durations and end times
-        merged[t] = {
-            **{key: max(e[key] for e in entries) for key in timings},
-            "start": min(e["start"] for e in entries),
-            "grad_xxh3": xxhash.xxh3_128_hexdigest("".join(e["grad_xxh3"] for e in entries).encode()),
-            "bytes_in": [e["bytes_in"] for e in entries],
-        }
-    return merged

@@ -21,16 +21,28 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
 from ..lecture import cuts, tree
 from ..lecture.network import Layout, Workspace, backprop
+from . import noise
 
 
 def micro_batches(batch_size: int, micro_batch: int) -> list[range]:
     """Row ranges of the micro-batches of a batch: fixed by ``B`` and ``M`` alone."""
     return cuts.fixed(batch_size, micro_batch)
+
+
+class Leaves(NamedTuple):
+    """What a worker's compute call reports beside its nodes' values: for each micro-batch the
+    nodes cover, in micro-batch order, its summed error and the squared norm of its mean
+    gradient (step/noise.py); and the call's compute time."""
+
+    errors: list[float]
+    squares: list[float]
+    seconds: float
 
 
 class BufferPool:
@@ -68,18 +80,20 @@ class WorkerState:
         # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
         self.spans: deque[tuple[float, float, float, int]] = deque(maxlen=4096)
 
-    def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> float:
-        """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error."""
+    def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+        """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error
+        and the squared norm of its mean gradient (the noise scale's, step/noise.py)."""
         mine = self.workspaces.__dict__.setdefault("by_rows", {})
         ws = mine.get(len(rows))
         if ws is None:
             ws = mine[len(rows)] = Workspace(self.layout.layers, len(rows), self.dtype)
         # Gather the rows straight into the workspace: no per-micro-batch allocation.
         np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
-        return backprop(W, None, self.Y[rows], self.activation, self.loss, ws, self.layout.views(g))
+        error = backprop(W, None, self.Y[rows], self.activation, self.loss, ws, self.layout.views(g))
+        return error, noise.leaf_square(g, len(rows))
 
     def node(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[range], node: tree.Node,
-             dst: np.ndarray, losses: dict[int, float]) -> None:
+             dst: np.ndarray, leaves: dict[int, tuple[float, float]]) -> None:
         """Tree node ``node``'s value into ``dst``: a leaf's gradient, else ``left + right``.
 
         The same additions, with the same operands, as ``tree.combine``: an inner node whose
@@ -88,13 +102,13 @@ class WorkerState:
         """
         level, i = node
         if level == 0:
-            losses[i] = self.leaf(W, batch[ranges[i].start:ranges[i].stop], dst)
+            leaves[i] = self.leaf(W, batch[ranges[i].start:ranges[i].stop], dst)
             return
-        self.node(W, batch, ranges, (level - 1, 2 * i), dst, losses)
+        self.node(W, batch, ranges, (level - 1, 2 * i), dst, leaves)
         right = (level - 1, 2 * i + 1)
         if tree.span(right, len(ranges))[0] < len(ranges):
             tmp = self.pool.take()
-            self.node(W, batch, ranges, right, tmp, losses)
+            self.node(W, batch, ranges, right, tmp, leaves)
             np.add(dst, tmp, out=dst)
             self.pool.give(tmp)
 
@@ -103,25 +117,25 @@ class WorkerState:
         """The values of tree ``nodes`` over the micro-batches of ``batch``, into ``out`` (shape
         ``(len(nodes), P)``: row r is node r's summed gradient).
 
-        Returns ``(losses, seconds)``: the summed error of each micro-batch the nodes cover, in
-        micro-batch order (float64), and the compute time.  ``step``: the step it is of, kept with
-        the call's times in ``spans`` (--timeline).
+        Returns the ``Leaves`` of the micro-batches the nodes cover.  ``step``: the step it is of,
+        kept with the call's times in ``spans`` (--timeline).
         """
         start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
         W = self.layout.views(weights)
         ranges = micro_batches(len(batch), self.micro_batch)
-        losses: dict[int, float] = {}
+        leaves: dict[int, tuple[float, float]] = {}
         if self.executor is None:
             for r, node in enumerate(nodes):
-                self.node(W, batch, ranges, node, out[r], losses)  # each node straight into its row
+                self.node(W, batch, ranges, node, out[r], leaves)  # each node straight into its row
         else:
-            self.threaded(W, batch, ranges, nodes, out, losses)
+            self.threaded(W, batch, ranges, nodes, out, leaves)
         seconds = time.perf_counter() - start
         self.spans.append((wall, wall + seconds, time.thread_time() - cpu, step))
-        return np.array([losses[i] for i in sorted(losses)], dtype=np.float64), seconds
+        order = sorted(leaves)
+        return Leaves([leaves[i][0] for i in order], [leaves[i][1] for i in order], seconds)
 
     def threaded(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[range], nodes: list[tree.Node],
-                 out: np.ndarray, losses: dict[int, float]) -> None:
+                 out: np.ndarray, leaves: dict[int, tuple[float, float]]) -> None:
         """``compute``'s nodes with T threads: a node's leaves T at a time, in order, each into a
         buffer of its own (the node's first leaf straight into its row), folded into the node as
         they come.
@@ -149,9 +163,9 @@ class WorkerState:
                 bufs = {i: out[r] if i == lo else self.pool.take() for i in group}
                 rows = [batch[ranges[i].start:ranges[i].stop] for i in group]
                 # map re-raises a thread's error here
-                for i, loss in zip(group, self.executor.map(self.leaf, [W] * len(group), rows,
+                for i, leaf in zip(group, self.executor.map(self.leaf, [W] * len(group), rows,
                                                              [bufs[i] for i in group])):
-                    losses[i] = loss
+                    leaves[i] = leaf
                     stack.append(((0, i), bufs[i]))
                     while len(stack) > 1 and stack[-2][0][0] == stack[-1][0][0] and stack[-2][0][1] % 2 == 0:
                         (level, i_left), left = stack[-2]
