@@ -44,10 +44,16 @@ def test_plot_of_real_runs_writes_a_png(ray_session, tmp_path: Path, capsys) -> 
 
     import matplotlib.image
 
-    assert matplotlib.image.imread(str(out)).shape[:2] == (462, 1210)  # (4.2 x 11 in) * 110 dpi
+    # (4.2 x 16 in) * 110 dpi: the third panel is the gradient noise scale, which these runs have
+    assert matplotlib.image.imread(str(out)).shape[:2] == (462, 1760)
     curves = read_run(runs[1])
     assert curves.eval_name == "validation" and curves.steps_per_epoch == 8  # 1200 samples / 150
     assert curves.eval_epoch == [1.0, 2.0] and len(curves.loss) == 16
+    lines = [json.loads(line) for line in open(f"{runs[1]}/metrics.jsonl") if '"loss"' in line]
+    assert curves.b_simple == [r["b_simple"] for r in lines] and curves.batch_size == 150
+    fake = fake_run(tmp_path / "no-noise")  # a run without the noise scale: two panels, as before
+    assert main(["plot", str(fake), "--out", str(out)]) == 0
+    assert matplotlib.image.imread(str(out)).shape[:2] == (462, 1210)
 
 
 def test_default_out_is_inside_the_first_run(tmp_path: Path) -> None:

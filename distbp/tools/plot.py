@@ -2,7 +2,9 @@
 
 Left panel: the training loss of every step (faint) and its moving average over a quarter
 epoch, with the test (or validation) loss of each epoch's evaluation as dashed markers.
-Right panel: the test (or validation) accuracy of each evaluation.  The x axis is epochs, so runs with
+Middle panel: the test (or validation) accuracy of each evaluation.  Right panel, when a run
+has it (sync runs with two micro-batches a step or more): the gradient noise scale ``b_simple``
+of each step (step/noise.py), beside each run's batch size.  The x axis is epochs, so runs with
 different batch sizes line up.  Everything is read from ``metrics.jsonl``; matplotlib is
 an optional extra (``pip install -e ".[plot]"``) imported only here.
 """
@@ -33,6 +35,8 @@ class Curves:
     eval_accuracy: list[float]
     eval_name: str  # "test" or "validation"
     steps_per_epoch: int
+    b_simple: list[float]  # each step's gradient noise scale (nan where it has none)
+    batch_size: int | None  # from summary.json, when the run has one
 
 
 def read_run(run_dir: str) -> Curves:
@@ -61,7 +65,9 @@ def read_run(run_dir: str) -> Curves:
                   eval_epoch=[s / spe for s in eval_steps],
                   eval_loss=[_number(evals[s].get(f"{name}_loss", math.nan), path, s) for s in eval_steps],
                   eval_accuracy=[_number(evals[s].get(f"{name}_accuracy", math.nan), path, s) for s in eval_steps],
-                  eval_name=name, steps_per_epoch=spe)
+                  eval_name=name, steps_per_epoch=spe,
+                  b_simple=[_number(steps[s].get("b_simple") or math.nan, path, s) for s in order],
+                  batch_size=_batch_size(run_dir))
 
 
 MAX_STEP = 1 << 53  # steps a float counts exactly: the x axis is step / steps_per_epoch
@@ -98,6 +104,30 @@ def _steps_per_epoch(run_dir: str, steps: dict[int, dict], path: str) -> int:
     return min(later) - 1 if later else max(steps)  # still in epoch 1: the x axis ends at 1
 
 
+def _batch_size(run_dir: str) -> int | None:
+    """The run's batch size from its summary.json, if it has a readable one."""
+    summary = os.path.join(run_dir, "summary.json")
+    try:
+        if os.path.isfile(summary) and os.path.getsize(summary) < 1 << 20:
+            with open(summary, encoding="utf-8") as fh:
+                value = json.load(fh).get("batch_size")
+            return value if type(value) is int and value > 0 else None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass
+    return None
+
+
+def noise_panel(ax, runs: list[Curves], colors: list[str]) -> None:
+    """Each run's ``b_simple`` per step, with its batch size as a dotted line: a batch well below
+    B_simple still buys proportionally fewer steps, one well above it does not."""
+    for run, color in zip(runs, colors):
+        ax.plot(run.step_epoch, run.b_simple, color=color, linewidth=1.2, label=f"{run.label} B_simple")
+        if run.batch_size:
+            ax.axhline(run.batch_size, color=color, linestyle=":", linewidth=1, label=f"{run.label} B")
+    ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="samples", title="gradient noise scale B_simple (per step)")
+
+
 def smooth(values: list[float], span: float) -> list[float]:
     """Exponential moving average over about ``span`` points, bias-corrected at the start."""
     alpha = 1.0 / max(1.0, span)
@@ -128,9 +158,12 @@ def plot(run_dirs: list[str], out: str | None = None) -> str:
     except ImportError:
         raise UsageError(MISSING_MATPLOTLIB) from None
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2, sharex=True)
+    noisy = any(not math.isnan(v) for r in runs for v in r.b_simple)
+    fig = Figure(figsize=(16 if noisy else 11, 4.2), layout="constrained")
+    ax_loss, ax_acc, *ax_noise = fig.subplots(1, 3 if noisy else 2, sharex=True)
     colors = [f"C{i % 10}" for i in range(len(runs))]
+    if noisy:
+        noise_panel(ax_noise[0], runs, colors)
     for run, color in zip(runs, colors):
         final = next((a for a in reversed(run.eval_accuracy) if not math.isnan(a)), None)
         label = run.label + (f" ({run.eval_name} {final:.4f})" if final is not None else "")
@@ -150,7 +183,7 @@ def plot(run_dirs: list[str], out: str | None = None) -> str:
     if not names:
         ax_acc.text(0.5, 0.5, "no test or validation split", ha="center", va="center",
                     transform=ax_acc.transAxes, color="0.5")
-    for ax in (ax_loss, ax_acc):
+    for ax in (ax_loss, ax_acc, *ax_noise):
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
