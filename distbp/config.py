@@ -23,6 +23,7 @@ def opt(default, help: str, choices=None, metavar=None, removed=None):
                                             "removed": removed or {}})
 
 
+AUTO = "auto"  # --servers auto: one per node (Session resolves it once it sees the cluster)
 MAX_INT = 2**53  # an integer option above this is a mistake (and past what a float holds exactly)
 
 # --transport names of earlier versions: each was one way of the direct transport, which now
@@ -88,8 +89,10 @@ class Config:
     fault_injection: str | None = opt(None, "faults to inject on purpose, comma-separated: kill-worker:K@S, "
                                             "delay-worker:K@S:SECONDS, kill-server@S (see docs/reliability.md)",
                                       metavar="SPEC")
-    servers: int = opt(1, "parameter-server actors S, each owning a contiguous range of the weights "
-                          "(bitwise the same result for any S)", metavar="S")
+    servers: int | str = opt("auto", "parameter-server actors S, each owning a contiguous range of the weights "
+                                     "(bitwise the same result for any S); auto: one on each node of the cluster "
+                                     "with a CPU for it (1 on one machine), so that no link carries the whole "
+                                     "gradient (docs/performance.md)", metavar="S|auto")
     threads_per_worker: int | None = opt(None, "threads each worker backpropagates micro-batches on, one BLAS "
                                                "thread each (default: the worker's share of its node's CPUs); "
                                                "the same bits for any T", metavar="T")
@@ -192,8 +195,8 @@ class Config:
 
     def _check_modes(self) -> None:
         """--servers, --mode, --staleness: what the asynchronous loop (async_train.py) cannot do is refused."""
-        if self.servers < 1:
-            raise UsageError(f"--servers must be at least 1, got {self.servers}")
+        if self.servers != AUTO and (type(self.servers) is not int or self.servers < 1):
+            raise UsageError(f"--servers must be at least 1, or auto, got {self.servers}")
         if self.staleness is not None and (self.mode != "ssp" or self.staleness < 0):
             raise UsageError(f"--staleness goes with --mode ssp and must be >= 0, got {self.staleness} "
                              f"with --mode {self.mode}")
@@ -202,6 +205,8 @@ class Config:
         if self.min_workers < self.max_workers:
             raise UsageError(f"--workers {self.workers}: a range works only with --mode sync (--mode {self.mode} "
                              "keeps its K workers)")
+        if self.servers == AUTO:  # the asynchronous loop has one server
+            self.servers = 1
         for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0),
                               ("keep_checkpoints", 0), ("eval_every", 0), ("report_to", None), ("timeline", False),
                               ("transport", "auto")):
@@ -292,7 +297,7 @@ def check_sizes(config: Config) -> None:
 def option_type(f) -> type:
     """The Python type of a Config field's values (None aside)."""
     default = f.default if f.default is not MISSING else None
-    if f.name in ("steps", "base_batch", "staleness", "threads_per_worker"):
+    if f.name in ("steps", "base_batch", "staleness", "threads_per_worker", "servers"):
         return int
     if f.name in ("adam_eps", "clip_norm"):
         return float
@@ -303,4 +308,5 @@ def takes(name: str, kind: type, value) -> bool:
     """Whether ``value`` fits option ``name`` of type ``kind``: ``workers`` is an int K, or the text "MIN:MAX"."""
     if isinstance(value, bool):  # an int, to isinstance: only a switch takes True or False
         return kind is bool
-    return isinstance(value, kind) or (name == "workers" and isinstance(value, str) and ":" in value)
+    return isinstance(value, kind) or (name == "workers" and isinstance(value, str) and ":" in value) \
+        or (name == "servers" and value == AUTO)

@@ -18,7 +18,8 @@ from .errors import DataError, UsageError, one_line
 
 
 def workers_flag(text: str) -> int | str:
-    """``--workers`` on the command line: K as an int, MIN:MAX as text (checked by ``validate``)."""
+    """``--workers`` (``--servers``) on the command line: K as an int, MIN:MAX (auto) as text
+    (checked by ``validate``)."""
     try:
         return int(text)
     except ValueError:
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS,
                                 help=help_text(f))
             continue
-        kind = workers_flag if f.name == "workers" else kind
+        kind = workers_flag if f.name in ("workers", "servers") else kind
         choices = f.metadata.get("choices")  # a removed value passes, for validate() to say what replaced it
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
                             choices=choices and (*choices, *f.metadata["removed"]), metavar=f.metadata.get("metavar"),

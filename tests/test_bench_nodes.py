@@ -47,6 +47,9 @@ def local(ray_session, tmp_path_factory):
 def test_across_nodes_the_bits_are_those_of_one_node(cluster, local, tmp_path, transport):
     summary = run_on(cluster, tmp_path / "run", "--transport", transport)
     assert len(set(summary["worker_nodes"])) == 2, summary["worker_nodes"]  # one worker per node
+    # --servers auto (the default): a server on each node, so no link carries the whole gradient
+    assert summary["servers"] == 2 and summary["config"]["servers"] == 2
+    assert len(set(summary["server_nodes"])) == 2, summary["server_nodes"]
     # auto: direct, sockets between the nodes, shared memory between a worker and a server of one node
     assert summary["transport"] == ("direct" if transport == "auto" else transport)
     assert summary["weights_sha256"] == local["weights_sha256"]

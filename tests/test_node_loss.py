@@ -31,7 +31,7 @@ DRIVER = textwrap.dedent("""
     # 1500 steps: the run is still going when the node goes (kill at step 25), whatever the timing
     args = ["--dataset", f"npz:{out}/d.npz", "--layers", "4,16,2", "--workers", "1", "--batch-size", "60",
             "--micro-batch", "10", "--steps", "1500", "--checkpoint-every", "100", "--elastic-timeout", wait,
-            "--address", cluster.address]
+            "--servers", "1", "--address", cluster.address]
 
     def train(name, *more):
         return subprocess.Popen([sys.executable, "-m", "distbp", "train", *args, "--out", f"{out}/{name}", *more],

@@ -67,6 +67,20 @@ def test_a_killed_server_among_several_recovers_to_the_same_bits(ray_session, tm
     assert hit["weights_sha256"] == plain["weights_sha256"]
 
 
+def test_servers_auto_is_one_server_on_one_machine_and_is_recorded_as_a_number(ray_session, tmp_path, capsys):
+    """The default: one server a node (tests/test_bench_nodes.py: 2 on 2 nodes); the checkpoint and
+    the summary hold the number it chose, so a resume elsewhere keeps it."""
+    from distbp.cli import main
+
+    summary = train(train_config(tmp_path, steps=3))
+    assert summary["config"]["servers"] == summary["servers"] == 1
+    assert checkpoint.load(f"{summary['out']}/checkpoint.npz")["config"]["servers"] == 1
+    for bad in ("0", "two", "1.5"):
+        assert main(["train", "--servers", bad, "--out", str(tmp_path / "bad")]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"--servers must be at least 1, or auto, got {bad}")
+        assert not (tmp_path / "bad").exists()
+
+
 def test_more_servers_than_weights_is_refused(tmp_path):
     with pytest.raises(UsageError, match="--servers 100"):
         train(train_config(tmp_path, layers="2,3,3", servers=100))

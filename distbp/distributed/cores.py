@@ -43,3 +43,13 @@ def share(workers: int, servers: int) -> int:
         return 1
     nodes = len(cpus)
     return max(1, int(min(cpus) - math.ceil(servers / nodes)) // math.ceil(workers / nodes))
+
+
+def servers_per_node(workers_cpus: int) -> int:
+    """``--servers auto``: one server on each live node with a CPU, so that every node's link
+    carries its share of the gradient and of the weights (with one server, its node's link carries
+    all of both: docs/performance.md); at most the CPUs the cluster has beyond the workers' (at
+    least 1).  On one machine, 1."""
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    nodes = sum(1 for have in cpus if have >= 1)
+    return max(1, min(nodes, int(sum(cpus)) - workers_cpus))

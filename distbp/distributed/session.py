@@ -16,7 +16,7 @@ import numpy as np
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from ..config import Config
+from ..config import AUTO, Config
 from ..data.problem import Problem
 from ..errors import UsageError
 from ..lecture.network import Layout
@@ -34,25 +34,28 @@ from .workers import WorkerPool
 class Session:
     """Ray connected, the servers' bundles placed, the data in the object store: ``start_*`` start actors."""
 
-    def __init__(self, config: Config, problem: Problem, servers: int, transport: str | None = None):
-        """``transport``: the --transport to use instead of the config's (the async loop:
+    def __init__(self, config: Config, problem: Problem, servers: int | str, transport: str | None = None):
+        """``servers``: S, or ``auto`` (``cores.servers_per_node``: the number is ``self.servers``
+        then).  ``transport``: the --transport to use instead of the config's (the async loop:
         ``object-store``, its workers read whatever weights the server holds, mid-update or not)."""
         self.config, self.problem = config, problem
         self.layers, self.dtype = problem.layers, np.dtype(config.dtype)
-        self.minimum, self.slots, self.servers = config.min_workers, config.max_workers, servers
+        self.minimum, self.slots = config.min_workers, config.max_workers
         self.started_ray, self.pg, self.transport, self.pool = False, None, None, None
         try:
             users_ray = ray.is_initialized()  # started in this process by the caller (distbp.fit)
             # T threads a worker, its CPUs reserved: known before a private local Ray starts (it
             # is this machine), else read off the cluster's nodes.
-            self.threads = config.threads_per_worker or cores.default(config.address, self.slots, servers)
-            self.started_ray = connect(config.address, cpus_wanted=self.slots * (self.threads or 1) + servers)
+            guess = 1 if servers == AUTO else servers  # a private local Ray is one node: one server
+            self.threads = config.threads_per_worker or cores.default(config.address, self.slots, guess)
+            self.started_ray = connect(config.address, cpus_wanted=self.slots * (self.threads or 1) + guess)
+            self.servers = cores.servers_per_node(self.minimum * (self.threads or 1)) if servers == AUTO else servers
             if self.threads is None:
-                self.threads = cores.share(self.slots, servers)
+                self.threads = cores.share(self.slots, self.servers)
             if users_ray:
                 self._check_fits()
-            self.pg = place(servers, "servers")
-            self.transport = choose(transport or config.transport, Layout(self.layers).size, self.dtype, servers,
+            self.pg = place(self.servers, "servers")
+            self.transport = choose(transport or config.transport, Layout(self.layers).size, self.dtype, self.servers,
                                     peer_wait(config.elastic_timeout))
             self.X, self.Y = ray.put(problem.X), ray.put(problem.Y)
         except BaseException:

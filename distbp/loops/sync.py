@@ -86,6 +86,7 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
     total, start = problem.total_steps, files.saved_step
     lr_at = schedule.from_config(config, total, problem.sampler.steps_per_epoch)  # step (from 1) -> lr
     with Session(config, problem, config.servers) as session:
+        config.servers = session.servers  # --servers auto: the number it is on this cluster, as checkpoints record it
         servers = session.start_servers(initial["weights"])
         if resumed:
             servers.restore(*files.latest(initial))
