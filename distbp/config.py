@@ -93,6 +93,10 @@ class Config:
                                      "(bitwise the same result for any S); auto: one on each node of the cluster "
                                      "with a CPU for it (1 on one machine), so that no link carries the whole "
                                      "gradient (docs/performance.md)", metavar="S|auto")
+    server_resource: str | None = opt(None, "put the parameter servers only on nodes that offer this Ray custom "
+                                            "resource, one unit a server: servers on nodes of their own (BytePS's "
+                                            "layout; docs/performance.md); with --servers auto, one server a unit",
+                                      metavar="NAME")
     threads_per_worker: int | None = opt(None, "threads each worker backpropagates micro-batches on, one BLAS "
                                                "thread each (default: the worker's share of its node's CPUs); "
                                                "the same bits for any T", metavar="T")
@@ -207,9 +211,9 @@ class Config:
                              "keeps its K workers)")
         if self.servers == AUTO:  # the asynchronous loop has one server
             self.servers = 1
-        for name, default in (("servers", 1), ("fault_injection", None), ("checkpoint_every", 0),
-                              ("keep_checkpoints", 0), ("eval_every", 0), ("report_to", None), ("timeline", False),
-                              ("transport", "auto")):
+        for name, default in (("servers", 1), ("server_resource", None), ("fault_injection", None),
+                              ("checkpoint_every", 0), ("keep_checkpoints", 0), ("eval_every", 0),
+                              ("report_to", None), ("timeline", False), ("transport", "auto")):
             if getattr(self, name) != default:
                 raise UsageError(f"--{flag(name)} works only with --mode sync (--mode {self.mode} has one "
                                  "server, no fault handling, no per-step record and one checkpoint and "

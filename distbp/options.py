@@ -135,8 +135,9 @@ def from_args(ns: argparse.Namespace) -> Config:
 # goes on (the sum is the same bits for any K and S), and what it records besides.  Anything
 # else would make the continued run differ from the uninterrupted one.  The one list: the
 # --resume help, its error and docs/reliability.md are made from it or checked against it.
-RESUMABLE = ("steps", "epochs", "workers", "servers", "threads_per_worker", "transport", "address", "data_dir",
-             "checkpoint_every", "keep_checkpoints", "eval_every", "fault_injection", "report_to", "timeline")
+RESUMABLE = ("steps", "epochs", "workers", "servers", "server_resource", "threads_per_worker", "transport",
+             "address", "data_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "fault_injection",
+             "report_to", "timeline")
 
 
 def resumable_flags() -> str:

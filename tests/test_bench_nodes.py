@@ -73,6 +73,19 @@ def test_a_server_on_each_node_mixes_shared_memory_and_sockets_with_the_same_bit
     assert summary["weights_sha256"] == local["weights_sha256"]
 
 
+def test_servers_on_nodes_of_their_own_keep_the_bits(cluster, local, tmp_path):
+    """--server-resource: the servers go only to nodes offering the resource (here the worker
+    node's ``worker_node_1``, one unit: --servers auto makes one server); the bits do not move."""
+    summary = run_on(cluster, tmp_path / "run", "--server-resource", "worker_node_1")
+    assert summary["servers"] == 1 and summary["config"]["server_resource"] == "worker_node_1"
+    assert summary["weights_sha256"] == local["weights_sha256"]
+    ask = ("import ray; ray.init(address='%s', logging_level='ERROR'); "
+           "print(*[n['NodeID'] for n in ray.nodes() if n['Alive'] and 'worker_node_1' in n['Resources']])")
+    node = subprocess.run([sys.executable, "-c", ask % cluster.address], capture_output=True, text=True, timeout=120,
+                          env=cluster.env | cluster.client_env()).stdout.split()
+    assert summary["server_nodes"] == node, (summary["server_nodes"], node)
+
+
 def test_bench_nodes_2_runs_and_stops_what_it_started(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--nodes", "2",

@@ -29,8 +29,8 @@ CLUSTER_README = ROOT / "cluster" / "README.md"
 SCRIPTS = sorted((ROOT / "scripts").rglob("*.py")) + sorted((ROOT / "examples").glob("*.py"))
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-# Flags the pages give to other programs: ray job submit, torchrun, tensorboard.
-OTHER_TOOLS = {"--working-dir", "--nnodes", "--max-restarts", "--logdir"}
+# Flags the pages give to other programs: ray job submit, ray start, torchrun, tensorboard.
+OTHER_TOOLS = {"--working-dir", "--nnodes", "--max-restarts", "--logdir", "--resources", "--num-cpus"}
 
 
 # ---- what the code accepts --------------------------------------------------------------------

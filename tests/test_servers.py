@@ -75,6 +75,8 @@ def test_servers_auto_is_one_server_on_one_machine_and_is_recorded_as_a_number(r
     summary = train(train_config(tmp_path, steps=3))
     assert summary["config"]["servers"] == summary["servers"] == 1
     assert checkpoint.load(f"{summary['out']}/checkpoint.npz")["config"]["servers"] == 1
+    with pytest.raises(UsageError, match="--server-resource works only with --mode sync"):
+        train_config(tmp_path, mode="async", server_resource="server_node")
     for bad in ("0", "two", "1.5"):
         assert main(["train", "--servers", bad, "--out", str(tmp_path / "bad")]) == 2
         assert capsys.readouterr().err.strip().endswith(f"--servers must be at least 1, or auto, got {bad}")

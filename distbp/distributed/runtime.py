@@ -319,20 +319,23 @@ def probe(address: str, given: str | None = None) -> None:
         raise UsageError(f"{given}: {target} does not answer as a Ray cluster ({code.name})") from None
 
 
-def place(bundles: int, what: str = "workers"):
+def place(bundles: int, what: str = "workers", resource: str | None = None):
     """A placement group of ``bundles`` one-CPU bundles spread over the nodes, once it is ready;
-    ``what`` names the option to lower if it cannot be placed.
+    ``what`` names the option to lower if it cannot be placed; ``resource``: each bundle also
+    takes one unit of that custom resource (``--server-resource``), so only nodes offering it hold them.
 
     Ray's SPREAD gives the first bundles distinct nodes as long as there are unused nodes with
     a free CPU, then fills the least loaded ones: put the actors to spread most first.
     """
-    pg = placement_group([{"CPU": 1}] * bundles, strategy="SPREAD")
+    pg = placement_group([{"CPU": 1, **({resource: 1} if resource else {})}] * bundles, strategy="SPREAD")
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(pg)
         total = ray.cluster_resources().get("CPU", 0)
-        raise UsageError(f"the Ray cluster cannot place {bundles} one-CPU actors within "
-                         f"{PLACEMENT_TIMEOUT_S} s (it has {total:g} CPUs); use fewer --{what}")
+        where, offered = (f" on {resource} nodes", f" and {ray.cluster_resources().get(resource, 0):g} {resource}") \
+            if resource else ("", "")
+        raise UsageError(f"the Ray cluster cannot place {bundles} one-CPU actors{where} within "
+                         f"{PLACEMENT_TIMEOUT_S} s (it has {total:g} CPUs{offered}); use fewer --{what}")
     return pg
 
 

@@ -49,12 +49,13 @@ class Session:
             guess = 1 if servers == AUTO else servers  # a private local Ray is one node: one server
             self.threads = config.threads_per_worker or cores.default(config.address, self.slots, guess)
             self.started_ray = connect(config.address, cpus_wanted=self.slots * (self.threads or 1) + guess)
-            self.servers = cores.servers_per_node(self.minimum * (self.threads or 1)) if servers == AUTO else servers
+            self.servers = cores.servers_per_node(self.minimum * (self.threads or 1), config.server_resource) \
+                if servers == AUTO else servers
             if self.threads is None:
                 self.threads = cores.share(self.slots, self.servers)
             if users_ray:
                 self._check_fits()
-            self.pg = place(self.servers, "servers")
+            self.pg = place(self.servers, "servers", config.server_resource)
             self.transport = choose(transport or config.transport, Layout(self.layers).size, self.dtype, self.servers,
                                     peer_wait(config.elastic_timeout))
             self.X, self.Y = ray.put(problem.X), ray.put(problem.Y)
