@@ -26,7 +26,9 @@ from distbp.errors import UsageError
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CLUSTER_README = ROOT / "cluster" / "README.md"
-SCRIPTS = sorted((ROOT / "scripts").rglob("*.py")) + sorted((ROOT / "examples").glob("*.py"))
+# Scripts, examples and the commands run as modules (python -m distbp.tools.costmodel): their parsers, read alike
+SCRIPTS = sorted((ROOT / "scripts").rglob("*.py")) + sorted((ROOT / "examples").glob("*.py")) \
+    + sorted((ROOT / "distbp" / "tools").glob("*.py"))
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # Flags the pages give to other programs: ray job submit, ray start, torchrun, tensorboard.

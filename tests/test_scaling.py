@@ -93,7 +93,7 @@ def test_cost_model_recovers_known_coefficients():
     true = np.array([2e-3, 3e-10, 1e-9])
     fit = costmodel.fit(X, X @ true * (1 + 0.01 * rng.standard_normal(len(X))))
     np.testing.assert_allclose([fit.alpha, fit.c, fit.beta], true, rtol=0.1)
-    assert fit.median_rel_error < 0.02
+    assert fit.median_rel_error < 0.02 and fit.loo_median_rel_error < 0.03 and fit.at_zero == ()
     # more assumed-network time can only slow a step down
     assert costmodel.predict(fit, 64, 1, 10**6, 4096, 64, network_bps=1e9) > costmodel.predict(fit, 64, 1, 10**6,
                                                                                                  4096, 64)
@@ -107,25 +107,105 @@ def load_script():
     return module
 
 
+def fake_row(name, K, B, S=1, step_s=0.01, sweep="strong", **extra):
+    P = 85_002
+    return {"sweep": sweep, "name": name, "layers": "64,256,256,10", "params": P, "workers": K, "servers": S,
+            "batch_size": B, "per_worker_batch": B / K, "micro_batch": 64, "step_s": step_s, **extra}
+
+
+def test_a_run_reused_by_two_sweeps_is_one_point_of_the_fit(monkeypatch):
+    scaling = load_script()
+    rows = [fake_row("s1", 1, 512, step_s=0.012), fake_row("s2", 2, 512, step_s=0.008),
+            fake_row("w1", 1, 128, step_s=0.004, sweep="weak"), fake_row("w2", 2, 256, step_s=0.005, sweep="weak"),
+            fake_row("v1", 2, 512, sweep="servers", step_s=0.008, measured_as="s2"),
+            fake_row("v2", 2, 512, S=2, sweep="servers", step_s=0.009)]
+    seen = []
+    real = costmodel.fit
+    monkeypatch.setattr(costmodel, "fit", lambda X, T: seen.append(np.array(X)) or real(X, T))
+    model = scaling.fit_cost_model(rows, 10.0)
+    assert model["points"] == ["s1", "s2", "w1", "w2", "v2"]  # v1 is s2's measurement
+    (X,) = seen
+    assert len(np.unique(X, axis=0)) == len(X) == 5
+    assert [r["fit_point"] for r in rows] == [True, True, True, True, False, True]
+    assert model["fit"]["points"] == 5 and "extrapolation" in model
+    # the issue's case: 4 configurations (K = 2, B = 512 listed three times) are too few, and it says so
+    rows = [fake_row("s1", 1, 512), fake_row("s2", 2, 512), fake_row("w1", 1, 256, sweep="weak"),
+            fake_row("w2", 2, 512, sweep="weak", measured_as="s2"),
+            fake_row("v1", 2, 512, sweep="servers", measured_as="s2"), fake_row("v2", 2, 512, S=2, sweep="servers")]
+    refused = scaling.fit_cost_model(rows, 10.0)
+    assert refused["points"] == ["s1", "s2", "w1", "v2"]
+    # and K = 1, B = 256 moves the bytes and does the rows of K = 2, B = 512, S = 2: one point in the model's terms
+    assert refused["fit"] is None and refused["refused"].startswith(
+        "cost model not fitted: 4 run(s) (3 distinct in the model's terms), at least 5 distinct needed")
+    assert "cannot determine alpha, c, beta" in refused["refused"]
+
+
+def test_the_extrapolation_gives_no_node_past_the_micro_batches_any_speed(monkeypatch):
+    scaling = load_script()
+    fit = costmodel.Fit(alpha=1e-3, c=1e-10, beta=1e-9, points=5, median_rel_error=0, max_rel_error=0,
+                        loo_median_rel_error=0)
+    points = [fake_row("s", 1, 512), fake_row("w", 1, 128, sweep="weak", per_worker_batch=32)]
+    ex = scaling.extrapolate(fit, points, 10.0)
+    assert ex["strong"]["micro_batches"] == 8
+    for key, values in ex["strong"]["samples_per_s"].items():  # B = 512: 8 micro-batches, N = 8..64 the same
+        assert values[3:] == [values[3]] * 4, key
+    for key, values in ex["weak"]["samples_per_s"].items():  # b = 32 < M: N nodes have N / 2 micro-batches
+        busy = [max(1, N // 2) for N in ex["nodes"]]
+        expected = [32 * N / costmodel.predict(fit, k, {"S=1": 1, "S=4": 4, "S=N/4": max(1, k // 4)}[key], 85_002,
+                                                32 * N, 64, network_bps=10e9) for N, k in zip(ex["nodes"], busy)]
+        np.testing.assert_allclose(values, expected, err_msg=key)
+
+
 def test_quick_sweep_writes_its_tables_and_plots(ray_session, tmp_path, capsys):
     out = tmp_path / "sweep"
-    # --quick with a tiny net and few steps: the same code path, in seconds, on the session's Ray
-    assert load_script().main(["--quick", "--models", "4,16,3", "--batch-sizes", "64", "--per-worker", "32",
-                               "--steps", "5", "--warmup", "1", "--mode-steps", "8", "--out", str(out)]) == 0
+    # --quick with a tiny net and few steps: the same code path, in seconds, on the session's Ray.  B = 128
+    # and b = 32 with M = 64: weak K = 2 (B = 64) has one micro-batch, so one worker idles.
+    assert load_script().main(["--quick", "--models", "4,16,3", "--batch-sizes", "128", "--per-worker", "32",
+                               "--steps", "5", "--warmup", "1", "--mode-steps", "8", "--repeats", "2",
+                               "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert {r["sweep"] for r in rows} == {"strong", "weak", "servers", "mode"}
+    assert [r["sweep"] for r in rows] == ["strong"] * 2 + ["weak"] * 2 + ["servers"] * 2 + ["mode"] * 3
     strong = {int(r["workers"]): r for r in rows if r["sweep"] == "strong"}
     assert set(strong) == {1, 2} and float(strong[1]["speedup"]) == 1.0
-    assert all(float(r["step_s"]) > 0 for r in rows if r["sweep"] != "mode")
-    # bytes per server: with S=2 the busiest server receives ceil(P/2)/P of the bytes (P = 131)
+    timed = [r for r in rows if r["sweep"] != "mode"]
+    for r in timed:  # two runs each: the median and its range
+        each = [float(t) for t in r["step_ms_each"].split(";")]
+        assert r["repeats"] == "2" and len(each) == 2
+        assert float(r["step_s_min"]) <= float(r["step_s"]) <= float(r["step_s_max"])
+        assert float(r["step_s_min"]) * 1e3 == pytest.approx(min(each), abs=1e-3)
+        assert float(r["samples_per_s_min"]) <= float(r["samples_per_s"]) <= float(r["samples_per_s_max"])
+    idle = {(r["sweep"], int(r["workers"]), int(r["batch_size"])): int(r["idle_workers"]) for r in timed}
+    assert idle[("weak", 2, 64)] == 1 and sum(idle.values()) == 1
+    # servers S = 1 is strong K = 2: listed under both, measured once, fitted once
     servers = {int(r["servers"]): r for r in rows if r["sweep"] == "servers"}
+    assert servers[1]["measured_as"] == strong[2]["name"] and servers[1]["fit_point"] == "False"
+    assert len(list((out / "runs").glob("strong-*-K2-B128-S1-sync-r*"))) == 2
+    assert not list((out / "runs").glob("servers-*-S1-*"))
+    # bytes per server: with S=2 the busiest server receives ceil(P/2)/P of the bytes (P = 131)
     assert float(servers[1]["bytes_per_server"]) == float(servers[1]["bytes_all_servers"])
     two = servers[2]
     assert float(two["bytes_per_server"]) == pytest.approx(float(two["bytes_all_servers"]) * math.ceil(131 / 2) / 131)
     modes = {r["mode"]: r["exact"] for r in rows if r["sweep"] == "mode"}
     assert modes == {"sync": "True", "async": "False", "ssp": "False"}
-    assert json.load(open(out / "results.json"))["rows"]
-    assert "fit" in json.load(open(out / "costmodel.json"))
+    results = json.load(open(out / "results.json"))
+    host = results["host"]
+    assert host["cpus"] >= 1 and host["ray_cpus"] >= 4 and len(host["load_average_end"]) == 3
+    assert results["machine"].startswith(f"{host['cpus']} cores, Ray ")
+    model = json.load(open(out / "costmodel.json"))
+    assert model["machine"] == results["machine"] and len(set(model["points"])) == len(model["points"]) == 5
+    assert model["fit"] is not None or "cannot determine" in model["refused"]
     for name in ("throughput", "speedup", "efficiency", "breakdown", "servers", "modes", "costmodel"):
-        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert "cost model:" in capsys.readouterr().out
+        png = (out / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert b"tEXtDescription\x00machine: " + results["machine"].encode() in png, name
+    printed = capsys.readouterr().out
+    assert "machine: " in printed and "1 idle: K > ceil(B/M) = 1" in printed
+
+
+def test_bad_options_are_one_line(tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        load_script().main(["--quick", "--repeats", "0", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "scaling.py: error: --repeats must be at least 1\n" and not out.exists()

@@ -9,15 +9,21 @@ A step of ``N`` workers, ``S`` servers, ``P`` parameters and global batch ``B`` 
 - ``rows * P``: the busiest worker's share of the backprop work, ``rows`` its samples; a
   dense layer costs about 6 flops per weight per sample (forward, delta, gradient), so the
   compute rate ``1 / c`` samples*weights/s is ``6 / c`` flop/s;
-- ``bytes``: what the busiest server moves per step, the tree nodes it receives from the
-  workers plus the weights it sends each of them, ``(nodes + N) * ceil(P / S) * w``
-  (``beta`` seconds per byte: 1 / bandwidth).  The server's sum and update are linear in the
-  same bytes, so on one machine ``beta`` is an effective rate that includes them.
+- ``bytes``: what the busiest end of a transfer moves per step: a server receives the tree
+  nodes of the workers' shares and sends each of them its weights, ``(nodes + N) * ceil(P / S)
+  * w``; a worker sends its own nodes and receives all P weights, ``(its nodes + 1) * P * w``,
+  however many servers share them (``beta`` seconds per byte: 1 / bandwidth).  The server's sum
+  and update are linear in the same bytes, so on one machine ``beta`` is an effective rate that
+  includes them.
+
+A step has only ``ceil(B / M)`` micro-batches: workers beyond that get no share and idle, so
+``features`` (and every prediction) is the same for any N past it.
 
 Fitted by least squares on relative residuals (step times span orders of magnitude), with
-every coefficient kept >= 0.  ``predict(..., network_bps=...)`` adds the wire time of an
-assumed network on top of the fitted per-byte cost, for extrapolating to more nodes than
-the measurement had.
+every coefficient kept >= 0; ``fit`` refuses (``Underdetermined``) with fewer distinct runs
+than constants + 2, or runs that leave a constant undetermined, and names those constants.
+``predict(..., network_bps=...)`` adds the wire time of an assumed network on top of the
+fitted per-byte cost, for extrapolating to more nodes than the measurement had.
 """
 
 from __future__ import annotations
@@ -32,27 +38,78 @@ from ..lecture import cuts
 from ..lecture.tree import blocks
 from ..step.worker import micro_batches
 
-FLOPS_PER_WEIGHT_SAMPLE = 6  # 2 flops per multiply-add, three GEMMs per layer (forward, delta, gradient)
+# the N-nodes x C-cores model lives in nodemodel.py; its names are re-exported here
+from .nodemodel import (  # noqa: F401
+    FLOPS_PER_WEIGHT_SAMPLE,
+    Constants,
+    compare,
+    markdown,
+    ps_step,
+    ring_step,
+    stops_paying,
+    time_to_accuracy,
+)
+
+NAMES = ("alpha", "c", "beta")  # the fitted constants, in the order of ``features``' columns
+VARY = {"alpha": "runs whose work and bytes differ", "c": "B or K, which set the busiest worker's rows",
+        "beta": "K, S or the model, which set the bytes per step"}
 
 
 def features(N: int, S: int, P: int, B: int, M: int, itemsize: int = 8) -> np.ndarray:
     """``[1, rows * P, bytes]`` of one step, as in the module docstring (shape ``(3,)``)."""
     n = len(micro_batches(B, M))
-    shares = [part for part in cuts.even(n, N) if part]
+    shares = [part for part in cuts.even(n, N) if part]  # N > n: the workers past n get nothing
     rows = max(min(ids[-1] * M + M, B) - ids[0] * M for ids in shares)
-    nodes = sum(len(blocks(ids, n)) for ids in shares)
-    moved = (nodes + len(shares)) * math.ceil(P / S) * itemsize
-    return np.array([1.0, float(rows * P), float(moved)])
+    nodes = [len(blocks(ids, n)) for ids in shares]
+    server = (sum(nodes) + len(shares)) * math.ceil(P / S) * itemsize
+    worker = (max(nodes) + 1) * P * itemsize
+    return np.array([1.0, float(rows * P), float(max(server, worker))])
+
+
+class Underdetermined(ValueError):
+    """The runs cannot determine every constant of the model (the message names which)."""
+
+
+def undetermined(X: np.ndarray) -> list[str]:
+    """The constants whose column of ``X`` is a combination of the other columns on these rows."""
+    A = np.asarray(X, dtype=float).reshape(-1, len(NAMES))
+    if not len(A):
+        return list(NAMES)
+    A = A / np.where(A.max(axis=0) > 0, A.max(axis=0), 1.0)
+
+    def rank(m):
+        return np.linalg.matrix_rank(m, tol=1e-9 * max(1.0, np.linalg.norm(A, 2))) if m.size else 0
+
+    full = rank(A)
+    return [name for j, name in enumerate(NAMES) if rank(np.delete(A, j, axis=1)) == full]
+
+
+def check_determined(X: np.ndarray) -> None:
+    """Raise ``Underdetermined`` unless ``X`` has at least constants + 2 distinct rows and
+    determines every constant (a fit with fewer rows has no residual left to check it)."""
+    distinct = np.unique(np.asarray(X, dtype=float), axis=0)
+    missing = undetermined(distinct)
+    need = len(NAMES) + 2
+    if len(distinct) >= need and not missing:
+        return
+    why = "; ".join(f"{name} (vary {VARY[name]})" for name in missing)
+    if not missing:
+        why = f"{', '.join(NAMES)} (with {len(distinct)} distinct runs there is no residual to check them)"
+    runs = f"{len(X)} run(s)" + (f" ({len(distinct)} distinct in the model's terms)" if len(distinct) < len(X) else "")
+    raise Underdetermined(f"cost model not fitted: {runs}, at least {need} distinct needed for {len(NAMES)} "
+                          f"constants; cannot determine {why}")
 
 
 @dataclass
 class Fit:
     alpha: float  # seconds per step
     c: float  # seconds per (sample * weight) on one worker
-    beta: float  # seconds per byte through the busiest server
-    points: int
-    median_rel_error: float
+    beta: float  # seconds per byte through the busiest end of a transfer
+    points: int  # distinct runs fitted
+    median_rel_error: float  # on the runs fitted
     max_rel_error: float
+    loo_median_rel_error: float  # each run predicted by the fit to the others (leave-one-out)
+    at_zero: tuple[str, ...] = ()  # constants the bound >= 0 held at 0: the data put no cost on them
 
     @property
     def gflops(self) -> float | None:
@@ -65,7 +122,8 @@ class Fit:
         return 1 / self.beta / 1e9 if self.beta > 0 else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "gflops_per_worker": self.gflops, "server_gbytes_per_s": self.gbytes_per_s}
+        return {**asdict(self), "at_zero": list(self.at_zero), "gflops_per_worker": self.gflops,
+                "server_gbytes_per_s": self.gbytes_per_s}
 
 
 def nonnegative_lstsq(A: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -82,15 +140,29 @@ def nonnegative_lstsq(A: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
-def fit(X: np.ndarray, T: np.ndarray) -> Fit:
-    """Fit ``T ~ X @ [alpha, c, beta]`` (``X`` rows from ``features``, shape ``(n, 3)``) on relative error."""
-    X, T = np.asarray(X, dtype=float), np.asarray(T, dtype=float)
+def _solve(X: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """``[alpha, c, beta] >= 0`` minimising the relative residuals of ``T ~ X @ coef``."""
     scale = X.max(axis=0)  # columns of very different magnitudes: solve in units of each column's max
     scale[scale == 0] = 1.0
     A = X / scale / T[:, None]  # divide each row by its time: residuals are relative
-    coef = nonnegative_lstsq(A, np.ones(len(T))) / scale
+    return nonnegative_lstsq(A, np.ones(len(T))) / scale
+
+
+def fit(X: np.ndarray, T: np.ndarray) -> Fit:
+    """Fit ``T ~ X @ [alpha, c, beta]`` (``X`` rows from ``features``, shape ``(n, 3)``) on relative
+    error; ``Underdetermined`` when the rows cannot determine it (``check_determined``)."""
+    X, T = np.asarray(X, dtype=float), np.asarray(T, dtype=float)
+    check_determined(X)
+    coef = _solve(X, T)
     rel = np.abs(X @ coef / T - 1)
-    return Fit(float(coef[0]), float(coef[1]), float(coef[2]), len(T), float(np.median(rel)), float(rel.max()))
+    keep = np.ones(len(T), dtype=bool)
+    loo = []
+    for i in range(len(T)):  # each run predicted by the constants the others give
+        keep[i] = False
+        loo.append(abs(X[i] @ _solve(X[keep], T[keep]) / T[i] - 1))
+        keep[i] = True
+    return Fit(float(coef[0]), float(coef[1]), float(coef[2]), len(np.unique(X, axis=0)), float(np.median(rel)),
+               float(rel.max()), float(np.median(loo)), tuple(n for n, v in zip(NAMES, coef) if v == 0))
 
 
 def predict(model: Fit, N: int, S: int, P: int, B: int, M: int, itemsize: int = 8,
@@ -101,126 +173,11 @@ def predict(model: Fit, N: int, S: int, P: int, B: int, M: int, itemsize: int = 
     return float(model.alpha + model.c * x[1] + beta * x[2])
 
 
-# ---------------------------------------------------------------------------------------------
-# N nodes x C cores: the parameter-server step beside ring all-reduce (docs/scaling.md).
-#
-# The fit above describes the machine it was measured on.  To say where the design wins on
-# real clusters, ``Constants`` names each per-unit cost measured here (docs/performance.md
-# gives the command and the load of each) and ``ps_step`` / ``ring_step`` add them up for
-# N nodes of C cores on a network of ``gbit`` Gbit/s.  Both designs use every core of a
-# node for backprop (distbp: one worker per node, --threads-per-worker C), the same global
-# batch, the same bytes per number.
-
-
-@dataclass
-class Constants:
-    """Per-unit costs, each with where it comes from (docs/scaling.md, "N nodes x C cores")."""
-
-    # backprop on one core (one BLAS thread), GFLOP/s: scripts/threads_probe.py, T = 1, 8 micro-batches
-    # of 128 rows of 784-1024-1024-10 (6 flops per weight and sample), load average 3.8
-    gflops_core_fp32: float = 112.0
-    gflops_core_fp64: float = 57.5
-    # of C threads' ideal C-fold rate, what --threads-per-worker got at T = 2 (threads_probe.py: 1.61x fp32)
-    thread_efficiency: float = 0.8
-    ray_step_s: float = 3.0e-3  # Ray's call floor per step, quiet machine (docs/performance.md, floor_run)
-    window: int = 16  # steps per window (distributed/windows.py): a window's Ray calls are spread over them
-    socket_gbytes: float = 1.0  # one pull of 7.45 MB over channel.py, GB/s: scripts/channel_probe.py, load 17
-    sum_gbytes: float = 2.2  # server sum + update per byte of node values in: bench.py --nodes 2, load 16-34
-    # the server's pass on its threads against one (step/server.pass_threads): 7.10 -> 4.45 ms on 2
-    # threads (docs/performance.md); more threads are ASSUMED to add nothing (memory bandwidth)
-    pass_speedup: float = 1.6
-    ring_latency_s: float = 50e-6  # ASSUMED, not measured here: one ring hop's latency (gloo)
-    overlap: float = 2 / 3  # ASSUMED: share of the compute (the backward pass) DDP hides its all-reduce behind
-
-    def gflops(self, itemsize: int, cores: int = 1) -> float:
-        """The backprop rate of ``cores`` cores, GFLOP/s."""
-        one = self.gflops_core_fp32 if itemsize <= 4 else self.gflops_core_fp64
-        return one * (cores if cores == 1 else cores * self.thread_efficiency)
-
-
-def _wire(bytes_: float, gbit: float, c: Constants | None = None) -> float:
-    """Seconds to move ``bytes_`` over one link: the wire's rate, or (``c`` given: distbp's
-    Python streams) the slower of the wire and ``c.socket_gbytes``."""
-    return bytes_ / min(gbit * 1e9 / 8, c.socket_gbytes * 1e9 if c is not None else math.inf)
-
-
-def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, c: Constants,
-            colocated: bool = True) -> dict[str, float]:
-    """One synchronous distbp step on N nodes of C cores, S servers, in seconds, by phase.
-
-    Each node runs one worker of C threads (one tree node of P values to send, when its
-    share of micro-batches is a power of two).  ``colocated``: server s sits on node s (S <= N),
-    so a worker's range of its own node's server never crosses the wire.  Per step a worker
-    pushes P values and pulls P values; a server receives N * P / S values and sends as many.
-    The busiest link is a server node's: its worker's traffic plus its server's.  As the
-    implementation runs them (windows.py, direct_server.py): the sum (half the server's pass) while
-    the push comes in, the update (the other half) while the pull goes out, and Ray's calls
-    once a window.
-    """
-    compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (c.gflops(itemsize, C) * 1e9)
-    vector = P * itemsize
-    remote = (S - 1) / S if colocated and S <= N else 1.0  # of a worker's vector, the share that leaves its node
-    server_in = N * vector / S * ((N - 1) / N if colocated and S <= N else 1.0)  # what crosses into one server
-    push = max(_wire(vector * remote, gbit, c), _wire(server_in, gbit, c))
-    pull = push  # the same bytes the other way
-    total_sum = N * vector / S / (c.sum_gbytes * 1e9 * (c.pass_speedup if C > 1 else 1.0))
-    ray = c.ray_step_s / c.window
-    return {"compute": compute, "push": push, "sum": total_sum, "pull": pull, "ray": ray,
-            "step": compute + max(push, total_sum / 2) + max(pull, total_sum / 2) + ray}
-
-
-def ring_step(N: int, C: int, P: int, B: int, itemsize: int, gbit: float, c: Constants) -> dict[str, float]:
-    """One DDP step (ring all-reduce of the gradient, overlapped with the backward pass) on N nodes
-    of C cores: each node sends and receives 2 (N - 1) / N of the vector, in 2 (N - 1) messages."""
-    compute = FLOPS_PER_WEIGHT_SAMPLE * P * B / N / (c.gflops(itemsize, C) * 1e9)
-    allreduce = 0.0 if N == 1 else 2 * (N - 1) * c.ring_latency_s + _wire(2 * (N - 1) / N * P * itemsize, gbit)
-    hidden = min(allreduce, c.overlap * compute)
-    return {"compute": compute, "allreduce": allreduce, "step": compute + allreduce - hidden}
-
-
-def compare(P: int, batch_per_node: int, itemsize: int, cores: int = 16, gbits=(10, 100),
-            nodes=(1, 2, 4, 8, 16, 32, 64), c: Constants | None = None) -> list[dict]:
-    """Weak scaling (B = N * batch_per_node): the PS step with S = N co-located servers and with
-    one dedicated server, beside ring all-reduce, for each network and node count."""
-    c = c or Constants()
-    rows = []
-    for gbit in gbits:
-        for N in nodes:
-            B = N * batch_per_node
-            shard = ps_step(N, cores, N, P, B, itemsize, gbit, c)
-            one = ps_step(N, cores, 1, P, B, itemsize, gbit, c, colocated=False)
-            ring = ring_step(N, cores, P, B, itemsize, gbit, c)
-            rows.append({"gbit": gbit, "nodes": N, "batch": B, "ps_sharded_ms": shard["step"] * 1e3,
-                         "ps_one_server_ms": one["step"] * 1e3, "ring_ms": ring["step"] * 1e3,
-                         "compute_ms": shard["compute"] * 1e3,
-                         "ps_over_ring": ring["step"] / shard["step"]})
-    return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    head = "| Gbit/s | N | B | compute | PS, S = N co-located | PS, S = 1 | ring all-reduce | PS speed / ring |"
-    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['gbit']} | {r['nodes']} | {r['batch']} | {r['compute_ms']:.1f} | "
-                     f"{r['ps_sharded_ms']:.1f} | {r['ps_one_server_ms']:.1f} | {r['ring_ms']:.1f} | "
-                     f"{r['ps_over_ring']:.2f} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distbp.tools.costmodel``: the N-nodes table of docs/scaling.md."""
-    import argparse
+    """``python -m distbp.tools.costmodel [time-to-accuracy] ...``: the tables of timetarget.py."""
+    from .timetarget import main as tables
 
-    ap = argparse.ArgumentParser(description="distbp's step beside ring all-reduce on N nodes x C cores")
-    ap.add_argument("--layers", default="784,1024,1024,10")
-    ap.add_argument("--batch-per-node", type=int, default=1024)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    ap.add_argument("--cores", type=int, default=16)
-    args = ap.parse_args(argv)
-    sizes = [int(v) for v in args.layers.split(",")]
-    P = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
-    print(markdown(compare(P, args.batch_per_node, np.dtype(args.dtype).itemsize, args.cores)))
-    return 0
+    return tables(argv)
 
 
 if __name__ == "__main__":
