@@ -48,8 +48,9 @@ def share(workers: int, servers: int) -> int:
 def servers_per_node(workers_cpus: int, resource: str | None = None) -> int:
     """``--servers auto``: one server on each live node with a CPU, so that every node's link
     carries its share of the gradient and of the weights (with one server, its node's link carries
-    all of both: docs/performance.md); at most the CPUs the cluster has beyond the workers' (at
-    least 1).  On one machine, 1.  With ``--server-resource R``: one a unit of R (at least 1)."""
+    all of both: docs/performance.md); at most the CPUs the cluster has now beyond the workers'
+    (``workers_cpus``: MAX workers' of ``--workers MIN:MAX``), at least 1.  On one machine, 1.
+    With ``--server-resource R``: one a unit of R (at least 1)."""
     live = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     if resource:
         return max(1, int(sum(have.get(resource, 0) for have in live)))

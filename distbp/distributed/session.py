@@ -49,7 +49,8 @@ class Session:
             guess = 1 if servers == AUTO else servers  # a private local Ray is one node: one server
             self.threads = config.threads_per_worker or cores.default(config.address, self.slots, guess)
             self.started_ray = connect(config.address, cpus_wanted=self.slots * (self.threads or 1) + guess)
-            self.servers = cores.servers_per_node(self.minimum * (self.threads or 1), config.server_resource) \
+            # auto: what the cluster has beyond MAX workers (an elastic run's slots come first)
+            self.servers = cores.servers_per_node(self.slots * (self.threads or 1), config.server_resource) \
                 if servers == AUTO else servers
             if self.threads is None:
                 self.threads = cores.share(self.slots, self.servers)
