@@ -22,7 +22,10 @@ links, and the root namespace is not touched at all (no interface, route, sysctl
 distbp runs as users run it (``python -m distbp train --address HEAD``) with one worker per
 node namespace (the head has no CPUs; workers go out with Ray's SPREAD) and, by default, one
 server per node namespace (``--servers N``: the servers' placement group is SPREAD too), so each
-worker meets one server locally (shared memory) and the others over the shaped links.  DDP is
+worker meets one server locally (shared memory) and the others over the shaped links.  With
+``--server-nodes M`` the servers go to M namespaces of their own instead, each a Ray node with no
+CPU for a worker and a ``lab_server`` resource (``distbp train --server-resource lab_server``):
+BytePS's layout, where each worker node's link carries P each way per step.  DDP is
 ``scripts/baselines/ddp_baseline.py``'s ``rank_main``, rank I in node namespace I, gloo on
 ``lab0`` (``GLOO_SOCKET_IFNAME``), rendezvous through the baseline's FileStore (so MASTER_ADDR,
 set to rank 0's address, is not read), at Ray's worker niceness as in scripts/bench.py.
@@ -54,6 +57,7 @@ from localcluster import RAY_BIN, clean_env  # noqa: E402
 
 PREFIX = "netlab-"
 NODE_IF = "lab0"  # the veth end inside every node namespace (each namespace has its own names)
+SERVER_RESOURCE = "lab_server"  # what a --server-nodes namespace's Ray node offers, one unit a server
 RAY_WORKER_NICENESS = 15  # Ray runs its workers at nice 15; DDP's ranks run at the same
 TBF = ("burst", "256kb", "latency", "20ms")
 
@@ -130,11 +134,16 @@ def check_privileges() -> None:
 class Lab:
     """N node namespaces joined by shaped veths to a hub namespace, a Ray node in each; a context manager."""
 
-    def __init__(self, nodes: int, object_store_bytes: int = 300_000_000, cpus_per_node: int = 2):
+    def __init__(self, nodes: int, object_store_bytes: int = 300_000_000, cpus_per_node: int = 2,
+                 server_nodes: int = 0, servers_per_server_node: int = 1):
+        """``server_nodes``: namespaces of their own for the servers (--server-nodes): each a Ray node of
+        ``servers_per_server_node`` CPUs offering as many units of ``SERVER_RESOURCE``, and no worker."""
         self.run_id = secrets.token_hex(3)
         self.name = f"{PREFIX}{self.run_id}"
         self.hub = f"{self.name}-hub"
         self.nodes = [f"{self.name}-n{i}" for i in range(1, nodes + 1)]
+        self.server_nodes = [f"{self.name}-s{i}" for i in range(1, server_nodes + 1)]
+        self.servers_per_server_node = servers_per_server_node
         self.made: list[str] = []  # namespaces that exist, in the order made
         self.procs: list[tuple[int, str, str]] = []  # (pid, start time, namespace) of each `ray start --block`
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))  # short: Ray's unix socket paths
@@ -166,7 +175,7 @@ class Lab:
         self.made.append(self.hub)
         sh("ip", "-n", self.hub, "link", "set", "lo", "up")
         sh("ip", "netns", "exec", self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=1")  # the hub's own
-        for i, ns in enumerate(self.nodes, start=1):
+        for i, ns in enumerate(self.nodes + self.server_nodes, start=1):
             sh("ip", "netns", "add", ns)
             self.made.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -181,7 +190,8 @@ class Lab:
 
     def links(self) -> list[tuple[str, str]]:
         """(namespace, interface) of both ends of every link."""
-        return [end for i, ns in enumerate(self.nodes, start=1) for end in ((self.hub, f"lab{i}"), (ns, NODE_IF))]
+        return [end for i, ns in enumerate(self.nodes + self.server_nodes, start=1)
+                for end in ((self.hub, f"lab{i}"), (ns, NODE_IF))]
 
     def shape(self, rate: str) -> None:
         """Both ends of every link: a token bucket of ``rate`` (any tc rate: 1gbit, 100mbit, ...)."""
@@ -223,10 +233,15 @@ class Lab:
         for i, ns in enumerate(self.nodes, start=1):
             self.start_node(ns, f"n{i}", "--address", self.address, "--node-ip-address", self.node_ip(i),
                             "--num-cpus", str(self.cpus_per_node), "--resources", json.dumps({f"lab_node_{i}": 1}))
+        k = self.servers_per_server_node
+        for i, ns in enumerate(self.server_nodes, start=len(self.nodes) + 1):
+            self.start_node(ns, f"s{i}", "--address", self.address, "--node-ip-address", self.node_ip(i),
+                            "--num-cpus", str(k), "--resources", json.dumps({SERVER_RESOURCE: k}))
+        want = len(self.nodes) + len(self.server_nodes) + 1
         deadline = time.monotonic() + 60
-        while (alive := self.alive_nodes()) < len(self.nodes) + 1:
+        while (alive := self.alive_nodes()) < want:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {alive} of {len(self.nodes) + 1} Ray nodes registered; logs in {self.tmp}")
+                raise RuntimeError(f"only {alive} of {want} Ray nodes registered; logs in {self.tmp}")
             time.sleep(1)
 
     def alive_nodes(self) -> int:
@@ -267,10 +282,13 @@ def train_args(args, address: str | None, out: str) -> list[str]:
     d_in, d_out = args.layers.split(",")[0], args.layers.split(",")[-1]
     n = args.batch_size * (args.warmup + args.steps + 2)  # one epoch holds every step: no evaluation inside
     argv = ["--dataset", f"random:{n},{d_in},{d_out}", "--layers", args.layers, "--activation", "tanh",
-            "--loss", "cross-entropy", "--workers", str(args.nodes), "--servers", str(args.servers or args.nodes),
+            "--loss", "cross-entropy", "--workers", str(args.nodes),
+            "--servers", str(args.servers or args.server_nodes or args.nodes),
             "--batch-size", str(args.batch_size), "--steps", str(args.warmup + args.steps + 1),
             "--optimizer", "sgd", "--lr", "0.01", "--reduction", "mean", "--dtype", args.dtype, "--seed", "0",
             "--threads-per-worker", "1", "--out", out]
+    if args.server_nodes:  # BytePS's layout: the servers on namespaces of their own
+        argv += ["--server-resource", SERVER_RESOURCE]
     if args.micro_batch:
         argv += ["--micro-batch", str(args.micro_batch)]
     return argv + (["--address", address] if address else [])
@@ -358,7 +376,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=1024, help="the global batch B")
     ap.add_argument("--micro-batch", type=int, default=None, help="M (default: distbp's)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    ap.add_argument("--servers", type=int, default=None, help="S (default: one per node namespace)")
+    ap.add_argument("--servers", type=int, default=None,
+                    help="S (default: one per node namespace, or one per --server-nodes namespace)")
+    ap.add_argument("--server-nodes", type=int, default=0, metavar="M",
+                    help="M namespaces of their own for the servers, their links shaped alike (BytePS's layout: "
+                         "distbp train --server-resource); DDP runs on the N worker namespaces only")
     ap.add_argument("--no-ddp", action="store_true", help="distbp only")
     ap.add_argument("--json", metavar="PATH", help="write the results here")
     ap.add_argument("--timeout", type=float, default=600, help="seconds each contender may take")
@@ -372,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.nodes < 2:
         ap.error("--nodes must be at least 2")
+    if args.server_nodes < 0 or (args.servers is not None and args.servers < max(1, args.server_nodes)):
+        ap.error("--server-nodes must be at least 0, and --servers at least 1 and at least --server-nodes")
     if args.steps < 2:
         ap.error("--steps must be at least 2")
     try:
@@ -387,8 +411,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("netlab: torch is not installed: DDP is left out", file=sys.stderr, flush=True)
                 args.no_ddp = True
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-        servers = args.servers or args.nodes
-        lab = Lab(args.nodes, cpus_per_node=1 + -(-servers // args.nodes))  # its worker and its share of servers
+        servers = args.servers or args.server_nodes or args.nodes
+        if args.server_nodes:  # the worker namespaces hold their worker only; the servers spread over theirs
+            lab = Lab(args.nodes, cpus_per_node=1, server_nodes=args.server_nodes,
+                      servers_per_server_node=-(-servers // args.server_nodes))
+        else:
+            lab = Lab(args.nodes, cpus_per_node=1 + -(-servers // args.nodes))  # its worker and its share of servers
         try:
             return measure(lab, args)
         finally:
@@ -411,8 +439,9 @@ def measure(lab: Lab, args) -> int:
     t0 = time.monotonic()
     lab.build()
     lab.start_ray()
-    print(f"netlab: {lab.name}: hub + {len(lab.nodes)} node namespaces, Ray up in {time.monotonic() - t0:.1f}s "
-          f"(head {lab.address})", file=sys.stderr, flush=True)
+    servers = f" + {len(lab.server_nodes)} server namespaces" if lab.server_nodes else ""
+    print(f"netlab: {lab.name}: hub + {len(lab.nodes)} node namespaces{servers}, Ray up in "
+          f"{time.monotonic() - t0:.1f}s (head {lab.address})", file=sys.stderr, flush=True)
     results = []
     for rate in args.rate.split(","):
         lab.shape(rate)

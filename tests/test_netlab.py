@@ -49,28 +49,32 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def test_lab_run_has_the_bits_of_a_local_run_and_leaves_nothing(tmp_path, request) -> None:
+@pytest.mark.parametrize("layout", [[], ["--server-nodes", "1"]], ids=["servers-on-worker-nodes", "server-nodes"])
+def test_lab_run_has_the_bits_of_a_local_run_and_leaves_nothing(tmp_path, request, layout) -> None:
     if NO_NAMESPACES:  # before the session's Ray starts: nothing to wait for when skipped
         pytest.skip(NO_NAMESPACES)
     request.getfixturevalue("ray_session")
     links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     out = tmp_path / "lab.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "netlab.py"), *LAB, "--json", str(out)],
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "netlab.py"), *LAB, *layout, "--json", str(out)],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     lab, run = result["lab"], result["runs"][0]
 
-    # The lab's run went over its links, one worker on each node namespace
+    # The lab's run went over its links, one worker on each node namespace; with --server-nodes the
+    # server is on a namespace of its own (distbp train --server-resource), where no worker is
     assert run["distbp"]["link_bytes"] > 0
     assert len(set(run["distbp"]["worker_nodes"])) == 2
+    apart = not set(run["distbp"]["server_nodes"]) & set(run["distbp"]["worker_nodes"])
+    assert apart == bool(layout) and len(lab["namespaces"]) == 3 + len(layout) // 2
 
     # The same options on the session's local Ray: the same weights, bit for bit
     from distbp.cli import build_parser
     from distbp.loops.sync import train
     from distbp.options import from_args
 
-    args = netlab.parser().parse_args(LAB)
+    args = netlab.parser().parse_args(LAB)  # the same run without a place for its servers: one local node
     config = from_args(build_parser().parse_args(["train", *netlab.train_args(args, None, str(tmp_path / "local"))]))
     assert train(config)["weights_sha256"] == run["distbp"]["weights_sha256"]
 
