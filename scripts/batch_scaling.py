@@ -49,6 +49,8 @@ import numpy as np
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import distbp  # noqa: E402
+from distbp.lecture import cuts  # noqa: E402
+from distbp.step import noise  # noqa: E402  (the estimator each step's line was made with)
 
 
 @dataclass
@@ -200,9 +202,9 @@ def noise_scale(metrics: list[dict], step: int) -> tuple[float | None, float | N
 def late_noise_scale(metrics: list[dict], step: int, batch_size: int, micro: int, n: int) -> float | None:
     """B_simple = tr(Sigma) / |G|^2 over the last quarter of the steps up to ``step`` (at least 10):
     the ratio of the sums of each step's unbiased estimates, from ``grad_sq_micro`` (the mean
-    |G_M|^2 of its micro-batches) and ``grad_sq_batch`` (|G_B|^2) as in McCandlish et al. 2018,
-    appendix A.1, with E|G_b|^2 = |G|^2 + tr(Sigma) (n - b) / (b (n - 1)) for b of the ``n``
-    training samples drawn without replacement.  Unlike the logged ``b_simple`` (a moving average
+    |G_M|^2 of its micro-batches) and ``grad_sq_batch`` (|G_B|^2) by ``noise.estimate``, distbp's
+    own (McCandlish et al. 2018, appendix A.1, with E|G_b|^2 = |G|^2 + tr(Sigma) (n - b) / (b (n - 1))
+    for b of the ``n`` training samples drawn without replacement).  Unlike the logged ``b_simple`` (a moving average
     over about 100 steps) it does not reach back to the start of a run of a few dozen steps.  The
     last step of an epoch is left out when B does not divide n: its batch is the n mod B left."""
     per_epoch = -(-n // batch_size)
@@ -210,13 +212,11 @@ def late_noise_scale(metrics: list[dict], step: int, batch_size: int, micro: int
                and r.get("grad_sq_batch") is not None and not (n % batch_size and r["step"] % per_epoch == 0)]
     if not records or batch_size // micro < 2:
         return None
-    window = records[-max(10, len(records) // 4):]
-    c_small, c_big = (n - micro) / (micro * (n - 1)), (n - batch_size) / (batch_size * (n - 1))
-    x_small = np.array([r["grad_sq_micro"] for r in window])
-    x_big = np.array([r["grad_sq_batch"] for r in window])
-    trace = (x_small - x_big) / (c_small - c_big)
-    grad_sq = x_big - trace * c_big
-    return float(trace.sum() / grad_sq.sum()) if grad_sq.sum() > 0 else None
+    sizes = [len(part) for part in cuts.fixed(batch_size, micro)]
+    window = [noise.estimate(r["grad_sq_micro"] * len(sizes), sizes, r["grad_sq_batch"], n)
+              for r in records[-max(10, len(records) // 4):]]
+    grad_sq, trace = sum(e.grad_sq for e in window), sum(e.trace for e in window)
+    return trace / grad_sq if grad_sq > 0 else None
 
 
 # -- the learning-rate search of one batch size ---------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import faults
-from ..config import Config
+from ..config import AUTO, Config
 from ..errors import DataError, UsageError
 from ..lecture.network import Layout, encode_targets
 from . import datasets
@@ -69,7 +69,7 @@ def prepare(config: Config, data: datasets.Dataset | None = None) -> Problem:
                          f"{data.n_outputs} {'classes' if data.n_classes else 'targets'}")
     if data.n_classes is None and config.loss == "cross-entropy":
         raise UsageError(f"{data.name} has float targets: use --loss squared")
-    if config.servers != "auto" and config.servers > Layout(layers).size:
+    if config.servers != AUTO and config.servers > Layout(layers).size:
         raise UsageError(f"--servers {config.servers} is more than the {Layout(layers).size} weights to share out")
     if config.batch_size > len(data.X):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the training set "
@@ -136,7 +136,7 @@ def _check_memory(config: Config, data: datasets.Dataset, layers: tuple[int, ...
     if config.layers is None:
         what += (f" (the default for {data.name}: its labels go up to {data.n_classes - 1}, so {data.n_classes} "
                  "outputs)" if data.n_classes else f" (the default for {data.name})")
-    servers = 1 if config.servers == "auto" else config.servers  # auto: one on a machine
+    servers = 1 if config.servers == AUTO else config.servers  # auto: one on a machine
     actors = f"{config.max_workers} worker{'s' if config.max_workers != 1 else ''} and {servers} " \
              f"server{'s' if servers != 1 else ''}"
     datasets.check_memory(memory_needed(config, data, layers),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..data.problem import Problem
-from ..run import metrics, spans
+from ..run import spans
 from ..run.outdir import CHECKPOINT, RunFiles
 from ..run.progress import Progress
 from ..run.report import Reporters
@@ -67,10 +67,9 @@ class StepLog:
         if config is not None and config.timeline:
             self.timeline = spans.Timeline(os.path.join(files.path, spans.NAME))
             files.watchers.insert(0, self.timeline)
-        offset, logged = files.open_log()
+        offset, logged, kept = files.open_log()
         self.noise = RunNoise(problem.sampler.n, config.micro_batch)
-        if files.saved_step:  # the moving averages of the steps kept, as they made them
-            self.noise.replay(metrics.read(files.metrics_path))
+        self.noise.replay(kept)  # a resumed run: the moving averages of the steps kept, as they made them
         self.logged: dict[int, str] = logged if compare else {}  # step -> grad_xxh3 of its first computation
         self.pending: deque[Sent] = deque()
         self.written = files.saved_step  # metrics.jsonl has the lines of the steps up to here

@@ -69,19 +69,20 @@ def steps(records: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def trim(path: str, step: int) -> tuple[float, dict[int, str]]:
+def trim(path: str, step: int) -> tuple[float, dict[int, str], list[dict]]:
     """Keep the records of ``path`` up to ``step``, so that the file reads as one run (a resumed
     run redoes the steps after its checkpoint).
 
-    Returns the ``time`` of the last record kept (the resumed run's clock goes on from there)
-    and the gradient hashes of the steps dropped, to check the redone steps against.
+    Returns the ``time`` of the last record kept (the resumed run's clock goes on from there),
+    the gradient hashes of the steps dropped, to check the redone steps against, and the records
+    kept (what a resumed run's noise scale is replayed from).
     """
     records = read(path) if os.path.exists(path) else []
     kept = [r for r in records if r["step"] <= step]
     dropped = {r["step"]: r["grad_xxh3"] for r in records if r["step"] > step and "grad_xxh3" in r}
     offset = max((float(r.get("time", 0.0)) for r in kept), default=0.0)
     atomic_write(path, lambda fh: fh.writelines(json.dumps(r) + "\n" for r in kept), mode="w")
-    return offset, dropped
+    return offset, dropped, kept
 
 
 class Writer:

@@ -261,17 +261,18 @@ class RunFiles:
             record_error(self.path, exc, self.saved_step)
         self.close()
 
-    def open_log(self) -> tuple[float, dict[int, str]]:
+    def open_log(self) -> tuple[float, dict[int, str], list[dict]]:
         """Start appending to metrics.jsonl: the run has begun.  A resumed run first drops the
-        lines past its checkpoint (they are redone); returns their ``time`` offset and hashes."""
-        offset, dropped = (0.0, {})
+        lines past its checkpoint (they are redone); returns ``metrics.trim``'s ``time`` offset,
+        hashes of the lines dropped and records kept."""
+        offset, dropped, kept = 0.0, {}, []
         if self.saved_step:
             try:
-                offset, dropped = metrics.trim(self.metrics_path, self.saved_step)
+                offset, dropped, kept = metrics.trim(self.metrics_path, self.saved_step)
             except OSError as exc:  # written aside and renamed (atomic_write): the file is as it was
                 raise write_failed(self, exc) from None
         self.log = metrics.Writer(self.metrics_path, failed=lambda exc: write_failed(self, exc))
-        return offset, dropped
+        return offset, dropped, kept
 
     def save(self, step: int, arrays: dict[str, np.ndarray], config: dict) -> None:
         """checkpoint.npz after step ``step`` from the servers' ``arrays`` (weights and optimizer

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..lecture import cuts
 
-DECAY = 0.99  # the moving averages' weight on the past: about the last 100 steps (bias-corrected)
+DECAY = 0.99  # the moving averages' weight on the past: about the last 100 steps
 
 
 def leaf_square(g: np.ndarray, rows: int) -> float:
@@ -70,8 +70,9 @@ def estimate(micro_squares: float, sizes: Sequence[int], batch_square: float, n:
     """The estimates of one step whose micro-batches have ``sizes`` rows (summing to ``B``).
 
     ``micro_squares``: the sum over the micro-batches of ``|G_{m_i}|^2``; ``batch_square``:
-    ``|G_B|^2``; ``n``: the training samples the batch was drawn from.  None when the step
-    cannot tell the two apart: a single micro-batch, or a batch of the whole set.
+    ``|G_B|^2``; ``n``: the training samples the batch was drawn from.  None for a step of a
+    single micro-batch: one batch size gives one equation for two unknowns.  (A batch of the
+    whole set has ``c(B) = 0``: its ``|G_B|^2`` is ``|G|^2`` itself.)
     """
     B, k = sum(sizes), len(sizes)
     c_small, c_big = math.fsum(spread(m, n) for m in sizes) / k, spread(B, n)
@@ -83,7 +84,8 @@ def estimate(micro_squares: float, sizes: Sequence[int], batch_square: float, n:
 
 
 class NoiseScale:
-    """``B_simple`` from the bias-corrected moving averages of a run's step estimates."""
+    """``B_simple`` from the moving averages of a run's step estimates.  Adam-style bias
+    corrections would divide both averages by the same ``1 - decay^count``: the ratio needs none."""
 
     def __init__(self, decay: float = DECAY):
         self.decay, self.grad_sq, self.trace, self.count = decay, 0.0, 0.0, 0
@@ -99,7 +101,7 @@ class NoiseScale:
     def value(self) -> float | None:
         if self.count == 0 or not self.grad_sq > 0:
             return None
-        return self.trace / self.grad_sq  # the bias corrections (1 - decay^count) cancel in the ratio
+        return self.trace / self.grad_sq
 
 
 class RunNoise:

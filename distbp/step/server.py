@@ -217,7 +217,7 @@ class ServerState:
         return self.apply(lr, t, scale, [self.gather(n, nodes, values, t, ready)], updated)
 
     def gather(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray], t: int,
-               ready: Callable[[int, int], bool] = always) -> np.ndarray | None:
+               ready: Callable[[int, int], bool] = always) -> np.ndarray:
         """The first half of step ``t``: the batch gradient over this range, summed and checked.
 
         ``ready``: as ``_sum`` takes it; a chunk waits for its inputs, not the whole sum for all
