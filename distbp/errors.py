@@ -1,8 +1,11 @@
 """The errors the command line turns into one line on stderr: bad input exits 2, a failed run 1.
 
 All are ``DistbpError``s, so Python callers (``distbp.fit``) can catch them in one clause.
-``one_line`` and ``size_text`` word the messages, for every module that raises them.
+``one_line`` and ``size_text`` word the messages, for every module that raises them;
+``run_file`` finds a file of a run directory or says what is missing.
 """
+
+import os
 
 
 class DistbpError(Exception):
@@ -53,3 +56,14 @@ def size_text(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     raise AssertionError("unreachable")
+
+
+def run_file(run_dir: str, name: str, missing: str, error: type[DistbpError]) -> str:
+    """The path of ``name`` in the run directory ``run_dir``; ``error`` with one line if the
+    directory is not there, or ``missing`` (what to say) if the file is not."""
+    if not os.path.isdir(run_dir):
+        raise error(f"{run_dir}: no such run directory" + " (not a directory)" * os.path.lexists(run_dir))
+    path = os.path.join(run_dir, name)
+    if not os.path.isfile(path):
+        raise error(f"{run_dir}: {missing}")
+    return path

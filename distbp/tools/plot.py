@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, run_file
 from ..run import metrics
 from ..run.checkpoint import atomic_write
 
@@ -41,11 +41,7 @@ class Curves:
 
 def read_run(run_dir: str) -> Curves:
     """Parse ``run_dir/metrics.jsonl``; a step logged twice (a resumed run) keeps its last line."""
-    if not os.path.isdir(run_dir):
-        raise DataError(f"{run_dir}: no such run directory" + " (not a directory)" * os.path.lexists(run_dir))
-    path = os.path.join(run_dir, metrics.NAME)
-    if not os.path.isfile(path):
-        raise DataError(f"{run_dir}: not a distbp run directory (no metrics.jsonl)")
+    path = run_file(run_dir, metrics.NAME, "not a distbp run directory (no metrics.jsonl)", DataError)
     try:
         records = metrics.read(path)
     except RecursionError:

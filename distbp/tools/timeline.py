@@ -25,7 +25,7 @@ import argparse
 import bisect
 import os
 
-from ..errors import DataError, UsageError, one_line
+from ..errors import DataError, UsageError, one_line, run_file
 from ..run import spans
 from ..run.checkpoint import write_json
 
@@ -78,11 +78,7 @@ def _check(r) -> None:
 
 def load(run_dir: str) -> list[dict]:
     """The records of ``run_dir/timeline.jsonl``; UsageError/DataError naming what is wrong."""
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"{run_dir}: no such run directory" + " (not a directory)" * os.path.lexists(run_dir))
-    path = os.path.join(run_dir, spans.NAME)
-    if not os.path.isfile(path):
-        raise UsageError(f"{run_dir}: no {spans.NAME} (train with --timeline to record one)")
+    path = run_file(run_dir, spans.NAME, f"no {spans.NAME} (train with --timeline to record one)", UsageError)
     try:
         records = spans.read(path)
         for r in records:
