@@ -6,11 +6,12 @@ SPEC is a comma-separated list of
 - ``delay-worker:K@S:SECONDS``  worker K sleeps SECONDS before computing its share of step S;
 - ``kill-server@S``             the parameter server SIGKILLs itself when step S reaches it.
 
-Steps count from 1, as in metrics.jsonl.  The driver arms the actor just before it sends
-step S's work (``Worker.arm``, ``ParameterServer.arm``): a worker dies as soon as it is armed
-(right away if idle, else after the task it is running) and stalls inside its next compute
-call; the server dies inside its step-S call.  The faults are real (SIGKILL of the process,
-a sleeping process), not simulated exceptions, and each strikes once.
+Steps count from 1, as in metrics.jsonl.  The driver plans where each strikes
+(distributed/windows.py): a kill in a window's plan strikes inside the actor's call when it
+comes to step S (a worker with no share of step S is armed, ``Worker.arm``, and dies at once);
+a stall is armed just before step S's work and strikes at the start of the worker's next call;
+the server dies inside its call when it comes to step S.  The faults are real (SIGKILL of the
+process, a sleeping process), not simulated exceptions, and each strikes once.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ For each config (dtype, global batch B) and each round, one after the other:
   column is left out);
 - ``distbp``: the real ``distbp.loops.sync.train`` on random data (SGD, mean reduction), its
   samples/s from the step times in ``metrics.jsonl``;
-- the breakdown: the sync loop's steps on a ``Session`` (``Crew`` and ``Servers`` as
-  ``loops/sync.py`` drives them, without metrics and checkpoints) with wall-clock timestamps
+- the breakdown: the sync loop's steps on a ``Session`` (``Windows`` as ``loops/sync.py``
+  drives them, without metrics and checkpoints) with wall-clock timestamps
   from the workers and the server, and the CPU time and page faults of every process per step;
 - once per round, the Ray call floor: the same pattern of actor calls with no compute and no
   data (``floor_run``), the least a step costs while each step goes through Ray's task calls.
@@ -104,8 +104,8 @@ def trainer_run(config, warmup: int) -> dict:
 
 @contextlib.contextmanager
 def windows_of(steps: int):
-    """``--transports NAME/W``: the sync loop's windows hold at most W steps (1: steps one by
-    one, with a Ray call each) for this run; 0 leaves distbp's own (distributed/windows.py)."""
+    """``--transports NAME/W``: the sync loop's windows hold at most W steps (1: a window a step,
+    with Ray calls each) for this run; 0 leaves distbp's own (distributed/windows.py)."""
     from distbp.distributed import windows
 
     default = windows.WINDOW
@@ -117,9 +117,8 @@ def windows_of(steps: int):
 
 
 def breakdown_run(config, warmup: int) -> dict:
-    """The sync loop's steps (``Crew`` and ``Servers`` on a ``Session``, as ``loops/sync.py``
-    drives them: in windows of steps on the direct transport) with per-step timestamps from
-    the actors, split into phases, and the CPU time of each process.
+    """The sync loop's steps (``Windows`` on a ``Session``, as ``loops/sync.py`` drives them)
+    with per-step timestamps from the actors, split into phases, and the CPU time of each process.
 
     For step t, with ``S_end(t-1)`` the time the server returned the weights and ``k`` the
     worker that finished last, the critical path is: broadcast ``S_end(t-1) -> start_k``
@@ -161,8 +160,7 @@ def breakdown_run(config, warmup: int) -> dict:
             while len(pending) > keep:
                 reports.update(merge_reports(servers.get(pending.popleft())))
 
-        # as the sync loop runs them: in windows where the transport allows (windows.py)
-        windows = Windows(crew, session.transport) if session.transport.windows and not servers.two_halves else None
+        windows = Windows(crew)  # as the sync loop runs the steps (windows.py)
 
         def scale_of(batch) -> int | None:
             return len(batch) if config.reduction == "mean" else None
@@ -172,23 +170,14 @@ def breakdown_run(config, warmup: int) -> dict:
                 servers.get(weights)
                 drain(0)
                 usage[step] = _usage(pids)
-            last = windows.last_step(step, total, lambda t: t + 1 in (first, total)) if windows else step
-            if last > step:
-                batches = [sampler.batch(t) for t in range(step, last + 1)]
-                ran, failure = windows.run(step, batches, lambda t: config.lr, scale_of, weights)
-                if failure is not None:
-                    raise failure
-                weights = servers.weights()
-                pending.append(servers.report())
-                drain(1)
-                step = last + 1
-                continue
-            batch = sampler.batch(step)
-            done = crew.compute(step, batch, weights)
-            weights = servers.step(done.n, done.nodes, config.lr, step, scale_of(batch), done.values)
+            last = windows.last_step(step, total, lambda t: t + 1 in (first, total))
+            batches = [sampler.batch(t) for t in range(step, last + 1)]
+            ran, weights, failure = windows.run(step, batches, lambda t: config.lr, scale_of, weights)
+            if failure is not None:
+                raise failure
             pending.append(servers.report())
             drain(1)  # as the sync loop does: a step's report is read one step late
-            step += 1
+            step = last + 1
         drain(0)
         spans = sorted(span for w in pool.actors for span in ray.get(w.spans.remote()))
 
@@ -336,7 +325,7 @@ def main(argv=None) -> int:
                     help="2: start a 2-node local Ray cluster (token auth) and run one worker per node")
     ap.add_argument("--transports", default=None,
                     help="comma-separated --transport values to run distbp with, side by side; NAME/W: with "
-                         "windows of at most W steps (NAME/1: steps one by one, each through Ray's calls) "
+                         "windows of at most W steps (NAME/1: a window a step, each through Ray's calls) "
                          "(default: auto; with --nodes 2: direct,direct/1,object-store)")
     ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP baseline")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown runs (halves the time)")

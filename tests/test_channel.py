@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from distbp.distributed import channel
+from distbp.lecture import tree
 
 
 @pytest.fixture
@@ -104,18 +105,21 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     there = replace(there, node="another node")  # the same server, as if on another node
     worker = transport.worker_end()
     values = worker.rows(1, 2)
-    np.testing.assert_array_equal(worker.weights((here, there)), np.arange(10))
+    np.testing.assert_array_equal(worker.weights((here, there), ahead=(1, 0)), np.arange(10))
     values[:] = np.arange(20, dtype=np.float64).reshape(2, 10)
-    sent = worker.send(values)
-    assert sent[0].block is not None and sent[0].key == ""  # in place: only a handle
-    assert sent[1].block is None and sent[1].key in servers[1].inbox.entries  # over the socket
-    for server, handle in zip(servers, sent):
+    worker.hand_in(values, "k", ([0.5, 0.25], [1.0, 2.0], 0.1))
+    worker.read_answers()  # every hand-in taken
+    assert servers[0].inbox.entries["k"].block is not None  # in place: only a handle
+    assert servers[1].inbox.entries["k"].block is None  # over the socket
+    for server in servers:
         r = server.bounds
-        (got,) = server.receive((handle,))
+        server.board.begin_window(1)
+        (got,), metas, ready = server.collect(["k"], 1, 2, [tree.blocks(range(2), 2)])
+        assert metas == [([0.5, 0.25], [1.0, 2.0], 0.1)] and ready(0, len(r))
         np.testing.assert_array_equal(got, values[:, r.start:r.stop])
-    assert servers[0].inbox.entries == {}  # nothing of the node's worker came by socket
+        server.board.end_window()
     servers[0].weights[:] = -1.0  # a server's update is what the worker of its node reads next
-    assert (worker.weights((here, there))[:len(servers[0].weights)] == -1.0).all()
+    assert (worker.weights((here, there), ahead=(2, 0))[:len(servers[0].weights)] == -1.0).all()
 
 
 def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_chunk(ray_session, monkeypatch):
@@ -137,7 +141,7 @@ def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_ch
         channel.send(sock, direct.Push("k", 1, 2, ([0.5], 0.1)))
         for row in rows:
             channel.send_array(sock, row[first.start:first.stop])  # the first piece only
-        values, metas, ready = server.collect(["k"], 1)
+        values, metas, ready = server.collect(["k"], 1, 2, [tree.blocks(range(2), 2)])
         assert metas == [([0.5], 0.1)] and ready(0, first.stop)
         np.testing.assert_array_equal(values[0][:, :first.stop], rows[:, :first.stop])
         waited: list[bool] = []
@@ -145,7 +149,7 @@ def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_ch
         waiting.start()
         waiting.join(0.5)
         assert waiting.is_alive()  # the rest has not come
-        direct.call_off(transport, [server.publish(server.weights)], 1)
+        board.call_off(1)  # as the driver's ParameterServer.call_off does
         waiting.join(10)
         assert waited == [False]
     board.end_window()

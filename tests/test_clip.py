@@ -15,12 +15,13 @@ from conftest import train_config
 
 from distbp.distributed.actors import ParameterServer
 from distbp.distributed.servers import Servers
-from distbp.distributed.transport import ObjectStore
-from distbp.errors import Diverged
+from distbp.distributed.transport import Hand, ObjectStore
 from distbp.lecture import cuts, tree
 from distbp.lecture.optim import Hyper
 from distbp.loops.sync import train
+from distbp.step.outcome import Why
 from distbp.step.server import NonFiniteGradient, ServerState
+from distbp.step.worker import Leaves
 
 
 def test_aligned_ranges_are_whole_blocks_as_even_as_that_allows():
@@ -108,23 +109,36 @@ def test_a_non_finite_norm_or_gradient_is_refused_by_every_server():
 
 
 def test_a_server_that_refuses_stops_the_step_on_every_server(ray_session):
-    """Through Ray: the apply calls depend on every gather, so one refusal fails them all and
-    the driver sees Diverged, with no server having updated."""
+    """Through Ray, in windows: under --clip-norm each server's update waits for every server's
+    sums of squares, so one refusal stops the step; the driver calls the window off and no
+    server has updated.  The next window's step goes through, clipped by the whole norm."""
     n, S = 40, 2
     transport = ObjectStore(n, np.float64, S)
     hyper = Hyper("sgd", clip_norm=1.0)
     servers = Servers(lambda s: ParameterServer.remote(s, np.ones(n), hyper, np.ones(n), transport),
-                      transport.bounds, clip=True)
-    assert servers.two_halves
+                      transport.bounds)
     node = tree.blocks(range(1), 1)
+    meta = Leaves([0.0], [0.0], 0.0)
+
+    def window(w: int, rows: np.ndarray):
+        ray.get([a.ask.remote(Hand(f"k{w}", 1, rows[:, r.start:r.stop], meta))
+                 for a, r in zip(servers.actors, transport.bounds)])
+        return servers.steps(w, [(1, 1, [node], [f"k{w}"], 0.1, None, 1, None)])
+
     bad = np.ones((1, n))
     bad[0, 30] = np.inf  # in the second server's range
-    with pytest.raises(Diverged, match="non-finite"):
-        servers.get(servers.step(1, [node], 0.1, 1, None, [[bad[:, r.start:r.stop] for r in transport.bounds]]))
+    outcomes, _ = window(1, bad)
+    done, stopped = ray.get(outcomes[1])
+    assert done == {} and (stopped.why, stopped.step) == (Why.GRADIENT, 1)
+    servers.call_off(1)  # as the driver does once a server stops
+    done, stopped = ray.get(outcomes[0])
+    assert done == {} and (stopped.why, stopped.step) == (Why.CALLED_OFF, 1)
     assert ray.get([a.step_count.remote() for a in servers.actors]) == [0, 0]
-    weights = servers.get(servers.step(1, [node], 0.1, 1, None, [[np.ones((1, len(r))) for r in transport.bounds]]))
+    outcomes, published = window(2, np.ones((1, n)))
+    assert [ray.get(o)[1] for o in outcomes] == [None, None]
     # the norm of a vector of 40 ones is sqrt(40): clipped to 1, each entry moves by 0.1 / sqrt(40)
-    np.testing.assert_allclose(np.concatenate(weights), 1 - 0.1 / (math.sqrt(40) + 1e-6))
+    np.testing.assert_allclose(np.concatenate([p.weights for p in ray.get(published)]),
+                               1 - 0.1 / (math.sqrt(40) + 1e-6))
     for actor in servers.actors:
         ray.kill(actor)
 

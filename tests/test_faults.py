@@ -60,6 +60,15 @@ def test_injected_worker_kills_lose_no_sample(clean, tmp_path):
     assert summary["windows"]["called_off"] >= 2
 
 
+def test_the_object_store_runs_the_same_windows_through_the_same_faults(clean, tmp_path):
+    """--transport object-store: a worker killed inside a window, then a server: each window is
+    called off through Ray (``ParameterServer.ask``), its rest redone, to the default path's bits."""
+    summary = train(train_config(tmp_path, workers=2, steps=STEPS, transport="object-store",
+                                 fault_injection="kill-worker:1@5,kill-server@12", checkpoint_every=5))
+    assert_same_run(summary, clean)
+    assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] == 1
+    assert summary["windows"]["called_off"] >= 2 and summary["windows"]["one_by_one"] == 0
+
 def test_worker_process_killed_by_pid_from_outside(clean, tmp_path):
     """SIGKILL of a real worker process, found through Ray's actor table, while the run goes on."""
     config = train_config(tmp_path, workers=2, steps=STEPS, fault_injection="delay-worker:0@20:2")
@@ -118,7 +127,7 @@ def test_lost_inputs_on_a_live_server_resume_from_its_own_step_count(clean, tmp_
             raise ServerFailed("simulated: report lost")
         result = original(self, *args)
         if calls["n"] == 1 and where == "window":  # the servers applied its steps, then it failed
-            return result[0], ServerFailed("simulated: window's inputs lost")
+            return result[0], result[1], ServerFailed("simulated: window's inputs lost")
         return result
 
     monkeypatch.setattr(owner, name, fails_once)
@@ -207,7 +216,7 @@ def test_a_refused_step_reaches_the_workers_as_divergence(ray_session):
     with pytest.raises(NonFiniteGradient):
         ray.get(after)
     assert ray.get(server.step_count.remote()) == 0
-    assert np.array_equal(ray.get(server.weights.remote()), net.flat)
+    assert np.array_equal(ray.get(server.weights.remote()).weights, net.flat)
     ray.kill(server)
     ray.kill(worker)
 

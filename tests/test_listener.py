@@ -216,14 +216,14 @@ def test_the_run_gives_its_transport_the_elastic_timeout_as_its_deadline(monkeyp
     with channel.connect(server.post.address, transport.key, timeout=10) as sock:
         channel.send(sock, direct.Reached(1, 3, True))  # a step the server will not reach
         assert channel.recv(sock) == direct.Reply(False)
-    assert server.collect(["k"], 1) is None
+    assert server.collect(["k"], 1, 1, [[(0, 1)]]) is None
     assert time.monotonic() - started < 3
 
     silent = channel.Listener("127.0.0.1", transport.key, lambda sock: sock.recv(1))  # never answers
     try:
         started = time.monotonic()
         with pytest.raises(direct.PeerLost, match="cannot be reached"):
-            Links(transport.key, 0.2).talk(silent.address, lambda sock: (channel.send(sock, direct.Pull()),
+            Links(transport.key, 0.2).talk(silent.address, lambda sock: (channel.send(sock, direct.Reached(1, 0, True)),
                                                                          channel.recv(sock)))
         assert time.monotonic() - started < 3
     finally:

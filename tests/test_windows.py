@@ -49,7 +49,7 @@ def test_a_late_worker_sends_the_next_steps_one_by_one():
     """A share that took LATE_FACTOR times the quickest's time per micro-batch (plus LATE_MIN_S)
     is late, as the crew judges it: the next WINDOW steps go one by one, where it has backups."""
     crew = SimpleNamespace(pool=None, servers=None, pace=None)
-    w = windows.Windows(crew, None)
+    w = windows.Windows(crew)
     ran = [windows.Ran(5, 60, 1.0, 0.2, 2, 0.0, 0.0)]
     w._pace(ran, {5: [(0, 4), (1, 4)]}, {5: (1.0, [0.01, 0.02], 0.0, 0.0)})
     assert w.one_by_one == 0 and crew.pace == pytest.approx(0.0025)

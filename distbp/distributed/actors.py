@@ -26,7 +26,8 @@ from ..lecture import cuts, tree
 from ..lecture.optim import Hyper
 from ..step.outcome import Stopped, Why
 from ..step.server import Abandoned, NonFiniteGradient, ServerState, pass_threads
-from ..step.worker import WorkerState
+from ..step.worker import Leaves, WorkerState
+from .board import Sums
 from .inbox import Late
 from .transport import Transport
 
@@ -66,38 +67,33 @@ class Worker(_Actor):
         end_at_once_on_sigterm()
         self.end = transport.worker_end()
         self.state = WorkerState(layers, activation, loss, dtype, X, Y, micro_batch, threads)
-        self.fault: tuple[Action, float] | None = None  # armed by --fault-injection for the next compute
+        self.fault: tuple[Action, float] | None = None  # armed by --fault-injection for the next call
 
     def arm(self, action: Action, seconds: float = 0.0) -> None:
-        """--fault-injection: die now, whether or not a share comes (``kill``), or stall in the
-        next ``compute`` call (``delay``); see ``faults.strike``."""
+        """--fault-injection: die now, whether or not a share comes (``kill``), or stall at the
+        start of the next call (``delay``); see ``faults.strike``."""
         if action is Action.KILL:
             strike(action)
         self.fault = (action, seconds)
 
     def compute(self, step: int, batch, nodes: list[tree.Node], *weights):
-        """The values of tree ``nodes`` of step ``step``'s ``batch``, computed on ``weights`` (what
-        the S servers returned).
-
-        Called with ``num_returns=S + 1``: one object of node values for each server, then
-        the ``Leaves`` (per-micro-batch errors and squared norms, seconds) for the driver.
-        """
-        if self.fault is not None:
-            action, seconds, self.fault = *self.fault, None
-            strike(action, seconds)
+        """The async loop's call: the values of tree ``nodes`` of ``batch``, computed on ``weights``
+        (what the server returned), as the results of the call (``num_returns=2``: the node
+        values, then the ``Leaves``)."""
+        self._strike_armed()
         values = self.end.rows(step, len(nodes))
-        weights = self.end.weights(weights)
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver, by step
-            info = self.state.compute(weights, batch, nodes, values, step)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the driver
+            info = self.state.compute(self.end.weights(weights), batch, nodes, values, step)
         return (*self.end.send(values), info)
 
-    def steps(self, window: int, plan: list[tuple], *weights) -> int:
-        """A window of steps without a Ray call each (windows.py; the direct transport only):
-        for each ``(step, batch, nodes, key, fault)`` of ``plan``, wait for the servers' weights after
-        the step before, compute the nodes, hand them to the servers under ``key``.  Returns how
-        many steps it handed in: fewer when the window ended early (called off, or a server
-        stopped)."""
-        done = 0
+    def steps(self, window: int, plan: list[tuple], *weights) -> list[Leaves]:
+        """The sync loop's call, a window of steps (windows.py): for each ``(step, batch, nodes, key,
+        fault)`` of ``plan``, wait for the servers' weights after the step before (``weights``: what
+        they published at the window's start), compute the nodes, hand them to the servers under
+        ``key``.  Returns the ``Leaves`` of the steps it handed in: fewer when the window ended
+        early (called off, or a server stopped)."""
+        self._strike_armed()
+        done = []
         for step, batch, nodes, key, fault in plan:
             if fault is not None:  # --fault-injection kill-worker at this step
                 strike(fault)
@@ -108,9 +104,15 @@ class Worker(_Actor):
             with np.errstate(over="ignore", invalid="ignore"):  # the servers refuse a diverging step
                 leaves = self.state.compute(flat, batch, nodes, values, step)
             self.end.hand_in(values, key, leaves)
-            done += 1
+            done.append(leaves)
         self.end.read_answers()  # every server's answer to the hand-ins read: what it returns was taken
         return done
+
+    def _strike_armed(self) -> None:
+        """--fault-injection delay-worker: the stall armed for this call."""
+        if self.fault is not None:
+            action, seconds, self.fault = *self.fault, None
+            strike(action, seconds)
 
     def spans(self) -> list[tuple[float, float, float, int]]:
         """Wall-clock (start, end), CPU seconds and step of the recent compute calls, oldest first
@@ -118,84 +120,104 @@ class Worker(_Actor):
         return list(self.state.spans)
 
 
-@ray.remote(num_cpus=1)
+PEERS = 64  # a server's calls from its peers at once: workers asking for weights, hand-ins, other servers
+
+
+@ray.remote(num_cpus=1, concurrency_groups={"peers": PEERS})
 class ParameterServer(_Actor):
     """Server ``s``: owns its range of the flat weights (``transport.bounds[s]``) and its optimizer
-    state; sums the workers' tree nodes and updates."""
+    state; sums the workers' tree nodes and updates.
+
+    Its steps run one call at a time; what its peers ask meanwhile (``ask``: a worker the weights
+    after a step or a hand-in, on the object store; another server its sums of squares; the
+    driver a call-off) runs on threads of the ``peers`` group and meets the steps on the end's
+    board and inbox."""
 
     def __init__(self, s: int, weights, hyper: Hyper, decay_mask, transport: Transport):
         """``weights`` and ``decay_mask`` are whole vectors; the server keeps its range of them."""
         threadpool_limits(BLAS_THREADS)
         end_at_once_on_sigterm()
-        self.end = transport.server_end(s)
+        self.s, self.end = s, transport.server_end(s)
         lo, hi = transport.bounds[s].start, transport.bounds[s].stop
         self.state = ServerState(self.end.own(weights), hyper, None if decay_mask is None else decay_mask[lo:hi],
                                  cuts.within(transport.size, transport.bounds[s]), pass_threads(),
                                  on_applied=self.end.applied)  # the step count in one place: the state's
-        self.fault: Action | None = None  # armed by --fault-injection for the next step
+        self.clip = hyper.clip_norm is not None
 
     def weights(self):
         """The weights as the workers take them."""
         return self.end.publish(self.state.weights)
 
-    def arm(self, action: Action) -> None:
-        """The next ``step`` call dies (``faults.strike``): --fault-injection."""
-        self.fault = action
-
     def step(self, n, nodes, lr, t, scale, *values):
-        """Add the workers' nodes into the batch gradient, update, return the new weights."""
-        if self.fault is not None:
-            strike(self.fault)
+        """The async loop's call: add the pushed nodes into the gradient, update, return the new weights."""
         self.state.step(n, nodes, self.end.receive(values), lr, t, scale)
         return self.weights()
 
-    def gather(self, n, nodes, t, *values):
-        """``step``'s first half with S servers and --clip-norm: sum; return the blocks' sums of squares."""
-        if self.fault is not None:
-            strike(self.fault)
-        return self.state.gather(n, nodes, self.end.receive(values), t)
-
-    def apply(self, lr, t, scale, *squares):
-        """``step``'s second half: ``squares`` are every server's ``gather``; update, return the new weights."""
-        self.state.apply(lr, t, scale, list(squares))
-        return self.weights()
-
-    def steps(self, window: int, plan: list[tuple]) -> tuple[dict[int, tuple], Stopped | None]:
-        """A window of steps without a Ray call each (windows.py): for each ``(step, n, nodes,
-        keys, lr, scale, size, fault)`` of ``plan`` wait for the values handed in under ``keys``, check
+    @ray.method(num_returns=2)
+    def steps(self, window: int, plan: list[tuple], peers: list) -> tuple[tuple[dict[int, tuple], Stopped | None],
+                                                                          object]:
+        """The sync loop's call, a window of steps (windows.py): for each ``(step, n, nodes, keys,
+        lr, scale, size, fault)`` of ``plan`` wait for the values handed in under ``keys``, check
         the step's loss (the micro-batches' errors over ``size`` samples), sum, update, and let
-        the workers have the weights.  Returns ``{step: (loss, [each task's compute seconds],
-        when it was applied (``perf_counter``), the exact sum of the micro-batches' squared
-        norms)}`` of the steps applied, and why the window ended early (None if it did not): the
-        steps it leaves are the driver's to redo."""
+        the workers have the weights.  Under --clip-norm with several servers (``peers``, every
+        server in range order) the servers swap their sums of squares between the sum and the
+        update.  Returns ``{step: (loss, [each task's compute seconds], when it was applied
+        (``perf_counter``), the exact sum of the micro-batches' squared norms)}`` of the steps
+        applied and why the window ended early (None if it did not), then what ``weights``
+        gives: the steps it leaves are the driver's to redo."""
         done: dict[int, tuple] = {}
-        board = self.end.board  # the direct transport's: windows run on it only
+        board = self.end.board
         board.begin_window(window)
         try:
             for step, n, nodes, keys, lr, scale, size, fault in plan:
                 if fault is not None:  # --fault-injection kill-server at this step
                     strike(fault)
-                got = self.end.collect(keys, step, n, nodes)
-                if got is None:
-                    return done, Stopped(Why.CALLED_OFF, step)
-                if isinstance(got, Late):  # a straggler: the driver calls the window off, the crew backs it up
-                    return done, Stopped(Why.LATE, step)
-                values, metas, ready = got  # the values may still be coming in: ready() waits for each chunk
-                loss = math.fsum(x for leaves in metas for x in leaves.errors) / size
-                if not math.isfinite(loss):  # caught before anything is applied, as the sync loop does
-                    return done, Stopped(Why.LOSS, step, loss)
-                try:
-                    self.state.step(n, nodes, values, lr, step, scale, ready,
-                                    lambda i, step=step: board.updated(step, self.state.chunks[i]))
-                except Abandoned:
-                    return done, Stopped(Why.CALLED_OFF, step)
-                except NonFiniteGradient:
-                    return done, Stopped(Why.GRADIENT, step)
-                done[step] = (loss, [leaves.seconds for leaves in metas], time.perf_counter(),
-                              math.fsum(x for leaves in metas for x in leaves.squares))
-            return done, None
+                why = self._step(window, peers, step, n, nodes, keys, lr, scale, size)
+                if isinstance(why, Stopped):
+                    return (done, why), self.weights()
+                done[step] = why
+            return (done, None), self.weights()
         finally:
             board.end_window()
+
+    def _step(self, window, peers, step, n, nodes, keys, lr, scale, size) -> tuple | Stopped:
+        """One step of a window: what ``steps`` keeps of it, or why the window ends before it."""
+        got = self.end.collect(keys, step, n, nodes)
+        if got is None:
+            return Stopped(Why.CALLED_OFF, step)
+        if isinstance(got, Late):  # a straggler: the driver calls the window off, the crew backs it up
+            return Stopped(Why.LATE, step)
+        values, metas, ready = got  # the values may still be coming in: ready() waits for each chunk
+        loss = math.fsum(x for leaves in metas for x in leaves.errors) / size
+        if not math.isfinite(loss):  # caught before anything is applied
+            return Stopped(Why.LOSS, step, loss)
+        try:
+            sums = self.state.gather(n, nodes, values, step, ready)
+            if self.clip and len(peers) > 1:  # the norm is of the whole gradient: every server's sums
+                for s, peer in enumerate(peers):
+                    if s != self.s:
+                        peer.ask.remote(Sums(window, step, self.s, sums))
+                self.end.board.add_sums(window, step, self.s, sums)
+                sums = self.end.board.sums(window, step, len(peers))
+                if sums is None:
+                    self.state.refuse()
+                    return Stopped(Why.CALLED_OFF, step)
+            else:
+                sums = [sums]
+            self.state.apply(lr, step, scale, sums, lambda i: self.end.board.updated(step, self.state.chunks[i]))
+        except Abandoned:
+            return Stopped(Why.CALLED_OFF, step)
+        except NonFiniteGradient:
+            return Stopped(Why.GRADIENT, step)
+        return (loss, [leaves.seconds for leaves in metas], time.perf_counter(),
+                math.fsum(x for leaves in metas for x in leaves.squares))
+
+    @ray.method(concurrency_group="peers")
+    def ask(self, request):
+        """A peer's typed request, answered by the server's end while a window runs: the driver's
+        ``CallOff``, another server's ``Sums`` (board.py); on the object store a worker's
+        ``Reached`` and ``Hand`` (transport.py; the direct transport's come over its sockets)."""
+        return self.end.answer(request)
 
     def step_count(self) -> int:
         """Steps applied so far: after a failure the driver resumes from here, never applying one twice."""

@@ -1,10 +1,12 @@
 """Which step a server holds, and which window of steps it runs: what its workers wait on.
 
-The direct transport's server (direct_server.py) answers a worker's "the weights after step v of
-window w, please" once the board says it holds them, or no once that window is over or called
-off; while a step is being applied, the chunks already updated can go out (``fresh``).  The
-step count is the server's own (``ServerState.t``): the state tells the board each time it
-changes (``applied``), so the two cannot differ.
+A server's end of either transport answers a worker's "the weights after step v of window w,
+please" once the board says it holds them, or no once that window is over or called off; while
+a step is being applied, the chunks already updated can go out (``fresh``, the direct
+transport's stream).  The step count is the server's own (``ServerState.t``): the state tells
+the board each time it changes (``applied``), so the two cannot differ.  Under ``--clip-norm``
+with S servers, each server's sums of squares of a step reach the others here (``add_sums``,
+``sums``): the norm is of the whole gradient.
 
 No Ray here: a condition variable, shared with the server's inbox (inbox.py), whose waits also
 end when the window does.
@@ -13,6 +15,25 @@ end when the window does.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+
+# What a server's peers ask of its board outside its steps (``ParameterServer.ask``), on either transport.
+
+@dataclass(frozen=True)
+class CallOff:
+    """The driver calls ``window`` off (something in it failed): the server ends its steps there."""
+
+    window: int
+
+
+@dataclass(frozen=True)
+class Sums:
+    """Server ``server``'s blocks' sums of squares of ``step`` of ``window`` (--clip-norm, S > 1)."""
+
+    window: int
+    step: int
+    server: int
+    sums: object
 
 
 class Board:
@@ -25,6 +46,7 @@ class Board:
         # the window it runs or ran last, whether that one is over, the highest one called off
         self.window, self.over, self.called_off = 0, True, 0
         self.fresh: dict[int, tuple[int, int]] = {}  # chunks updated since: start -> (stop, step)
+        self.norms: dict[tuple[int, int], dict[int, object]] = {}  # (window, step) -> server -> its sums
 
     def applied(self, steps: int) -> None:
         """The server holds the weights after ``steps`` steps (a step applied, a checkpoint loaded)."""
@@ -57,6 +79,32 @@ class Board:
             self.called_off = max(self.called_off, window)
             self.over = self.over or self.window <= self.called_off
             self.changed.notify_all()
+
+    def answer(self, request: CallOff | Sums) -> None:
+        """A peer's request to the board (``ParameterServer.ask``)."""
+        if isinstance(request, CallOff):
+            self.call_off(request.window)
+        else:
+            self.add_sums(request.window, request.step, request.server, request.sums)
+
+    def add_sums(self, window: int, step: int, server: int, sums) -> None:
+        """Server ``server``'s blocks' sums of squares of step ``step`` of ``window``."""
+        with self.changed:
+            self.norms.setdefault((window, step), {})[server] = sums
+            self.changed.notify_all()
+
+    def sums(self, window: int, step: int, servers: int) -> list | None:
+        """Every server's sums of squares of ``step`` of ``window``, in range order, once all
+        ``servers`` are in; None if the window is called off (or they do not come within ``wait_s``)."""
+        with self.changed:
+            got = self.changed.wait_for(lambda: self.over or len(self.norms.get((window, step), ())) == servers,
+                                        timeout=self.wait_s)
+            parts = self.norms.pop((window, step), {})
+            for key in [key for key in self.norms if key[0] < window]:  # windows called off
+                del self.norms[key]
+            if not got or self.over:
+                return None
+            return [parts[s] for s in range(servers)]
 
     def reached(self, window: int, steps: int, pull: bool) -> bool:
         """Whether the server comes to hold ``steps`` steps in ``window``: waits until it does

@@ -1,36 +1,36 @@
-"""How each step's micro-batches reach the workers, whatever goes wrong.
+"""A window of one step whose shares are planned again as workers die or lag: the crew.
 
-A step is done when each of its ``n`` micro-batches has been backpropagated once into the
-tree nodes the server adds.  Any tiling of ``range(n)`` by tree nodes sums to the same bits
-(tree.py), so any part of a step may be redone on any worker without changing the result.
-The crew uses that freedom three ways:
+Every step runs in a window (windows.py).  Most windows hand their steps to the workers and
+the servers at once; a window of one step that may need its shares planned again (after a
+late worker, an injected stall, a worker still starting) goes through the crew first: it hands
+each share to a worker (``Worker.steps`` of that one step, under a key of its own) and, once
+every micro-batch of the step has been handed in once, the servers get the step with the keys
+that cover it.  Any tiling of ``range(n)`` by tree nodes sums to the same bits (tree.py), so any
+part of a step may be redone on any worker without changing the result.  The crew uses that
+freedom this way:
 
-- a worker dies (its task raises ``RayActorError``: SIGKILL, OOM, a lost node): the idle
+- a worker dies (its call raises ``RayActorError``: SIGKILL, OOM, a lost node): the idle
   workers redo its share at once, and a new actor takes its place (workers.py);
 - a worker is late (its share has run ``plan.LATE_FACTOR`` times as long as the quickest share of
   the step, or of the last step, took per micro-batch, plus ``plan.LATE_MIN_S``): the idle workers
   redo its share as a backup, the first complete copy is used, and the late worker sits out
-  until its task ends;
+  until its call ends;
 - workers come and go (``--workers MIN:MAX``): each step is shared out over the workers live
   at its start, and any that come up during it take part as soon as they do; below MIN live
   workers a step waits for more (``--elastic-timeout``), then ``TooFewWorkers`` ends the run
   at that step boundary, to be resumed (docs/elastic.md);
-- the server dies, or a step's inputs are lost: ``ServerFailed``.  The loop then calls
+- a server dies, or the weights are lost: ``ServerFailed``.  The loop then calls
   ``Servers.recover``, which asks live servers how many steps they hold, or starts new ones
   from the latest checkpoint (servers.py).
 
-On the direct transport the sync loop runs most steps in windows, without the crew's Ray
-calls (windows.py); a window shares each step as ``compute`` shares a step that goes well, and
-the steps after a late worker go through ``compute`` again.
-
-Why a step is never applied twice or with a part missing: the driver sends the server a
-step only once all of its inputs exist; Ray runs an actor task only when its arguments are
-ready and fails it unrun when one of them failed (checked: the server's step counter stays
-put); and the server refuses any step number but its count + 1 (``ServerState.step``).
+Why a step is never applied twice or with a part missing: the servers get a step only with
+the keys of copies that were all handed in; a copy nobody uses is dropped from their inboxes;
+and a server refuses any step number but its count + 1 (``ServerState.gather``).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ from ..step import plan
 from ..step.outcome import Decision, Outcome, Stopped, Why, decide
 from ..step.server import NonFiniteGradient
 from ..step.worker import Leaves
+from .direct import PeerLost
 from .runtime import ACTOR_LOST
 from .servers import ServerFailed, Servers
 from .workers import TooFewWorkers, WorkerPool
@@ -62,13 +63,14 @@ class Status(Enum):
 
 @dataclass
 class Task:
-    """One ``Worker.compute`` call: tree ``nodes`` (over micro-batches ``ids``) on worker ``worker``."""
+    """One ``Worker.steps`` call of one step: tree ``nodes`` (over micro-batches ``ids``) on worker
+    ``worker``, handed to the servers under ``key``."""
 
     worker: int
     ids: range
     nodes: list[tree.Node]  # computed once here, handed to the worker and then to the servers
-    values: list[ray.ObjectRef]  # its node values: one object per server range
-    info: ray.ObjectRef
+    key: str
+    info: ray.ObjectRef  # the call's result: its Leaves
     started: float
     part: Part | None  # None once its result is no longer wanted (stale)
     status: Status = Status.RUNNING
@@ -108,19 +110,6 @@ class Part:
                 yield from child.unfinished()
 
 
-@dataclass
-class Computed:
-    """A step's micro-batch results, ready for ``Servers.step``."""
-
-    n: int
-    nodes: list[list[tree.Node]]  # per task, the tree nodes it sends
-    values: list[list[ray.ObjectRef]]  # per task, its node values: one object per server range
-    losses: list[float]  # summed error of each micro-batch, in order
-    squares: list[float]  # the squared norm of each micro-batch's mean gradient, in order (step/noise.py)
-    seconds: float  # the longest compute time of the tasks used
-    workers: int  # how many workers computed the tasks used
-
-
 class Crew:
     """Shares out each step's micro-batches over the worker pool, with backups and redos."""
 
@@ -136,19 +125,20 @@ class Crew:
         self.stats: Counter = Counter()  # backups, micro_batches_redone
         self.pace: float | None = None  # seconds per micro-batch of the quickest share of the last step
         self.stalled: set[int] = set()  # workers armed to stall in this step: they must get a share
-        self.step = 0  # the step being computed (from 1)
+        self.step, self.window = 0, 0  # the step being computed (from 1), and its window
+        self.tries = itertools.count()  # tells apart the keys of the copies of a share
 
-    def compute(self, step: int, batch: np.ndarray, weights: list[ray.ObjectRef]) -> Computed:
-        """Backpropagate every micro-batch of step ``step`` on ``weights`` (one ref per server range).
+    def compute(self, step: int, batch: np.ndarray, weights: list[ray.ObjectRef], window: int) -> list[Task]:
+        """Hand the servers every micro-batch of step ``step``, the step of window ``window``,
+        computed on ``weights`` (what the servers published after the step before).  Returns the
+        tasks whose node values the step sums, in micro-batch order.
 
         Raises ServerFailed if the weights cannot be had, Diverged if they come from a step
         whose gradient was not finite.
         """
-        n = plan.count(len(batch), self.micro_batch)
-        self.step = step
-        self.enlist(step)
+        self.step, self.window = step, window
         self.stalled = self._arm(step)
-        root = Part(range(n))
+        root = Part(range(plan.count(len(batch), self.micro_batch)))
         pace: float | None = None  # seconds per micro-batch of the quickest share of this step
         while not root.done:
             # a step of one share has nothing to compare with: then the last step is the yardstick
@@ -177,16 +167,12 @@ class Crew:
                 part.task.part = None
         self.pace = pace if pace is not None else self.pace
         self.stalled = set()
-        tasks = root.tasks()
-        return Computed(n, [task.nodes for task in tasks], [task.values for task in tasks],
-                        [v for task in tasks for v in task.result.errors],
-                        [v for task in tasks for v in task.result.squares],
-                        max(task.result.seconds for task in tasks), len({task.worker for task in tasks}))
+        return root.tasks()
 
     def adopt(self, worker: int, info: ray.ObjectRef) -> None:
         """``worker`` is still in a call nobody waits for (a window's, called off while it
         straggled): it sits out, as a late worker does, until that call ends."""
-        self.running[worker] = Task(worker, range(0), [], [], info, time.monotonic(), None)
+        self.running[worker] = Task(worker, range(0), [], "", info, time.monotonic(), None)
 
     def enlist(self, step: int) -> None:
         """Step ``step``'s boundary: workers that came up join; with fewer than ``minimum`` live,
@@ -236,9 +222,10 @@ class Crew:
             part.children.append(child)
 
     def _submit(self, share: plan.Share, part: Part, batch, weights: list[ray.ObjectRef]) -> Task:
-        *values, info = self.pool.actors[share.worker].compute.options(num_returns=len(weights) + 1).remote(
-            self.step, batch, share.nodes, *weights)
-        task = Task(share.worker, share.ids, share.nodes, values, info, time.monotonic(), part)
+        key = f"{self.window}-{self.step}-{share.worker}-{next(self.tries)}"
+        info = self.pool.actors[share.worker].steps.remote(
+            self.window, [(self.step, batch, share.nodes, key, None)], *weights)
+        task = Task(share.worker, share.ids, share.nodes, key, info, time.monotonic(), part)
         self.running[share.worker] = task
         return task
 
@@ -252,11 +239,12 @@ class Crew:
         """Collect a finished task; return its duration if it counts for this step."""
         del self.running[task.worker]
         try:
-            task.result = ray.get(task.info)
+            handed = ray.get(task.info)
+            if not handed:  # the servers said no to the weights: they were given up on
+                raise PeerLost(f"step {self.step}: no weights after step {self.step - 1}")
+            task.result = handed[0]
         except Exception as exc:  # noqa: BLE001 - decided below; what nothing here cures is re-raised
             task.status = Status.FAILED
-            for ref in task.values:
-                _consume(ref)
             decision = decide(outcome_of(exc, worker=True), wanted=task.part is not None)
             if decision is Decision.REDO_SHARE:  # its part is planned again (``_plan``)
                 self.pool.replace(task.worker)
@@ -277,16 +265,14 @@ class Crew:
             task.part = None
 
     def _arm(self, step: int) -> set[int]:
-        """Arm the faults injected at ``step``; return the workers that will stall in it."""
+        """Arm the workers' faults injected at ``step`` (a kill-server strikes in the servers' plan:
+        windows.py); return the workers that will stall in it."""
         stalled = set()
-        for fault in [f for f in self.faults if f.step == step]:
+        for fault in [f for f in self.faults if f.step == step and f.kind != "kill-server"]:
             self.faults.remove(fault)
-            if fault.kind == "kill-server":
-                self.servers.arm(fault.action)
-            else:
-                self.pool.arm(fault.target, fault.action, fault.seconds)
-                if fault.action is Action.DELAY:
-                    stalled.add(fault.target)
+            self.pool.arm(fault.target, fault.action, fault.seconds)
+            if fault.action is Action.DELAY:
+                stalled.add(fault.target)
         return stalled
 
 
@@ -310,10 +296,3 @@ def plain(exc: BaseException) -> BaseException:
     cause = getattr(exc, "cause", None)
     return cause if isinstance(exc, RayTaskError) and isinstance(cause, DistbpError) else exc
 
-
-def _consume(ref: ray.ObjectRef) -> None:
-    """Read a failed result we are done with, so Ray does not report it as an unhandled error."""
-    try:
-        ray.get(ref)
-    except Exception:  # noqa: BLE001, S110 - the failure was already handled through the task's other result
-        pass

@@ -4,35 +4,24 @@ Each worker-server pair takes one of two ways, decided when they first meet: bet
 authenticated TCP connection (channel.py), within a node shared memory (a memfd of the actor
 that owns the array, mapped by the other: shm.Memfds, nothing to clean up when an actor dies).
 Only handles (an address, a key, a memfd's path) go through Ray.  Each server listens on its
-Ray node's address and holds:
+Ray node's address and answers a worker's requests (direct_server.Requests):
 
-- its range of the weights, which a worker *pulls* at the start of a call, straight into its
-  own weight buffer (``Pull`` -> the range's bytes), or, on the server's node, copies
-  from the server's memory (with one server: reads in place);
-- an inbox of the node values the workers *push* at the end of a call (``Push(key, step, rows)``
-  then ``rows`` rows of this server's columns, answered with a yes once all are in), from
-  which its step takes the rows named by the handles Ray passed it.  A worker of the server's
-  node computes into its own shared memory instead, and the server reads its columns in place.
+- ``Reached(window, steps, pull)``: the weights after ``steps`` steps of window ``window``, once
+  the server holds them (or no, if the window ended before), streamed straight into the
+  worker's weight buffer; a worker of the server's node copies them from the server's memory
+  instead (with one server: reads them in place);
+- ``Push(key, step, rows, meta)``: ``rows`` rows of the server's columns of a step's node values
+  under a key the driver chose, with the micro-batches' errors, squared norms and compute time
+  (``meta``), filed in the server's inbox (inbox.py) as they come; a worker of the server's node
+  computes into its own shared memory and sends only its handle (``Put``).
 
-So only the bytes between nodes cross a socket: with one server per node, what a
-reduce-scatter plus an all-gather would send.
-
-Why a read never overlaps a write that matters: a worker's call of step t + 1 runs only once
-the servers' step t has returned (its arguments), and the driver sends the servers step t + 1
-only once the calls it uses have returned, which is after their pushes were acknowledged.  A
-late copy nobody waits for may pull weights while a server updates them, or push after the
-step was taken: its result is dropped.
-
-Windows of steps (windows.py) use the same connections: a worker asks each server for the
-weights after a given step of a window (``Reached(window, steps, pull)``, answered once
-the server holds them, or no if the window ended before), and hands in its rows under a key
-the driver chose (``Push`` or, on the server's node, ``Put`` of a memfd's handle) with its
-micro-batch losses and compute time; the server's step waits for its keys (``collect``).  The
-driver calls a window off (``call_off``: ``CallOff`` on a connection of its own, with the run's key) when
-something in it failed, and every server then ends its steps and says no to waiting workers.
+The server's step waits for its keys (``collect``).  So only the bytes between nodes cross a
+socket: with one server per node, what a reduce-scatter plus an all-gather would send.  The
+driver never speaks this protocol: it calls a window off through Ray (``ParameterServer.ask(CallOff(w))``).
 Every wait on a peer ends after ``Direct.wait_s``, from the run's --elastic-timeout: a server
 that nobody calls off gives up by itself, and a worker whose server says nothing for twice
-that long takes it for lost.
+that long takes it for lost.  A late copy nobody waits for may pull weights while a server
+updates them, or push after the step was taken: its result is dropped.
 
 Within a window's step the bytes between nodes flow as in BytePS: a push goes piece by piece
 (``PIECE_BYTES`` of every row at a time) and the server sums each chunk of the gradient as soon
@@ -51,8 +40,8 @@ its board of which step it holds and which window it runs (board.py).
 Failures keep the crew's meaning: a server that cannot be reached (it died, its node is
 gone) makes the worker's call fail with ``PeerLost``, an ``ObjectLostError`` ("the step's
 inputs are lost"), so the driver recovers the servers as it does when an object is lost; a
-worker that dies mid-push leaves only a partial entry, which no handle names and the next
-step throws away; a worker of the server's node that dies after its call returned takes its
+worker that dies mid-push leaves only a partial entry, which no step names and a later step
+throws away; a worker of the server's node that dies after its call returned takes its
 node values with it: the server's step then fails with the step's inputs lost, and the driver
 redoes the step.
 """
@@ -113,11 +102,6 @@ class Handle:
 # The requests a server answers (direct_server.Requests dispatches on their type), and its reply.
 
 @dataclass(frozen=True)
-class Pull:
-    """The server's range of the weights, now: its bytes follow."""
-
-
-@dataclass(frozen=True)
 class Reached:
     """Whether the server holds the weights after ``steps`` steps of ``window``, once it does (or
     no once the window ends without them); with ``pull`` a yes is followed by their bytes."""
@@ -149,15 +133,8 @@ class Put:
 
 
 @dataclass(frozen=True)
-class CallOff:
-    """The driver calls ``window`` off: the server ends its steps there."""
-
-    window: int
-
-
-@dataclass(frozen=True)
 class Reply:
-    """The server's answer to ``Reached``, ``Push``, ``Put`` and ``CallOff``."""
+    """The server's answer to ``Reached``, ``Push`` and ``Put``."""
 
     yes: bool
 
@@ -166,7 +143,6 @@ class Direct:
     """The vectors between the actors themselves: sockets between nodes, shared memory within one."""
 
     name = "direct"
-    windows = True  # the actors talk directly: steps can go without Ray calls (windows.py)
     # Whether a worker and a server of one node share memory (where the system has memfds).  The
     # tests switch it off in the driver, before the transport is made, to send every vector over
     # a socket on one machine, as between nodes.
@@ -188,16 +164,3 @@ class Direct:
         from .direct_server import DirectServer
         return DirectServer(self, self.bounds[s])
 
-
-def call_off(transport: Direct, servers: list[Handle], window: int) -> None:
-    """The driver calls window ``window`` off (a worker of it failed): each server that can be
-    reached ends its steps there and tells its waiting workers so.  A full listener is tried
-    again for up to ``transport.wait_s``: the time after which the server gives up by itself."""
-    for handle in servers:
-        try:
-            with channel.connect(handle.address, transport.key, within=transport.wait_s,
-                                 timeout=transport.wait_s) as sock:
-                channel.send(sock, CallOff(window))
-                channel.recv(sock)
-        except (OSError, EOFError):
-            pass  # a server that is gone runs no window

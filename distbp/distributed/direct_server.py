@@ -2,8 +2,8 @@
 workers reach it, and its answers to their requests.
 
 ``DirectServer`` is what the parameter-server actor holds: its range of the weights (in shared
-memory, for workers of its node), the node values a step reads (``receive`` one by one,
-``collect`` in a window), its inbox (inbox.py) and its board (board.py).  ``Requests`` answers
+memory, for workers of its node), the node values a step reads (``collect``), its inbox
+(inbox.py) and its board (board.py).  ``Requests`` answers
 each connection's requests on a thread of its own, one handler per request type, as ps-lite's
 request handle does for its server.
 """
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
 
 import numpy as np
 import ray
 
-from ..lecture import tree
 from . import channel, shm
 from .board import Board
-from .direct import CallOff, Direct, Handle, PeerLost, Pull, Push, Put, Reached, Reply, pieces
+from .direct import Direct, Handle, PeerLost, Push, Put, Reached, Reply, pieces
 from .inbox import Entry, Inbox, Late
 
 
@@ -57,31 +55,24 @@ class DirectServer:
         """Where the workers pull the range from (or, on this node, map it)."""
         return Handle(self.post.address, node=self.node or "", block=self.block)
 
+    def answer(self, request):
+        """A peer's request through Ray (``ParameterServer.ask``): the board's to answer."""
+        return self.board.answer(request)
+
     def applied(self, steps: int) -> None:
         """The server holds the weights after ``steps`` steps (``ServerState.on_applied``)."""
         self.board.applied(steps)
 
-    def receive(self, parts: tuple[Handle, ...]) -> list[np.ndarray]:
-        """A step one by one: each task's rows of this server's columns, from the inbox (or read
-        in place from a worker of this node)."""
-        step = max((part.step for part in parts), default=0)
-        pushed = iter(self.inbox.take([part.key for part in parts if part.block is None]))
-        entries = [Entry(part.step, None, part.block) if part.block is not None else next(pushed) for part in parts]
-        return self._values(entries, step)
-
-    def collect(self, keys: list[str], step: int, n: int = 0,
-                nodes: list[list] | None = None) -> tuple[list[np.ndarray], list[tuple], Callable] | Late | None:
+    def collect(self, keys: list[str], step: int, n: int, nodes: list[list]) -> tuple | Late | None:
         """A window's step: the values and metas under ``keys`` (the tasks' tree ``nodes`` over ``n``
-        micro-batches; without them no share is judged late), once each has started to come in; None
-        if the window is called off (or nothing came for ``Direct.wait_s``) before, ``Late`` if a
-        task is late by the crew's rule (inbox.py).  The third item is ``ready(lo, hi)``
-        for the server's sum (step/server.py): it waits until columns ``[lo, hi)`` of every pushed
-        row are in, or says no when the window is called off."""
+        micro-batches), once each has started to come in; None if the window is called off (or
+        nothing came for ``Direct.wait_s``) before, ``Late`` if a task is late by the crew's rule
+        (inbox.py).  The third item is ``ready(lo, hi)`` for the server's sum (step/server.py): it
+        waits until columns ``[lo, hi)`` of every pushed row are in, or says no when the window
+        is called off."""
         def over() -> bool:
             return self.board.over
-        counts = None if nodes is None else \
-            [sum(hi - lo for lo, hi in (tree.span(node, n) for node in task)) for task in nodes]
-        entries = self.inbox.wait(keys, over, counts)
+        entries = self.inbox.shares(keys, n, nodes, over)
         if entries is None or isinstance(entries, Late):
             return entries
         return self._values(entries, step), [entry.meta for entry in entries], self.inbox.ready(entries, over)
@@ -100,13 +91,12 @@ class DirectServer:
 
 
 class Requests:
-    """A server's answers to the requests of one connection (a worker's, or the driver's call-off)."""
+    """A server's answers to the requests of one worker's connection."""
 
     def __init__(self, server: DirectServer):
         self.server, self.inbox, self.board = server, server.inbox, server.board
         self.pieces = pieces(server.width, server.dtype.itemsize)
-        self.handlers = {Pull: self.pull, Reached: self.reached, Push: self.push, Put: self.put,
-                         CallOff: self.call_off}
+        self.handlers = {Reached: self.reached, Push: self.push, Put: self.put}
 
     def serve(self, sock: socket.socket) -> None:
         """One peer's requests, until it leaves (channel.Listener runs this on a thread of its own)."""
@@ -116,9 +106,6 @@ class Requests:
             if handler is None:
                 raise EOFError(f"unknown request {request!r}")
             handler(sock, request)
-
-    def pull(self, sock: socket.socket, request: Pull) -> None:
-        channel.send_array(sock, self.server.weights)
 
     def reached(self, sock: socket.socket, request: Reached) -> None:
         """Yes once the server holds the weights after ``request.steps`` steps (then, with ``pull``,
@@ -146,8 +133,4 @@ class Requests:
 
     def put(self, sock: socket.socket, request: Put) -> None:
         self.inbox.file(request.key, Entry(request.step, None, request.block, request.meta))
-        channel.send(sock, Reply(True))
-
-    def call_off(self, sock: socket.socket, request: CallOff) -> None:
-        self.board.call_off(request.window)
         channel.send(sock, Reply(True))

@@ -9,8 +9,6 @@ with the answers each server still owes it.
 
 from __future__ import annotations
 
-import itertools
-import os
 import socket
 from collections.abc import Callable
 
@@ -18,7 +16,7 @@ import numpy as np
 import ray
 
 from . import channel, shm
-from .direct import Direct, Handle, PeerLost, Pull, Push, Put, Reached, Reply, pieces
+from .direct import Direct, Handle, PeerLost, Push, Put, Reached, Reply, pieces
 
 Address = tuple[str, int]
 
@@ -79,8 +77,6 @@ class DirectWorker:
         self.flat = np.empty(transport.size, transport.dtype)
         self.out = np.empty((0, transport.size), dtype=transport.dtype)
         self.servers: tuple[Handle, ...] = ()
-        self.me = f"{os.getpid()}-{os.urandom(4).hex()}"
-        self.calls = itertools.count()
         self.step = 0
         # with shared memory: the node values in it, the servers' weights of this node mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
@@ -99,13 +95,11 @@ class DirectWorker:
         except OSError as exc:
             raise PeerLost(f"the server at {handle.address[0]}:{handle.address[1]} is gone ({exc})") from None
 
-    def weights(self, parts: tuple[Handle, ...], ahead: tuple[int, int] | None = None) -> np.ndarray | None:
-        """The whole weight vector, each server's range pulled into its place in one buffer (or,
-        from a server of this node, copied from its memory; one such server: read in place).
-
-        ``ahead = (window, steps)``: a step of a window (windows.py), whose weights are those
-        after ``steps`` steps: each server answers once it holds them, or says the window
-        ended before (then None)."""
+    def weights(self, parts: tuple[Handle, ...], ahead: tuple[int, int]) -> np.ndarray | None:
+        """The whole weight vector after ``steps`` steps of window ``window`` (``ahead``), each
+        server's range pulled into its place in one buffer (or, from a server of this node, copied
+        from its memory; one such server: read in place).  Each server answers once it holds
+        them, or says the window ended before (then None)."""
         if self.node:  # unmap the weights of servers that were replaced
             mine = [self.shared.file] if self.shared.file else []
             self.maps.retain([h.block for h in parts if self._here(h)] + mine)
@@ -115,17 +109,13 @@ class DirectWorker:
             here, dst = self._here(handle), self.flat[r.start:r.stop]
 
             def get(sock, here=here, dst=dst, address=handle.address) -> bool:
-                if ahead is None:
-                    channel.send(sock, Pull())
-                    self.links.catch_up(sock, address)
-                else:
-                    channel.send(sock, Reached(*ahead, pull=not here))
-                    if self.links.reply(sock, address) != Reply(True):
-                        return False
+                channel.send(sock, Reached(*ahead, pull=not here))
+                if self.links.reply(sock, address) != Reply(True):
+                    return False
                 if not here:
                     channel.recv_array(sock, dst)
                 return True
-            if (ahead is not None or not here) and not self.links.talk(handle.address, get):
+            if not self.links.talk(handle.address, get):
                 return None
             if here and not single:
                 np.copyto(dst, self._view(handle))
@@ -145,23 +135,6 @@ class DirectWorker:
         if len(self.out) < count:
             self.out = np.empty((count, self.out.shape[1]), dtype=self.dtype)
         return self.out[:count]
-
-    def send(self, values: np.ndarray) -> list[Handle]:
-        """Push each server its columns of ``values``; returns, for each server, the handle of them."""
-        key = f"{self.me}-{next(self.calls)}"
-        handles = []
-        for handle, r in zip(self.servers, self.bounds):
-            if self._here(handle):  # the server reads its columns in place
-                handles.append(Handle(handle.address, "", self.step, self.node, self.block))
-                continue
-
-            def push(sock, lo=r.start, hi=r.stop, address=handle.address):
-                self._push(sock, key, values, lo, hi)
-                if self.links.reply(sock, address) != Reply(True):
-                    raise EOFError("the server did not take the rows")
-            self.links.talk(handle.address, push)
-            handles.append(Handle(handle.address, key, self.step))
-        return handles
 
     def hand_in(self, values: np.ndarray, key: str, meta: tuple) -> None:
         """A window's step (windows.py): each server gets its columns of ``values`` under ``key``, with

@@ -1,10 +1,11 @@
 """A server's inbox of node values: pushes filed as they start, with how far each has come.
 
-A worker hands a server its columns of a step's node values under a key: pushed over a socket
-piece by piece (``Entry.upto`` says how many columns of every row are in), or, from a worker of
-the server's node, as a handle of its shared memory (``Entry.block``).  The server's step takes
-the entries of its keys (``wait`` in a window, ``take`` for a step one by one) and may sum a
-chunk as soon as its columns are in (``ready``).  Buffers of steps done with are reused for new
+A worker hands a server its columns of a step's node values under a key: on the direct
+transport pushed over a socket piece by piece (``Entry.upto`` says how many columns of every row
+are in), or, from a worker of the server's node, as a handle of its shared memory
+(``Entry.block``); on the object store as an array Ray delivered (``Entry.pooled`` false).  The
+server's step takes the entries of its keys (``shares``) and may sum a chunk as soon as its
+columns are in (``ready``).  Buffers of steps done with are reused for new
 pushes, and entries of earlier steps (late copies nobody used) are dropped (``recycle``).
 
 No Ray here: numpy and a condition variable shared with the server's board (board.py).
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..lecture import tree
 from ..step import plan
 from . import shm
 
@@ -49,6 +51,7 @@ class Entry:
     meta: tuple | None = None  # a window's step: (the micro-batches' errors, compute seconds)
     upto: int = 0  # pushed rows: the columns in so far, of every row
     complete: bool = True  # pushed rows: all in (until then a thread still writes ``rows``)
+    pooled: bool = True  # ``rows`` is one of the inbox's buffers (``buffer``), reused once read
 
 
 class Inbox:
@@ -81,14 +84,6 @@ class Inbox:
             entry.complete = upto >= self.width
             self.changed.notify_all()
 
-    def take(self, keys: list[str]) -> list[Entry]:
-        """The complete entries of ``keys``, now (a step one by one: every push was answered)."""
-        with self.changed:
-            missing = [key for key in keys if key not in self.entries or not self.entries[key].complete]
-            if missing:
-                raise RuntimeError(f"node values {missing} never reached this server")
-            return [self.entries.pop(key) for key in keys]
-
     def wait(self, keys: list[str], over: Callable[[], bool],
              counts: list[int] | None = None) -> list[Entry] | Late | None:
         """The entries of ``keys`` once each has started to come in; None if ``over()`` (the
@@ -118,6 +113,12 @@ class Inbox:
                 return None
             return [self.entries.pop(key) for key in keys]
 
+    def shares(self, keys: list[str], n: int, nodes: list[list], over: Callable[[], bool]) -> list[Entry] | Late | None:
+        """A step's entries: those of ``keys``, the tasks' tree ``nodes`` over ``n`` micro-batches, each
+        judged late against the others (``wait``)."""
+        counts = [sum(hi - lo for lo, hi in (tree.span(node, n) for node in task)) for task in nodes]
+        return self.wait(keys, over, counts)
+
     def ready(self, entries: list[Entry], over: Callable[[], bool]) -> Callable[[int, int], bool]:
         """``ready(lo, hi)`` for the server's sum (step/server.py): waits until columns ``[lo, hi)``
         of every pushed entry are in, or says no once ``over()`` (or after ``wait_s`` without them)."""
@@ -135,10 +136,10 @@ class Inbox:
         goes back only once no thread writes it (its push is complete)."""
         with self.changed:
             self.spare += [_whole(e.rows) for e in self.taken if e.complete]
-            self.taken = [e for e in entries if e.block is None]
+            self.taken = [e for e in entries if e.block is None and e.pooled]
             for key in [k for k, e in self.entries.items() if e.step < step]:
                 old = self.entries.pop(key)
-                if old.rows is not None and old.complete:
+                if old.rows is not None and old.complete and old.pooled:
                     self.spare.append(_whole(old.rows))
 
 

@@ -2,15 +2,14 @@
 
 Li et al. (OSDI 2014) shard a parameter server by key range, so that the bytes each server
 receives per step fall as servers are added.  Here a key range is ``[lo, hi)`` of the flat
-vector.  A worker sends server ``s`` only the columns ``lo:hi`` of its tree-node values
-(``Worker.compute`` returns them as S separate objects) and reads the S weight ranges back
-into one buffer.  The tree sum and the optimizer are elementwise (optim.py), so every entry
-goes through the same additions and the same update whichever server owns it: the weights
-are bitwise identical for any S.
+vector.  A worker hands server ``s`` only the columns ``lo:hi`` of its tree-node values and
+reads the S weight ranges back into one buffer.  The tree sum and the optimizer are
+elementwise (optim.py), so every entry goes through the same additions and the same update
+whichever server owns it: the weights are bitwise identical for any S.
 
 The ranges are decided once, by the run's transport (``transport.bounds``).  ``Servers`` is
 the driver's handle on the S actors: each method starts the same call on every server and
-returns one ObjectRef per server, in range order.  It also brings them back after a failure
+returns the ObjectRefs, in range order.  It also brings them back after a failure
 (``recover``): a live group says how many steps it holds; a lost one restarts from the
 latest checkpoint, in its bundle of the servers' placement group, which Ray moves to another
 node when the server's node is lost.  Until there is a CPU for it the restart is tried again,
@@ -27,8 +26,8 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError
 
 from ..errors import Diverged, RunFailed
-from ..faults import Action
 from ..step.server import NonFiniteGradient
+from .board import CallOff
 from .runtime import ACTOR_LOST
 
 SERVER_TIMEOUT_S = 30.0  # a live server answers step_count within this, whatever it is doing
@@ -46,33 +45,29 @@ class ServersLost(RunFailed):
 class Servers:
     """The S ``ParameterServer`` actors of a run; server ``s`` owns ``bounds[s]`` of the flat vector."""
 
-    def __init__(self, spawn: Callable[[int], object], bounds: list[range], clip: bool = False,
-                 wait_s: float = 300.0):
-        """``spawn(s)`` starts the actor of server ``s``; ``clip``: --clip-norm is given;
-        ``wait_s``: how long a restart may wait for a CPU (--elastic-timeout)."""
+    def __init__(self, spawn: Callable[[int], object], bounds: list[range], wait_s: float = 300.0):
+        """``spawn(s)`` starts the actor of server ``s``; ``wait_s``: how long a restart may wait for
+        a CPU (--elastic-timeout)."""
         self.spawn, self.bounds, self.wait_s = spawn, bounds, wait_s
-        # Clipping scales every range by the norm of the whole gradient: with S servers a step is
-        # two calls, so that each server's update waits for the S servers' sums of squares.
-        self.two_halves = clip and len(bounds) > 1
         self.actors = [spawn(s) for s in range(len(bounds))]
         self.restarts = 0
 
     def weights(self) -> list:
-        """The current weights, one ref per range: pass them on as ``Worker.compute(..., *refs)``."""
+        """The current weights, one ref per range: pass them on as ``Worker.steps(..., *refs)``."""
         return [a.weights.remote() for a in self.actors]
 
-    def step(self, n: int, nodes: list, lr: float, t: int, scale: float | None, values: list[list]) -> list:
-        """Step ``t`` on every server; ``values[task][s]`` is that task's columns for server ``s``.
+    def steps(self, window: int, plan: list[tuple]) -> tuple[list, list]:
+        """Start window ``window`` of ``plan`` on every server (``ParameterServer.steps``; a kill
+        injected in the plan strikes the first server only).  Returns the refs of each server's
+        outcome and of the weights it then publishes, in range order."""
+        calm = [(*entry[:-1], None) for entry in plan]
+        calls = [a.steps.remote(window, plan if s == 0 else calm, self.actors) for s, a in enumerate(self.actors)]
+        return [c[0] for c in calls], [c[1] for c in calls]
 
-        Returns the refs of the new weight ranges.  With ``two_halves`` each server's ``apply``
-        takes the refs of all S ``gather`` results: Ray hands them over server to server, the
-        driver waits for nothing.
-        """
-        if not self.two_halves:
-            return [a.step.remote(n, nodes, lr, t, scale, *[v[s] for v in values])
-                    for s, a in enumerate(self.actors)]
-        squares = [a.gather.remote(n, nodes, t, *[v[s] for v in values]) for s, a in enumerate(self.actors)]
-        return [a.apply.remote(lr, t, scale, *squares) for a in self.actors]
+    def call_off(self, window: int) -> None:
+        """Every server ends ``window`` where it is (a dead one runs no window: nothing to call off)."""
+        for a in self.actors:
+            a.ask.remote(CallOff(window))
 
     def report(self) -> list:
         return [a.report.remote() for a in self.actors]
@@ -89,10 +84,6 @@ class Servers:
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
-
-    def arm(self, action: Action) -> None:
-        """--fault-injection kill-server: the first server dies; the run recovers them all."""
-        self.actors[0].arm.remote(action)
 
     def get(self, refs):
         """``ray.get`` of server results: ServerFailed if a server is gone, Diverged if it refused."""

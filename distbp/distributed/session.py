@@ -87,8 +87,7 @@ class Session:
         mask = ray.put(Layout(self.layers).bias_mask(self.dtype))
         start = ray.put(weights)  # once, however many servers read it
         return Servers(lambda s: ParameterServer.options(**in_bundle(self.pg, s)).remote(
-            s, start, hyper, mask, self.transport), self.transport.bounds,
-            hyper.clip_norm is not None, config.elastic_timeout)
+            s, start, hyper, mask, self.transport), self.transport.bounds, config.elastic_timeout)
 
     def start_workers(self) -> WorkerPool:
         """MAX worker actors (``--workers MIN:MAX``), each placed on its own, once MIN are up;

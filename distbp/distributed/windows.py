@@ -1,40 +1,35 @@
-"""Windows of steps without a Ray call each: the workers and servers hand each other the steps.
+"""Windows of steps: the one way the sync loop's steps run.
 
-A step of the sync loop costs Ray task calls: each worker's compute, each server's step and
-report, and the driver in between (the "Ray call floor": all of a small model's step,
-docs/performance.md).  On the direct transport the actors already talk directly, so
-for a run of steps with nothing to decide between them the driver plans them all at once: one
-call to each worker and one to each server for the whole window, and then the actors go on
-over their sockets (direct.py):
+A window holds n >= 1 consecutive steps.  The driver plans them all at once (step/plan.py): each
+step's micro-batches shared out over the idle workers (``plan.shares``: ``cuts.even``, then
+``tree.blocks`` of each share), each share under a key, the injected kills at their step.  Then
+one call to each worker and one to each server carries the whole window, and the actors go on
+through the run's transport (transport.py) without the driver:
 
 - a worker, for each step, asks each server for the weights after the step before (the server
-  answers once it holds them), computes its share's tree nodes and hands them in under a key
-  the driver chose, with its micro-batches' errors and its compute time;
+  answers once it holds them), computes its share's tree nodes and hands them in under its key,
+  with its micro-batches' errors, squared norms and compute time;
 - a server, for each step, waits until every key of the step is in, checks the step's loss
-  (the errors' exact sum, as the sync loop does, before anything is applied), sums in the
-  tree's order, updates, and lets the waiting workers have the weights.
+  (the errors' exact sum, before anything is applied), sums in the tree's order, swaps its sums
+  of squares with the other servers under --clip-norm, updates, and lets the waiting workers
+  have the weights.
 
-Each step is shared out as the crew shares a step that goes well (``plan.shares``: ``cuts.even``
-over the idle workers, ``tree.blocks`` of each share), and the servers add the same nodes in the
-same order: the bits are those of steps run one by one (tests/test_equivalence.py).
+The servers add the same nodes in the same order however the steps were shared: the bits are
+those of any other sharing (tests/test_equivalence.py).
 
-What a window is not used for, so that everything else keeps its meaning:
+A window ends where the driver has something to do: before a checkpoint, an evaluation or the
+end of an epoch, after each step for a ``fit`` callback with ``on_step`` (it may stop the run),
+and after ``WINDOW`` steps (new workers join, and Ctrl-C acts, at a window's end).
 
-- a step with an injected stall (``delay-worker``: its share goes to another worker), and a
-  window may not run past a checkpoint, an evaluation or the end of an epoch (each needs the
-  driver between two steps); injected kills strike inside windows, at their step;
-- runs with ``--clip-norm`` over several servers (a step needs every server's sums first) and
-  ``fit`` callbacks with ``on_step`` (they may stop the run after any step);
-- the steps after a window where a worker was late: those go one by one, where the crew hands
-  a late worker's share to another (a window cannot).  A server that waits for a late share
-  inside a window (inbox.py's rule) ends the window there; the driver calls it off, and a
-  worker still in its call then sits out the crew's steps until the call ends (``Crew.adopt``).
-
-When something fails in a window (a worker or a server dies, a step diverges), the driver calls
-the window off: every server ends its steps there and tells its waiting workers so.  The steps
-every server applied are kept (and logged); a dead worker is replaced; servers that do not
-agree, or a dead one, are recovered as in the sync loop (``ServerFailed``).  Nothing is applied
-twice and no step is lost: what the window did not finish is redone.
+When a worker is late (a server sees a key come late by the crew's rule, inbox.py) or dies, or a
+server stops (a diverging step), the driver calls the window off: every server ends its steps
+there and tells its waiting workers so.  The steps every server applied are kept (and logged),
+a dead worker is replaced, servers that do not agree or a dead one are recovered
+(``ServerFailed``), and what the window did not finish is planned again.  The next ``WINDOW``
+steps after a late worker, a step with an injected stall and a step while a worker is still in
+a call of its own are windows of one step through the crew (crew.py), which plans a share
+again on the idle workers when its worker dies or lags, and gives the servers the step once
+its micro-batches are all in.  Nothing is applied twice and no step is lost.
 """
 
 from __future__ import annotations
@@ -43,14 +38,11 @@ import time
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import ObjectLostError
 
 from ..errors import Diverged
 from ..step import plan
 from ..step.outcome import Decision, Outcome, Stopped, Why, decide
 from .crew import Crew, outcome_of, plain
-from .direct import call_off
-from .runtime import ACTOR_LOST
 from .servers import ServerFailed
 
 WINDOW = 16  # steps a window holds at most: new workers join, and Ctrl-C acts, at its end
@@ -72,47 +64,72 @@ class Ran:
 
 
 class Windows:
-    """Runs windows of steps for the sync loop, over the crew's workers and servers."""
+    """Runs the sync loop's windows of steps over the crew's workers and the servers."""
 
-    def __init__(self, crew: Crew, transport):
-        self.crew, self.pool, self.servers, self.transport = crew, crew.pool, crew.servers, transport
+    def __init__(self, crew: Crew):
+        self.crew, self.pool, self.servers = crew, crew.pool, crew.servers
         self.count = 0  # windows started: each one's number (from 1) tells its messages apart
         self.busy: set[int] = set()  # the worker slots with a share in the window under way
-        self.one_by_one = 0  # steps to run one by one first (a worker was late)
-        self.stats = {"windows": 0, "steps": 0, "called_off": 0}
+        self.one_by_one = 0  # steps to run through the crew first (a worker was late)
+        self.stats = {"windows": 0, "steps": 0, "called_off": 0, "one_by_one": 0}
 
     def last_step(self, step: int, total: int, boundary) -> int:
-        """The last step of a window from ``step`` (``step`` itself: run it one by one).
-        ``boundary(t)``: the driver has something to do after step ``t``."""
-        if self.one_by_one > 0 or self.crew.running or self.pool.starting:
+        """The last step of a window from ``step`` (at most ``total``).  ``boundary(t)``: the
+        driver has something to do after step ``t``."""
+        if self._crewed(step):
             return step
-        # a stalled worker's share goes to another: one by one
         last = plan.last_before_stall(self.crew.faults, step, min(total, step + WINDOW - 1))
         for t in range(step, last):
             if boundary(t):
                 return t
         return last
 
-    def ran_one(self) -> None:
-        """A step went one by one."""
-        self.one_by_one = max(0, self.one_by_one - 1)
+    def _crewed(self, step: int) -> bool:
+        """Whether step ``step`` goes through the crew: after a late worker, while a worker is still
+        in a call nobody waits for or starting, and at an injected stall (its share goes to another)."""
+        return self.one_by_one > 0 or bool(self.crew.running) or bool(self.pool.starting) or \
+            plan.last_before_stall(self.crew.faults, step, step) < step
 
-    def run(self, first: int, batches: list, lr_at, scale_of, weights: list) -> tuple[list[Ran], Exception | None]:
+    def run(self, first: int, batches: list, lr_at, scale_of,
+            weights: list) -> tuple[list[Ran], list, Exception | None]:
         """Steps from ``first`` on (``batches[i]`` is step ``first + i``'s batch), on the weights
-        ``weights`` (the servers' refs).  Returns the steps every server applied, in order, and
-        what to raise once they are logged (None if nothing failed)."""
+        ``weights`` (what the servers published).  Returns the steps every server applied, in
+        order, what the servers published then, and what to raise once the steps are logged
+        (None if nothing failed)."""
         self.crew.enlist(first)  # workers that came up join; TooFewWorkers with too few
-        idle = self.crew.idle()
         self.count += 1
         window = self.count
-        steps = range(first, first + len(batches))
-        # --fault-injection kills within the window strike at their step, in the actor's loop
-        kills = [f for f in self.crew.faults if f.step in steps]
+        if len(batches) == 1 and self._crewed(first):
+            self.one_by_one = max(0, self.one_by_one - 1)
+            self.stats["one_by_one"] += 1
+            tasks = self.crew.compute(first, batches[0], weights, window)  # every share handed in once
+            kill = self._kills(range(first, first + 1), "kill-server")
+            n = plan.count(len(batches[0]), self.crew.micro_batch)
+            server_plan = [(first, n, [task.nodes for task in tasks], [task.key for task in tasks], lr_at(first),
+                            scale_of(batches[0]), len(batches[0]), plan.strike(kill, "kill-server", first))]
+            shares = {first: [(task.worker, len(task.ids)) for task in tasks]}
+            return self._go(window, first, batches, server_plan, {}, shares, weights)
+        server_plan, worker_plans, shares = self._plan(window, first, batches, lr_at, scale_of)
+        self.stats["windows"] += 1
+        ran, published, failure = self._go(window, first, batches, server_plan, worker_plans, shares, weights)
+        self.stats["steps"] += len(ran)
+        return ran, published, failure
+
+    def _kills(self, steps: range, *kinds: str) -> list:
+        """The injected faults of ``kinds`` at ``steps``, taken: each strikes once, even if its step is redone."""
+        kills = [f for f in self.crew.faults if f.step in steps and f.kind in kinds]
         for fault in kills:
-            self.crew.faults.remove(fault)  # each strikes once, even if its step is redone
+            self.crew.faults.remove(fault)
+        return kills
+
+    def _plan(self, window: int, first: int, batches: list, lr_at, scale_of) -> tuple[list, dict, dict]:
+        """Every step of the window shared out over the idle workers: the servers' plan, each
+        worker's, and ``{step: [(worker, micro-batches)]}``."""
+        idle = self.crew.idle()
+        # --fault-injection kills within the window strike at their step, in the actor's loop
+        kills = self._kills(range(first, first + len(batches)), "kill-worker", "kill-server")
         worker_plans: dict[int, list] = {k: [] for k in idle}
-        server_plan = []
-        shares: dict[int, list[tuple[int, int]]] = {}  # step -> (worker, micro-batches) per task
+        server_plan, shares = [], {}
         for i, batch in enumerate(batches):
             step = first + i
             n = plan.count(len(batch), self.crew.micro_batch)
@@ -128,23 +145,28 @@ class Windows:
             planned = worker_plans.get(fault.target, ())
             if fault.kind == "kill-worker" and not any(e[0] == fault.step and e[4] is not None for e in planned):
                 self.pool.arm(fault.target, fault.action, fault.seconds)
-        # kill-server strikes the first server, as Servers.arm does
-        calls = {a.steps.remote(window, server_plan if s == 0 else [(*p[:-1], None) for p in server_plan]):
-                 ("server", s) for s, a in enumerate(self.servers.actors)}
-        calls.update({self.pool.actors[k].steps.remote(window, plan, *weights): ("worker", k)
-                      for k, plan in worker_plans.items() if plan})
-        planned = {("worker", k): len(plan) for k, plan in worker_plans.items()}
-        self.busy = {k for k, plan in worker_plans.items() if plan}
+        return server_plan, {k: p for k, p in worker_plans.items() if p}, shares
+
+    def _go(self, window: int, first: int, batches: list, server_plan: list, worker_plans: dict, shares: dict,
+            weights: list) -> tuple[list[Ran], list, Exception | None]:
+        """Start the window's calls (the servers', and the workers' of ``worker_plans``), wait for
+        them, and sort out what came of them."""
+        outcomes, published = self.servers.steps(window, server_plan)
+        calls = {ref: ("server", s) for s, ref in enumerate(outcomes)}
+        calls.update({self.pool.actors[k].steps.remote(window, p, *weights): ("worker", k)
+                      for k, p in worker_plans.items()})
+        planned = {("worker", k): len(p) for k, p in worker_plans.items()}
+        self.busy = set(worker_plans)
         try:
-            results, failed = self._wait(calls, window, weights, planned)
+            results, failed = self._wait(calls, window, planned)
         finally:
             self.busy = set()
         ended = time.perf_counter()
-        self.stats["windows"] += 1
         self.stats["called_off"] += failed
-        return self._outcome(first, batches, shares, results, ended)
+        ran, problem = self._outcome(first, batches, shares, results, ended)
+        return ran, published, problem
 
-    def _wait(self, calls: dict, window: int, weights: list, planned: dict) -> tuple[dict, bool]:
+    def _wait(self, calls: dict, window: int, planned: dict) -> tuple[dict, bool]:
         """Every call's result (or its exception).  The first call that failed or ended short
         (a server that stopped at a diverging step, a worker told so) calls the window off, so
         that no actor waits for a step that will not come."""
@@ -160,12 +182,12 @@ class Windows:
             who = calls[ready[0]]
             try:
                 result = results[who] = ray.get(ready[0])
-                short = result[1] is not None if who[0] == "server" else result < planned[who]
+                short = result[1] is not None if who[0] == "server" else len(result) < planned[who]
             except Exception as exc:  # noqa: BLE001 - sorted out in _outcome, once every call has ended
                 results[who], short = exc, True
             if short and not failed:
                 failed = True
-                call_off(self.transport, _handles(weights), window)
+                self.servers.call_off(window)
             servers -= who[0] == "server"
             if failed and not servers and grace is None:
                 grace = time.monotonic() + GRACE_S
@@ -207,9 +229,9 @@ class Windows:
             step = first + i
             loss, seconds, at, squares = done[step]
             when = ended - (done[first + min(counts) - 1][2] - at)
-            ran.append(Ran(step, len(batches[i]), loss, max(seconds), len(seconds), squares, when))
+            ran.append(Ran(step, len(batches[i]), loss, max(seconds), len({k for k, _ in shares[step]}), squares,
+                           when))
         self._pace(ran, shares, applied[0])
-        self.stats["steps"] += len(ran)
         return ran, problem
 
     def _pace(self, ran: list[Ran], shares: dict, done: dict) -> None:
@@ -222,14 +244,3 @@ class Windows:
                 self.one_by_one = WINDOW
             self.crew.pace = plan.pace_of(seconds, counts)
 
-
-def _handles(weights: list) -> list:
-    """The servers' handles behind ``weights``, leaving out any whose server died before it
-    answered (a dead server runs no window: nothing to call off there)."""
-    handles = []
-    for ref in weights:
-        try:
-            handles.append(ray.get(ref))
-        except (*ACTOR_LOST, ObjectLostError):
-            pass
-    return handles

@@ -195,7 +195,7 @@ def train_async(config: Config, resumed: dict | None = None, data: Dataset | Non
                 for k in clocks.finished(job.k):
                     pushes.begin(k, clocks.next_share(k))
             try:
-                net.flat[:] = ray.get(pushes.weights)
+                net.flat[:] = ray.get(pushes.weights).weights  # what the server published
             except NonFiniteGradient:
                 raise Diverged(f"training diverged at push {pushes.count}: the summed gradient has NaN or inf") \
                     from None

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -37,7 +36,6 @@ from ..run.outdir import CHECKPOINT, SUMMARY, RunFiles
 from ..run.progress import Progress
 from ..run.signals import StopSignals
 from ..step import plan
-from ..step.outcome import Stopped, Why
 from .steplog import Sent, StepLog
 
 
@@ -100,12 +98,9 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
         log = StepLog(files, problem, lr_at, servers.get, progress, callbacks,
                       compare=not resumed or resumed["config"].get("servers", 1) == config.servers,
                       config=config, workers=pool)
-        # Windows of steps without a Ray call each, where the transport and the run allow them (a
-        # callback on each step may stop the run after any step; evaluations end windows anyway)
-        windows = Windows(crew, session.transport) if session.transport.windows and not servers.two_halves \
-            and not log.per_step else None
+        windows = Windows(crew)
         run = Run(config, problem, files, net, servers, log)
-        steps = Steps(config, problem.sampler, crew, servers, windows, log, lr_at, run.after, start)
+        steps = Steps(config, problem.sampler, windows, log, lr_at, run.after, start)
         run.go(steps, lambda: files.latest(initial))
         elapsed = log.elapsed()
         progress.close()
@@ -113,7 +108,7 @@ def _run(config: Config, problem: Problem, files: RunFiles, net: Network, resume
                        crew_stats={**crew.stats, "workers_lost": pool.lost, "server_restarts": servers.restarts},
                        worker_nodes=[node for node in pool.nodes() if node], server_nodes=server_nodes,
                        transport=session.transport.name, resizes=crew.resizes,
-                       windows=windows.stats if windows else None)
+                       windows=windows.stats)
     log.ended(out)
     return out
 
@@ -227,14 +222,15 @@ class Run:
 
 
 class Steps:
-    """How the loop applies its steps: a window of them where windows.py allows (no Ray call a
-    step), else one through the crew, whose workers may die or lag on the way.  ``applied``
-    counts the steps the servers hold, ``weights`` are their references to those weights."""
+    """How the loop applies its steps: in windows (windows.py), each as long as the driver has
+    nothing to do in between.  ``applied`` counts the steps the servers hold, ``weights`` are
+    the references to what they published then."""
 
-    def __init__(self, config: Config, sampler, crew, servers, windows, log: StepLog, lr_at, after, applied: int):
-        self.config, self.sampler, self.crew, self.servers, self.windows = config, sampler, crew, servers, windows
+    def __init__(self, config: Config, sampler, windows, log: StepLog, lr_at, after, applied: int):
+        self.config, self.sampler, self.windows = config, sampler, windows
+        self.crew, self.servers = windows.crew, windows.servers
         self.log, self.lr_at, self.after = log, lr_at, after  # after(step): the driver's part after a step
-        self.applied, self.weights = applied, servers.weights()
+        self.applied, self.weights = applied, self.servers.weights()
         self.idle_said: set[int] = set()  # the numbers of live workers said to leave some idle (say_idle)
 
     def scale_of(self, batch) -> int | None:
@@ -246,12 +242,9 @@ class Steps:
         raised once the steps applied before it are logged."""
         step = self.applied + 1
         self.say_idle(len(self.crew.pool.live()))
-        last = step if self.windows is None else \
-            self.windows.last_step(step, total, lambda t: busy(t, self.config, self.sampler))
-        if last > step:
-            self._window(step, last)
-        else:
-            self._one(step)
+        per_step = self.log.per_step  # a callback on each step may stop the run after any step
+        last = self.windows.last_step(step, total, lambda t: per_step or busy(t, self.config, self.sampler))
+        self._window(step, last)
 
     def say_idle(self, live: int) -> None:
         """Say on stderr, once for each number of ``live`` workers, when some will idle: a step
@@ -270,9 +263,9 @@ class Steps:
 
     def _window(self, step: int, last: int) -> None:
         """Steps ``step`` to ``last`` in one window (windows.py), logged as steps one by one."""
-        ran, failure = self.windows.run(step, [self.sampler.batch(t) for t in range(step, last + 1)], self.lr_at,
-                                        self.scale_of, self.weights)
-        reports, self.weights = self.servers.report(), self.servers.weights()
+        ran, published, failure = self.windows.run(step, [self.sampler.batch(t) for t in range(step, last + 1)],
+                                                    self.lr_at, self.scale_of, self.weights)
+        reports, self.weights = self.servers.report(), published
         if ran:
             self.log.sent(*(Sent(r.step, r.batch_size, r.loss, r.seconds, reports, self.weights, r.workers,
                                  r.micro_squares, r.when) for r in ran))
@@ -280,21 +273,6 @@ class Steps:
             self.applied = ran[-1].step
         if failure is not None:
             raise failure
-
-    def _one(self, step: int) -> None:
-        """Step ``step`` through the crew: every micro-batch, whichever workers die or lag on the way."""
-        batch = self.sampler.batch(step)
-        done = self.crew.compute(step, batch, self.weights)
-        loss = math.fsum(done.losses) / len(batch)
-        if not math.isfinite(loss):  # caught before the servers apply anything
-            raise Diverged(Stopped(Why.LOSS, step, loss).line())
-        self.weights = self.servers.step(done.n, done.nodes, self.lr_at(step), step, self.scale_of(batch), done.values)
-        self.log.sent(Sent(step, len(batch), loss, done.seconds, self.servers.report(), self.weights, done.workers,
-                           math.fsum(done.squares)))
-        self.after(step)
-        self.applied = step
-        if self.windows is not None:
-            self.windows.ran_one()
 
     def recover(self, latest) -> None:
         """A server failed: go on from the steps the servers hold after ``Servers.recover``

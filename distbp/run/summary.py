@@ -61,7 +61,7 @@ def sync(config: Config, problem: Problem, files: RunFiles, net: Network, log, e
         "servers": config.servers,
         "server_nodes": server_nodes,
         "transport": transport,  # of the per-step vectors: direct or object-store
-        # steps run in windows without a Ray call each (the direct transport): {"windows", "steps", "called_off"}
+        # the windows the steps ran in (distributed/windows.py): {"windows", "steps", "called_off", "one_by_one"}
         "windows": dict(windows) if windows is not None else None,
         **log.noise.summary(),  # the gradient noise scale: the last B_simple and its trajectory
         "mode": "sync",

@@ -14,9 +14,9 @@ into fixed blocks by its size alone (``cuts.blocks``) and a server's range is wh
 (``cuts.aligned``), so each block's sum of squares is the same bits whichever server computes
 it; the squared norm is ``math.fsum`` of all of them, the exactly rounded sum, which no order
 or grouping of the additions changes.  Each step's report carries the range's block sums
-(``merge_reports`` adds them up); with ``--clip-norm`` and one server ``step`` does it all, with
-S each server's ``gather`` returns its blocks' sums and every server's ``apply`` gets all S of
-them (servers.py).
+(``merge_reports`` adds them up).  A step is two halves, ``gather`` (sum and check) and
+``apply`` (update); under ``--clip-norm`` with S servers each server's ``apply`` gets every
+server's ``gather`` (the actors swap them: distributed/actors.py).
 """
 
 from __future__ import annotations
@@ -237,10 +237,10 @@ class ServerState:
         except BaseException:
             for event in done:  # the hash ends, and is forgotten with the step
                 event.set()
-            self._refuse()
+            self.refuse()
             raise
         if not finite:  # refuse it: the weights stay those of the last good step
-            self._refuse()
+            self.refuse()
             raise NonFiniteGradient(f"the summed gradient of step {t} has non-finite values")
         self.summed = t
         self.clock = {"start": start, "wall": wall, "cpu": time.thread_time() - cpu, "waited": waited,
@@ -265,7 +265,7 @@ class ServerState:
         if self.hyper.clip_norm is not None:
             norm = _norm(squares, scale)
             if not math.isfinite(norm):  # overflowed: as diverged as a NaN
-                self._refuse()
+                self.refuse()
                 raise NonFiniteGradient(f"the norm of the summed gradient of step {t} is not finite")
             clip = clip_coef(norm, self.hyper.clip_norm)
         mask = self.decay_mask
@@ -291,7 +291,7 @@ class ServerState:
             self.timings[t]["grad_norm"] = norm
         return self.weights
 
-    def _refuse(self) -> None:
+    def refuse(self) -> None:
         """The step is not applied: forget its hash."""
         self.fingerprints.forget(self.t + 1)
         self.summed = 0
