@@ -15,7 +15,8 @@ from conftest import train_config
 
 from distbp.distributed.actors import ParameterServer
 from distbp.distributed.servers import Servers
-from distbp.distributed.transport import Hand, ObjectStore
+from distbp.distributed.store import Hand
+from distbp.distributed.transport import ObjectStore
 from distbp.lecture import cuts, tree
 from distbp.lecture.optim import Hyper
 from distbp.loops.sync import train

@@ -1,12 +1,14 @@
 """One matrix of the ways a step can travel, each run to the bits of the reference path.
 
 The paths: the object store (the actors' Ray calls to each other), the direct transport as
-users get it (``auto``: memfds between the actors of this one node), and the direct transport
+users get it (``auto``: memfds between the actors of this one node), the direct transport
 with every vector over its authenticated sockets, as between nodes (``Direct.within_node``
-off).  Across them: K workers, S servers, T threads per worker, the window length (1: a window
-a step) and --clip-norm (with S > 1 the servers swap their sums of squares inside the window).
-Each run must give the reference's weights and the same loss at every step, logged once per
-step in order, every step in a window planned at once.
+off), and the direct transport where no worker can reach a server's socket (``Direct.sockets``
+off: every pair falls back to the object store when they first meet).  Across them: K workers,
+S servers, T threads per worker, the window length (1: a window a step) and --clip-norm (with
+S > 1 the servers swap their sums of squares inside the window).  Each run must give the
+reference's weights and the same loss at every step, logged once per step in order, every
+step in a window planned at once.
 """
 
 
@@ -30,10 +32,12 @@ CASES = [  # (path, K, S, T, window, clip_norm)
     ("sockets", 2, 1, 1, 16, None),
     ("sockets", 3, 3, 1, 1, None),
     ("sockets", 2, 2, 2, 16, None),
+    ("unreached", 2, 2, 1, 16, None),
     ("object-store", 3, 2, 1, 4, 0.05),
     ("direct", 3, 1, 1, 16, 0.05),
     ("direct", 2, 3, 2, 16, 0.05),
     ("sockets", 2, 2, 1, 4, 0.05),
+    ("unreached", 3, 2, 1, 4, 0.05),
 ]
 
 
@@ -57,8 +61,10 @@ def reference(ray_session, tmp_path_factory):
 def test_every_path_gives_the_bits_of_the_reference(reference, tmp_path, monkeypatch, path, workers, servers,
                                                      threads, window, clip_norm):
     ref = reference(clip_norm)
-    if path == "sockets":
+    if path in ("sockets", "unreached"):
         monkeypatch.setattr(Direct, "within_node", False)  # in the driver, before the transport is made
+    if path == "unreached":  # no server listens: every pair finds the socket out of reach, at once
+        monkeypatch.setattr(Direct, "sockets", False)
     monkeypatch.setattr(windows, "WINDOW", window)
     run = train(train_config(tmp_path, workers=workers, servers=servers, threads_per_worker=threads,
                              transport="object-store" if path == "object-store" else "direct",

@@ -92,6 +92,14 @@ def examples(name: str, cases: list[dict]):
     return decorate
 
 
+def contract_test(name: str, most: int, cases: list[dict], **strategies):
+    """A property test of the contract: ``cases`` every time (``examples``), then up to ``most``
+    drawn from ``strategies``."""
+    def decorate(test):
+        return settings(max_examples=most, **SETTINGS)(given(**strategies)(examples(name, cases)(test)))
+    return decorate
+
+
 # ---------------------------------------------------------------------------------------------
 # The contract
 
@@ -150,6 +158,16 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
                     + "".join(traceback.format_exception(exc))[-3000:])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def each_fault(faults: dict) -> list[tuple]:
+    """``(k, fault, label)`` for every fault of ``faults`` (label -> its faults), numbered from 0."""
+    return [(k, fault, label) for k, (fault, label) in enumerate((f, lb) for lb, fs in faults.items() for f in fs)]
+
+
+def as_examples(cases: list) -> list[dict]:
+    """The explicit examples of a property test whose argument is ``case``."""
+    return [dict(case=case) for case in cases]
 
 
 def check_contract(name: str, argv: list[str], ws: str, capsys, expect: int | None,
@@ -440,9 +458,7 @@ def option_examples() -> list[dict]:
     return [dict(opts=opts, flags_as="= "[k % 2]) for k, opts in enumerate(cases)]
 
 
-@settings(max_examples=OPTION_EXAMPLES, **SETTINGS)
-@given(opts=options(), flags_as=st.sampled_from(["=", " "]))
-@examples("options", option_examples())
+@contract_test("options", OPTION_EXAMPLES, option_examples(), opts=options(), flags_as=st.sampled_from(["=", " "]))
 def test_any_option_values_keep_the_contract(ray_session, tmp_path, capsys, opts, flags_as):
     with workspace(tmp_path) as ws:
         prepare_workspace(ws)
@@ -590,12 +606,10 @@ def toml_examples() -> list[dict]:
     cases += [toml_of(without(name) if name in TINY or name in ("layers", "dataset") else tiny(VALID),
                       [f"{name} = {toml_value(value)}"], label=INVALID)
               for name, values in WRONG_TYPES.items() for value in values]
-    return [dict(case=case) for case in cases]
+    return as_examples(cases)
 
 
-@settings(max_examples=TOML_EXAMPLES, **SETTINGS)
-@given(case=toml_files())
-@examples("toml", toml_examples())
+@contract_test("toml", TOML_EXAMPLES, toml_examples(), case=toml_files())
 def test_any_toml_file_keeps_the_contract(ray_session, tmp_path, capsys, case):
     with workspace(tmp_path) as ws:
         prepare_workspace(ws)
@@ -798,15 +812,13 @@ def npz_examples() -> list[dict]:
     cases = [NpzFile(60, 2, 3, False, "float64", True, 1, (), None, 0.5, 0),
              NpzFile(50, 3, 2, True, "float32", False, 2, (), None, 0.5, 0)]
     cases += [NpzFile(60, 2, 3, False, "float64", k % 2 == 0, k, (fault,), None, 0.5, expect[label])
-              for k, (fault, label) in enumerate((f, lb) for lb, fs in NPZ_ARRAY_FAULTS.items() for f in fs)]
+              for k, fault, label in each_fault(NPZ_ARRAY_FAULTS)]
     cases += [NpzFile(60, 2, 3, False, "float64", k % 2 == 0, k, (), fault, 0.5, expect[label])
-              for k, (fault, label) in enumerate((f, lb) for lb, fs in NPZ_FILE_FAULTS.items() for f in fs)]
-    return [dict(case=case) for case in cases]
+              for k, fault, label in each_fault(NPZ_FILE_FAULTS)]
+    return as_examples(cases)
 
 
-@settings(max_examples=NPZ_EXAMPLES, **SETTINGS)
-@given(case=npz_files())
-@examples("npz", npz_examples())
+@contract_test("npz", NPZ_EXAMPLES, npz_examples(), case=npz_files())
 def test_any_npz_file_keeps_the_contract(ray_session, tmp_path, capsys, case):
     with workspace(tmp_path) as ws:
         path, flags = build_npz(case, ws)
@@ -939,13 +951,11 @@ def idx_examples() -> list[dict]:
     expect = {VALID: 0, INVALID: 2}
     cases = [IdxFiles(20, 6, 1, (False, True, False, True), 0, None, 0.5, "784,8,10", 0)]
     cases += [IdxFiles(20, 6, k, (False,) * 4, k % 4, fault, 0.5, "784,8,10", expect[label])
-              for k, (fault, label) in enumerate((f, lb) for lb, fs in IDX_FAULTS.items() for f in fs)]
-    return [dict(case=case) for case in cases]
+              for k, fault, label in each_fault(IDX_FAULTS)]
+    return as_examples(cases)
 
 
-@settings(max_examples=IDX_EXAMPLES, **SETTINGS)
-@given(case=idx_files())
-@examples("idx", idx_examples())
+@contract_test("idx", IDX_EXAMPLES, idx_examples(), case=idx_files())
 def test_any_idx_files_keep_the_contract(ray_session, tmp_path, capsys, case):
     with workspace(tmp_path) as ws:
         folder = build_idx(case, ws)
@@ -1066,12 +1076,10 @@ def checkpoint_examples() -> list[dict]:
               for k, fault in enumerate(CHECKPOINT_FAULTS[INVALID])]
     cases += [Resume(fault, "more-steps" if fault == "step-1" else "rebuild", 0.5, None)
               for fault in CHECKPOINT_FAULTS[EITHER]]
-    return [dict(case=case) for case in cases]
+    return as_examples(cases)
 
 
-@settings(max_examples=CHECKPOINT_EXAMPLES, **SETTINGS)
-@given(case=damaged_checkpoints())
-@examples("checkpoint", checkpoint_examples())
+@contract_test("checkpoint", CHECKPOINT_EXAMPLES, checkpoint_examples(), case=damaged_checkpoints())
 def test_any_checkpoint_given_to_resume_keeps_the_contract(finished_run, tmp_path, capsys, case):
     with workspace(tmp_path) as ws:
         argv = resume_argv(finished_run, ws, case.how,
@@ -1159,13 +1167,11 @@ def metrics_examples() -> list[dict]:
     expect = {VALID: 0, INVALID: 2, EITHER: None}
     cases = [DamagedMetrics(None, 0, False, 0)]
     cases += [DamagedMetrics(fault, k % 2, k % 3 != 0, expect[label])
-              for k, (fault, label) in enumerate((f, lb) for lb, fs in METRICS_FAULTS.items() for f in fs if f)]
-    return [dict(case=case) for case in cases]
+              for k, fault, label in each_fault({lb: [f for f in fs if f] for lb, fs in METRICS_FAULTS.items()})]
+    return as_examples(cases)
 
 
-@settings(max_examples=METRICS_EXAMPLES, **SETTINGS)
-@given(case=damaged_metrics())
-@examples("metrics", metrics_examples())
+@contract_test("metrics", METRICS_EXAMPLES, metrics_examples(), case=damaged_metrics())
 def test_any_metrics_file_given_to_resume_keeps_the_contract(finished_run, tmp_path, capsys, case):
     with workspace(tmp_path) as ws:
         argv = resume_argv(finished_run, ws, "rebuild" if case.rebuild else "more-steps",

@@ -216,7 +216,8 @@ class ParameterServer(_Actor):
     def ask(self, request):
         """A peer's typed request, answered by the server's end while a window runs: the driver's
         ``CallOff``, another server's ``Sums`` (board.py); on the object store a worker's
-        ``Reached`` and ``Hand`` (transport.py; the direct transport's come over its sockets)."""
+        ``Reached`` and ``Hand`` (store.py; the direct transport's come over its sockets, but for
+        a worker that cannot reach the server's socket)."""
         return self.end.answer(request)
 
     def step_count(self) -> int:

@@ -90,13 +90,12 @@ class PeerLost(ObjectLostError):
 
 @dataclass(frozen=True)
 class Handle:
-    """Where a server listens and, for node values, which of its inbox entries: a few dozen bytes."""
+    """Where a server's range of the weights is: a few dozen bytes."""
 
-    address: tuple[str, int]
-    key: str = ""  # the inbox entry (empty for the weights, and for node values in ``block``)
-    step: int = 0
-    node: str = ""  # with shared memory: the Ray node of the actor that made it
-    block: shm.Region | None = None  # with shared memory: the same array in that actor's memory
+    address: tuple[str, int]  # where the server listens
+    node: str = ""  # with shared memory: the server's Ray node
+    block: shm.Region | None = None  # with shared memory: the range in the server's memory
+    actor: object = None  # the server's actor: the object store's way to it (store.py)
 
 
 # The requests a server answers (direct_server.Requests dispatches on their type), and its reply.
@@ -147,6 +146,9 @@ class Direct:
     # tests switch it off in the driver, before the transport is made, to send every vector over
     # a socket on one machine, as between nodes.
     within_node = True
+    # Whether the servers listen for sockets.  The tests switch it off (with ``within_node``) to
+    # make every pair find the server's socket out of reach: then it goes through the object store.
+    sockets = True
 
     def __init__(self, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S):
         """``wait_s``: how long an actor waits on a peer before it gives up (``peer_wait`` of the
@@ -155,6 +157,7 @@ class Direct:
         self.bounds = cuts.aligned(size, servers)
         self.key = channel.new_key()  # made for this run; reaches the actors in their Ray arguments
         self.share_node = self.within_node and shm.memfd_available()
+        self.listen = self.sockets
 
     def worker_end(self):
         from .direct_worker import DirectWorker

@@ -20,6 +20,9 @@ from . import channel, shm
 from .board import Board
 from .direct import Direct, Handle, PeerLost, Push, Put, Reached, Reply, pieces
 from .inbox import Entry, Inbox, Late
+from .store import StoreDoor, me
+
+UNREACHABLE = ("127.0.0.1", 1)  # where a server that does not listen (Direct.sockets off) says it does
 
 
 class DirectServer:
@@ -33,7 +36,10 @@ class DirectServer:
         changed = threading.Condition(threading.Lock())
         self.inbox = Inbox(self.width, self.dtype, changed, transport.wait_s)
         self.board = Board(changed, transport.wait_s)
-        self.post = channel.Listener(ray.util.get_node_ip_address(), transport.key, Requests(self).serve)
+        self.post = channel.Listener(ray.util.get_node_ip_address(), transport.key, Requests(self).serve) \
+            if transport.listen else None
+        self.address = self.post.address if self.post else UNREACHABLE
+        self.door = StoreDoor(self)  # for workers that cannot reach the socket, and the driver's call-offs
         # with shared memory: the range in a memfd, for workers of this node; their rows mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
         self.maps = shm.Maps()
@@ -53,11 +59,12 @@ class DirectServer:
 
     def publish(self, weights: np.ndarray) -> Handle:
         """Where the workers pull the range from (or, on this node, map it)."""
-        return Handle(self.post.address, node=self.node or "", block=self.block)
+        return Handle(self.address, self.node or "", self.block, me())
 
     def answer(self, request):
-        """A peer's request through Ray (``ParameterServer.ask``): the board's to answer."""
-        return self.board.answer(request)
+        """A peer's request through Ray (``ParameterServer.ask``): the driver's call-off, another
+        server's sums, a worker's that cannot reach the socket (store.py)."""
+        return self.door.answer(request)
 
     def applied(self, steps: int) -> None:
         """The server holds the weights after ``steps`` steps (``ServerState.on_applied``)."""

@@ -4,7 +4,8 @@
 from each server (pulled over its socket, or copied from the memory of a server of its node),
 and the rows it computes node values into (its own shared memory where a server of its node
 reads them in place).  ``Links`` are its connections, one per server, kept from call to call,
-with the answers each server still owes it.
+with the answers each server still owes it.  A server whose socket the worker cannot reach at
+their first contact is reached through the object store from then on (store.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import ray
 
 from . import channel, shm
 from .direct import Direct, Handle, PeerLost, Push, Put, Reached, Reply, pieces
+from .store import Hand, ask_weights, taken
 
 Address = tuple[str, int]
+SOCKET, STORE = "socket", "object store"  # a worker's ways to a server
+REACH_S = 5.0  # a server's socket not reached within this at the first contact: the object store
 
 
 class Links:
@@ -62,6 +66,17 @@ class Links:
         self.catch_up(sock, address)
         return channel.recv(sock)
 
+    def reach(self, address: Address) -> bool:
+        """Whether the server at ``address`` answers on its socket (a connection is kept), within
+        ``REACH_S``: a refused or silent one is not reached."""
+        if address in self.socks:
+            return True
+        try:
+            self.socks[address] = channel.connect(address, self.key, within=REACH_S, timeout=2 * self.wait_s)
+        except (OSError, EOFError):
+            return False
+        return True
+
     def read_answers(self) -> None:
         """Read every answer not read yet (the end of a window's call: what it returns was taken)."""
         for address in list(self.unread):
@@ -77,6 +92,8 @@ class DirectWorker:
         self.flat = np.empty(transport.size, transport.dtype)
         self.out = np.empty((0, transport.size), dtype=transport.dtype)
         self.servers: tuple[Handle, ...] = ()
+        self.ways: dict[Address, str] = {}  # each server's way, decided at the first contact (``_way``)
+        self.handed: list = []  # refs of this call's hand-ins through the object store
         self.step = 0
         # with shared memory: the node values in it, the servers' weights of this node mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
@@ -104,8 +121,17 @@ class DirectWorker:
             mine = [self.shared.file] if self.shared.file else []
             self.maps.retain([h.block for h in parts if self._here(h)] + mine)
         self.servers = parts
-        single = len(parts) == 1 and self._here(parts[0])  # read in place
+        single = len(parts) == 1 and self._here(parts[0]) and self._way(parts[0]) == SOCKET  # read in place
+        stored = [(handle, r) for handle, r in zip(parts, self.bounds) if self._way(handle) == STORE]
+        if stored:  # servers whose sockets this worker cannot reach: through the object store
+            ranges = ask_weights([handle.actor for handle, _ in stored], ahead, self.links.wait_s)
+            if ranges is None:
+                return None
+            for (_, r), got in zip(stored, ranges):
+                self.flat[r.start:r.stop] = got
         for handle, r in zip(parts, self.bounds):
+            if self._way(handle) == STORE:
+                continue
             here, dst = self._here(handle), self.flat[r.start:r.stop]
 
             def get(sock, here=here, dst=dst, address=handle.address) -> bool:
@@ -121,8 +147,18 @@ class DirectWorker:
                 np.copyto(dst, self._view(handle))
         return self._view(parts[0]) if single else self.flat
 
+    def _way(self, handle: Handle) -> str:
+        """How this worker reaches ``handle``'s server, decided at their first contact: its socket
+        (with its memory, on this node), or the object store where the socket cannot be reached."""
+        way = self.ways.get(handle.address)
+        if way is None:
+            way = self.ways[handle.address] = SOCKET if self.links.reach(handle.address) else STORE
+        return way
+
     def read_answers(self) -> None:
         """Read every answer to a hand-in not read yet (the end of a window's call)."""
+        handed, self.handed = self.handed, []
+        taken(handed, self.links.wait_s)
         self.links.read_answers()
 
     def rows(self, step: int, count: int) -> np.ndarray:
@@ -142,6 +178,9 @@ class DirectWorker:
         only where the rows are in this worker's memory.  The servers' answers are read with the
         next request to each (``Links.catch_up``), not waited for here: no round trip of its own."""
         for handle, r in zip(self.servers, self.bounds):
+            if self._way(handle) == STORE:
+                self.handed.append(handle.actor.ask.remote(Hand(key, self.step, values[:, r.start:r.stop], meta)))
+                continue
             here = self._here(handle)
 
             def give(sock, here=here, lo=r.start, hi=r.stop, address=handle.address):

@@ -122,7 +122,7 @@ class Inbox:
     def ready(self, entries: list[Entry], over: Callable[[], bool]) -> Callable[[int, int], bool]:
         """``ready(lo, hi)`` for the server's sum (step/server.py): waits until columns ``[lo, hi)``
         of every pushed entry are in, or says no once ``over()`` (or after ``wait_s`` without them)."""
-        pushed = [entry for entry in entries if entry.block is None]
+        pushed = [entry for entry in entries if not entry.complete]  # still coming in, piece by piece
 
         def ready(lo: int, hi: int) -> bool:
             with self.changed:
