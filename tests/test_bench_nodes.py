@@ -58,7 +58,10 @@ def test_across_nodes_the_bits_are_those_of_one_node(cluster, local, tmp_path, t
 def test_a_worker_killed_across_nodes_changes_nothing(cluster, local, tmp_path):
     summary = run_on(cluster, tmp_path / "run", "--fault-injection", "kill-worker:1@4,kill-server@7")
     assert summary["transport"] == "direct"
-    assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] == 1
+    assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] >= 1
+    # more than one when the killed worker took with it node values a server of its node had not
+    # read yet (its memfd dies with it): that server fails the step its peer applied, and the
+    # servers, which then disagree, restart from the checkpoint (docs/reliability.md)
     assert summary["weights_sha256"] == local["weights_sha256"]
 
 
@@ -69,7 +72,7 @@ def test_a_server_on_each_node_mixes_shared_memory_and_sockets_with_the_same_bit
                      "--fault-injection", "kill-worker:0@4,kill-server@7")
     assert summary["transport"] == "direct"
     assert len(set(summary["server_nodes"])) == 2  # a server on each node (a replaced worker goes where Ray puts it)
-    assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] == 1
+    assert summary["faults"]["workers_lost"] == 1 and summary["faults"]["server_restarts"] >= 1  # as above
     assert summary["weights_sha256"] == local["weights_sha256"]
 
 
