@@ -30,6 +30,9 @@ BytePS's layout, where each worker node's link carries P each way per step.  DDP
 ``lab0`` (``GLOO_SOCKET_IFNAME``), rendezvous through the baseline's FileStore (so MASTER_ADDR,
 set to rank 0's address, is not read), at Ray's worker niceness as in scripts/bench.py.
 
+Under its table it prints what the cost model (``distbp.tools.nodemodel``) predicts for each
+run, term by term, the machine's cores shared out over the lab's nodes; ``--json`` keeps both.
+
 Teardown (also after Ctrl-C, SIGTERM or a crash) stops the ``ray start --block`` processes it
 started by pid, then kills by pid whatever still runs inside the lab's namespaces (``ip netns
 pids``), deletes those namespaces (their veths and qdiscs go with them) and its temp dir.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -348,17 +352,57 @@ def run_ddp(lab: Lab, args) -> dict:
     return {"step_ms": median * 1e3, "samples_per_second": args.batch_size / median}
 
 
+# ---------------------------------------------------------------- the model beside the measurement
+def gbit_of(rate: str) -> float | None:
+    """A tc rate in bits (``1gbit``, ``100mbit``, ``500kbit``) in Gbit/s; None for another unit."""
+    match = re.fullmatch(r"([0-9.]+)([kmg]?)bit", rate.strip().lower())
+    if match is None:
+        return None
+    return float(match.group(1)) * {"k": 1e-6, "m": 1e-3, "g": 1.0, "": 1e-9}[match.group(2)]
+
+
+def model(args, rate: str, micro_batch: int | None) -> dict | None:
+    """What ``distbp.tools.nodemodel`` predicts for this lab run, term by term, in ms: distbp's
+    step (``ps_step``: the servers on the worker nodes, or on ``--server-nodes`` of their own) and
+    DDP's (``ring_step``).  The lab's nodes share this machine's cores: each gets its share."""
+    from distbp.lecture.network import Layout
+    from distbp.tools.nodemodel import Constants, ps_step, ring_step
+
+    gbit = gbit_of(rate)
+    if gbit is None:
+        return None
+    layers = [int(x) for x in args.layers.split(",")]
+    P, N, itemsize = Layout(layers).size, args.nodes, 4 if args.dtype == "float32" else 8
+    cores = max(1, (os.cpu_count() or 1) // (N + args.server_nodes))
+    S = args.servers or args.server_nodes or N
+    c = Constants()
+    ps = ps_step(N, cores, S, P, args.batch_size, itemsize, gbit, c, colocated=not args.server_nodes, M=micro_batch)
+    ring = ring_step(N, cores, P, args.batch_size, itemsize, gbit, c)
+    ms = {key: value * 1e3 for key, value in ps.items() if key != "busy"}
+    return {"distbp": ms, "ddp": {key: value * 1e3 for key, value in ring.items()}, "cores_per_node": cores}
+
+
 # ---------------------------------------------------------------- main
 def table(results: list[dict], args) -> str:
     ddp = not args.no_ddp
-    head = ["rate", "distbp step ms", "distbp samples/s"] + (["DDP step ms", "DDP samples/s", "distbp/DDP"] if ddp
-                                                             else [])
+    head = ["rate", "distbp step ms", "model ms", "distbp samples/s"] + \
+        (["DDP step ms", "model ms", "DDP samples/s", "distbp/DDP"] if ddp else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r["rate"], f"{r['distbp']['step_ms']:.1f}", f"{r['distbp']['samples_per_second']:.0f}"]
+        predicted = r.get("model") or {}
+        guess = {who: f"{predicted[who]['step']:.1f}" if who in predicted else "-" for who in ("distbp", "ddp")}
+        cells = [r["rate"], f"{r['distbp']['step_ms']:.1f}", guess["distbp"],
+                 f"{r['distbp']['samples_per_second']:.0f}"]
         if ddp:
-            cells += [f"{r['ddp']['step_ms']:.1f}", f"{r['ddp']['samples_per_second']:.0f}", f"{r['ratio']:.2f}"]
+            cells += [f"{r['ddp']['step_ms']:.1f}", guess["ddp"], f"{r['ddp']['samples_per_second']:.0f}",
+                      f"{r['ratio']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    terms = [f"{r['rate']}: distbp " + ", ".join(f"{k} {v:.1f}" for k, v in r["model"]["distbp"].items()) +
+             "; DDP " + ", ".join(f"{k} {v:.1f}" for k, v in r["model"]["ddp"].items())
+             for r in results if r.get("model")]
+    if terms:
+        lines += ["", f"model (distbp.tools.nodemodel, ms, {results[0]['model']['cores_per_node']} core(s) a node): " +
+                  " | ".join(terms)]
     return "\n".join(lines)
 
 
@@ -447,6 +491,7 @@ def measure(lab: Lab, args) -> int:
         lab.shape(rate)
         sent = lab.bytes_sent()
         run = {"rate": rate, "distbp": run_distbp(lab, args)}
+        run["model"] = model(args, rate, run["distbp"]["micro_batch"])
         run["distbp"]["link_bytes"], sent = lab.bytes_sent() - sent, lab.bytes_sent()
         if not args.no_ddp:
             run["ddp"] = run_ddp(lab, args)
