@@ -187,7 +187,7 @@ def test_a_servers_waits_on_its_peers_end_by_the_deadline_it_was_given():
     assert board.reached(1, 5, pull=True) is False
     with pytest.raises(EOFError, match="did not come within 0.3 s"):
         board.next_chunk(0, 5, 4)
-    assert inbox.wait(["a worker's values"], lambda: False) is None
+    assert inbox.wait(["a worker's values"], lambda: False, [1]) is None
     from distbp.distributed.inbox import Entry
     entry = Entry(1, inbox.buffer(2), complete=False)
     assert inbox.ready([entry], lambda: False)(0, 4) is False

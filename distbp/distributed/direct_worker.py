@@ -18,7 +18,7 @@ import ray
 
 from . import channel, shm
 from .direct import Direct, Handle, PeerLost, Push, Put, Reached, Reply, pieces
-from .store import Hand, ask_weights, taken
+from .store import Hand, ask_weights, got
 
 Address = tuple[str, int]
 SOCKET, STORE = "socket", "object store"  # a worker's ways to a server
@@ -158,7 +158,7 @@ class DirectWorker:
     def read_answers(self) -> None:
         """Read every answer to a hand-in not read yet (the end of a window's call)."""
         handed, self.handed = self.handed, []
-        taken(handed, self.links.wait_s)
+        got(handed, self.links.wait_s)
         self.links.read_answers()
 
     def rows(self, step: int, count: int) -> np.ndarray:

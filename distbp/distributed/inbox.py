@@ -84,11 +84,10 @@ class Inbox:
             entry.complete = upto >= self.width
             self.changed.notify_all()
 
-    def wait(self, keys: list[str], over: Callable[[], bool],
-             counts: list[int] | None = None) -> list[Entry] | Late | None:
+    def wait(self, keys: list[str], over: Callable[[], bool], counts: list[int]) -> list[Entry] | Late | None:
         """The entries of ``keys`` once each has started to come in; None if ``over()`` (the
-        window is called off) or nothing came for ``wait_s`` before.  With ``counts`` (each key's
-        micro-batches), ``Late`` once a key that has not come is late by the crew's rule
+        window is called off) or nothing came for ``wait_s`` before; ``Late`` (``counts``: each
+        key's micro-batches) once a key that has not come is late by the crew's rule
         (``plan.late_after``, against the quickest key's pace since the wait began), and at
         least ``LATE_MIN_S`` after it began: arrivals carry transfer jitter a Ray call's
         compute time does not."""
@@ -102,7 +101,7 @@ class Inbox:
             while not all_in():
                 now = time.monotonic()
                 came.update({key: now - begun for key in keys if key in self.entries and key not in came})
-                late_at = None if counts is None else _late_at(keys, counts, came)
+                late_at = _late_at(keys, counts, came)  # None until a key has come
                 if late_at is not None and now - begun >= late_at:
                     return Late()
                 left = self.wait_s - (now - begun)

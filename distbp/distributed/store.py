@@ -61,24 +61,22 @@ def me():
         return None
 
 
+def got(refs: list, wait_s: float) -> list:
+    """``ray.get`` of what servers answer a worker (``wait_s``: the servers' own deadline); PeerLost,
+    as on the direct transport, if a server is gone or silent for twice that long."""
+    try:
+        return ray.get(refs, timeout=2 * wait_s)
+    except (*ACTOR_LOST, GetTimeoutError) as exc:
+        raise PeerLost(f"a server is gone or silent ({type(exc).__name__})") from None
+
+
 def ask_weights(actors: list, ahead: tuple[int, int], wait_s: float) -> list[np.ndarray] | None:
     """Each server's range after ``steps`` steps of ``window`` (``ahead``), asked through Ray;
     None if a server says the window ended before; PeerLost if one is gone or silent."""
-    try:
-        got = ray.get([actor.ask.remote(Reached(*ahead, pull=False)) for actor in actors], timeout=2 * wait_s)
-        if any(r is None for r in got):
-            return None
-        return ray.get([r[0] for r in got], timeout=2 * wait_s)  # each server put its range once for all
-    except (*ACTOR_LOST, GetTimeoutError) as exc:  # as the direct transport's PeerLost
-        raise PeerLost(f"a server is gone or silent ({type(exc).__name__})") from None
-
-
-def taken(handed: list, wait_s: float) -> None:
-    """Every hand-in of ``handed`` (their refs) taken; PeerLost if a server is gone or silent."""
-    try:
-        ray.get(handed, timeout=2 * wait_s)
-    except (*ACTOR_LOST, GetTimeoutError) as exc:
-        raise PeerLost(f"a server is gone or silent ({type(exc).__name__})") from None
+    answers = got([actor.ask.remote(Reached(*ahead, pull=False)) for actor in actors], wait_s)
+    if any(r is None for r in answers):
+        return None
+    return got([r[0] for r in answers], wait_s)  # each server put its range once for all its workers
 
 
 class StoreDoor:
@@ -162,7 +160,7 @@ class StoreWorker:
     def read_answers(self) -> None:
         """Every hand-in of the call taken (PeerLost if a server is gone)."""
         handed, self.handed = self.handed, []
-        taken(handed, self.wait_s)
+        got(handed, self.wait_s)
 
 
 class StoreServer:

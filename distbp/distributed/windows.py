@@ -104,9 +104,8 @@ class Windows:
             self.stats["one_by_one"] += 1
             tasks = self.crew.compute(first, batches[0], weights, window)  # every share handed in once
             kill = self._kills(range(first, first + 1), "kill-server")
-            n = plan.count(len(batches[0]), self.crew.micro_batch)
-            server_plan = [(first, n, [task.nodes for task in tasks], [task.key for task in tasks], lr_at(first),
-                            scale_of(batches[0]), len(batches[0]), plan.strike(kill, "kill-server", first))]
+            server_plan = [self._server_step(first, batches[0], [task.nodes for task in tasks],
+                                             [task.key for task in tasks], lr_at, scale_of, kill)]
             shares = {first: [(task.worker, len(task.ids)) for task in tasks]}
             return self._go(window, first, batches, server_plan, {}, shares, weights)
         server_plan, worker_plans, shares = self._plan(window, first, batches, lr_at, scale_of)
@@ -138,14 +137,20 @@ class Windows:
             for share, key in zip(tasks, keys):
                 fault = plan.strike(kills, "kill-worker", step, share.worker)
                 worker_plans[share.worker].append((step, batch, share.nodes, key, fault))
-            server_plan.append((step, n, [share.nodes for share in tasks], keys, lr_at(step), scale_of(batch),
-                                len(batch), plan.strike(kills, "kill-server", step)))
+            server_plan.append(self._server_step(step, batch, [share.nodes for share in tasks], keys, lr_at,
+                                                 scale_of, kills))
             shares[step] = [(share.worker, len(share.ids)) for share in tasks]
         for fault in kills:  # a worker with no share at its step dies at once, as in a step of its own
             planned = worker_plans.get(fault.target, ())
             if fault.kind == "kill-worker" and not any(e[0] == fault.step and e[4] is not None for e in planned):
                 self.pool.arm(fault.target, fault.action, fault.seconds)
         return server_plan, {k: p for k, p in worker_plans.items() if p}, shares
+
+    def _server_step(self, step: int, batch, nodes: list, keys: list[str], lr_at, scale_of, kills: list) -> tuple:
+        """The servers' plan of step ``step``: ``(step, n, nodes, keys, lr, scale, size, kill)``
+        (``ParameterServer.steps``), the tasks' tree ``nodes`` handed in under ``keys``."""
+        return (step, plan.count(len(batch), self.crew.micro_batch), nodes, keys, lr_at(step), scale_of(batch),
+                len(batch), plan.strike(kills, "kill-server", step))
 
     def _go(self, window: int, first: int, batches: list, server_plan: list, worker_plans: dict, shares: dict,
             weights: list) -> tuple[list[Ran], list, Exception | None]:
