@@ -376,7 +376,8 @@ def model(args, rate: str, micro_batch: int | None) -> dict | None:
     cores = max(1, (os.cpu_count() or 1) // (N + args.server_nodes))
     S = args.servers or args.server_nodes or N
     c = Constants()
-    ps = ps_step(N, cores, S, P, args.batch_size, itemsize, gbit, c, colocated=not args.server_nodes, M=micro_batch)
+    ps = ps_step(N, cores, S, P, args.batch_size, itemsize, gbit, c, colocated=not args.server_nodes, M=micro_batch,
+                 layers=tuple(layers))
     ring = ring_step(N, cores, P, args.batch_size, itemsize, gbit, c)
     ms = {key: value * 1e3 for key, value in ps.items() if key != "busy"}
     return {"distbp": ms, "ddp": {key: value * 1e3 for key, value in ring.items()}, "cores_per_node": cores}

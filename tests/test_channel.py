@@ -106,8 +106,14 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     worker = transport.worker_end()
     values = worker.rows(1, 2)
     np.testing.assert_array_equal(worker.weights((here, there), ahead=(1, 0)), np.arange(10))
-    values[:] = np.arange(20, dtype=np.float64).reshape(2, 10)
-    worker.hand_in(values, "k", ([0.5, 0.25], [1.0, 2.0], 0.1))
+    meta = ([0.5, 0.25], [1.0, 2.0], 0.1)
+
+    def compute(done):  # the worker's backward pass: the top columns first, each range said done
+        for lo, hi in ((6, 10), (0, 6)):
+            values[:, lo:hi] = np.arange(20, dtype=np.float64).reshape(2, 10)[:, lo:hi]
+            done(lo, hi)
+        return meta
+    assert worker.hand_in(values, "k", compute) == meta
     worker.read_answers()  # every hand-in taken
     assert servers[0].inbox.entries["k"].block is not None  # in place: only a handle
     assert servers[1].inbox.entries["k"].block is None  # over the socket
@@ -115,17 +121,72 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
         r = server.bounds
         server.board.begin_window(1)
         (got,), metas, ready = server.collect(["k"], 1, 2, [tree.blocks(range(2), 2)])
-        assert metas == [([0.5, 0.25], [1.0, 2.0], 0.1)] and ready(0, len(r))
+        assert ready(0, len(r)) and metas() == [meta]
         np.testing.assert_array_equal(got, values[:, r.start:r.stop])
         server.board.end_window()
     servers[0].weights[:] = -1.0  # a server's update is what the worker of its node reads next
     assert (worker.weights((here, there), ahead=(2, 0))[:len(servers[0].weights)] == -1.0).all()
 
 
+def test_a_worker_sends_each_layer_while_it_computes_the_layers_below(ray_session, monkeypatch):
+    """The overlap of communication with backprop: a layer's columns reach a server across a socket
+    while the worker still computes (before ``compute`` returns), top layer first, and the server
+    may sum them then; the meta comes with the last.  A compute that fails drops the push under
+    way: the server never takes a partial entry for a whole one."""
+    from distbp.distributed import direct
+
+    size = 3 * direct.PIECE_BYTES // 8 + 5  # four pieces of float64
+    monkeypatch.setattr(direct.Direct, "within_node", False)  # every pair over a socket
+    transport = direct.Direct(size, np.float64, 1)
+    server = transport.server_end(0)
+    server.own(np.zeros(size))
+    worker = transport.worker_end()
+    assert worker.weights((server.publish(server.weights),), ahead=(1, 0)) is not None
+    rows = np.arange(2 * size, dtype=np.float64).reshape(2, size)
+    top = direct.pieces(size, 8)[-2].start  # "the top layer": the last two pieces
+    seen = []
+
+    def compute(done):
+        values[:, top:] = rows[:, top:]
+        done(top, size)
+        server.board.begin_window(1)
+        (got,), metas, ready = server.collect(["k"], 1, 2, [tree.blocks(range(2), 2)])
+        seen.append(ready(top, size))  # in while the layer below is still to be computed
+        np.testing.assert_array_equal(got[:, top:], rows[:, top:])
+        seen.append((ready, metas))
+        values[:, :top] = rows[:, :top]
+        done(0, top)
+        return "meta"
+    values = worker.rows(1, 2)
+    assert worker.hand_in(values, "k", compute) == "meta" and seen[0] is True
+    worker.read_answers()
+    ready, metas = seen[1]
+    assert ready(0, top) and metas() == ["meta"]  # the rest, and the meta, once compute returned
+    server.board.end_window()
+
+    def fails(done):
+        values[:, top:] = rows[:, top:]
+        done(top, size)
+        raise MemoryError("a compute that fails")
+    values = worker.rows(2, 2)
+    with pytest.raises(MemoryError):
+        worker.hand_in(values, "failed", fails)
+    deadline = time.monotonic() + 10
+    while "failed" not in server.inbox.entries and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not server.inbox.entries["failed"].complete  # never summed: no step waits for it
+    values = worker.rows(3, 2)
+    assert worker.weights((server.publish(server.weights),), ahead=(1, 0)) is not None  # a new connection
+    assert worker.hand_in(values, "next", lambda done: "meta") == "meta"
+    worker.read_answers()
+    assert server.inbox.entries["next"].complete
+
+
 def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_chunk(ray_session, monkeypatch):
     """In a window, a server's step starts on a push as soon as it starts: ``ready`` says yes for
-    the columns in so far, waits for the rest, and says no once the window is called off.  A
-    pull after a step is answered when the update starts, each chunk as it holds its new weights."""
+    the columns in so far (a push comes from the top), waits for the rest, and says no once the
+    window is called off.  A pull after a step is answered when the update starts, each chunk as
+    it holds its new weights."""
     from distbp.distributed import direct
 
     size = 3 * direct.PIECE_BYTES // 8 + 5  # four pieces of float64, the last one short
@@ -135,17 +196,17 @@ def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_ch
     server.own(np.zeros(size))
     board, pieces = server.board, direct.pieces(size, 8)
     board.begin_window(1)
-    first = pieces[0]
+    first = pieces[-1]  # a push goes from the top
     with channel.connect(server.post.address, transport.key) as sock:
         rows = np.arange(2 * size, dtype=np.float64).reshape(2, size)
-        channel.send(sock, direct.Push("k", 1, 2, ([0.5], 0.1)))
+        channel.send(sock, direct.Push("k", 1, 2))
         for row in rows:
             channel.send_array(sock, row[first.start:first.stop])  # the first piece only
         values, metas, ready = server.collect(["k"], 1, 2, [tree.blocks(range(2), 2)])
-        assert metas == [([0.5], 0.1)] and ready(0, first.stop)
-        np.testing.assert_array_equal(values[0][:, :first.stop], rows[:, :first.stop])
+        assert ready(first.start, size) and metas() == [None]  # the meta comes last
+        np.testing.assert_array_equal(values[0][:, first.start:], rows[:, first.start:])
         waited: list[bool] = []
-        waiting = threading.Thread(target=lambda: waited.append(ready(first.stop, size)))
+        waiting = threading.Thread(target=lambda: waited.append(ready(0, first.start)))
         waiting.start()
         waiting.join(0.5)
         assert waiting.is_alive()  # the rest has not come

@@ -55,6 +55,36 @@ def test_a_threaded_worker_holds_few_buffers_whatever_its_share(threads):
     assert len(state.pool.free) <= threads + 8  # every buffer made is back in the pool
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_share_past_the_activation_budget_goes_in_groups_with_the_same_bits(threads, monkeypatch):
+    """A worker holds at most ``ACTIVATION_BYTES`` of activations (a group of micro-batches at a
+    time, each group backpropagated before the next): the same node values, losses and squared
+    norms as one group, a group's workspaces, and the layers said done (top first) once, with
+    the last group."""
+    from distbp.step import worker
+
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((64, LAYERS[0])), rng.integers(0, LAYERS[-1], 64)
+    batch, nodes = rng.integers(0, 64, 40), tree.blocks(range(1, 13), 14)  # 14 micro-batches of 3 rows
+    weights = Network(LAYERS).flat
+    got = []
+    # a row's activations: [1, x] of each layer's input, and s, delta, tmp, x of each layer
+    two_micro_batches = 2 * 3 * 8 * ((6 + 13 + 8) + 4 * (12 + 7 + 3))
+    for budget in (1 << 30, two_micro_batches):
+        monkeypatch.setattr(worker, "ACTIVATION_BYTES", budget)
+        state = WorkerState(LAYERS, "tanh", "cross-entropy", X.dtype, X, Y, 3, threads)
+        out, marks = np.empty((len(nodes), state.layout.size)), []
+        with threadpool_limits(1):
+            leaves = state.compute(weights, batch, nodes, out, done=lambda lo, hi, marks=marks: marks.append((lo, hi)))
+        held = sum(len(spaces) for spaces in state.spaces.values())
+        got.append((out.tobytes(), leaves.errors, leaves.squares, state._group(), held, marks))
+    (whole, *_, all_at_once, held_all, marks_all), (grouped, *_, two, held_two, marks_two) = got
+    assert grouped == whole and got[0][1:3] == got[1][1:3]
+    assert all_at_once >= 12 and held_all == 12 and two == 2 and held_two == 2
+    offsets = state.layout.offsets
+    assert marks_all == marks_two == [(offsets[l - 1], offsets[l]) for l in range(3, 0, -1)]
+
+
 def test_threads_per_worker_must_be_positive():
     from distbp import Config
     from distbp.errors import UsageError

@@ -89,9 +89,9 @@ class Worker(_Actor):
     def steps(self, window: int, plan: list[tuple], *weights) -> list[Leaves]:
         """The sync loop's call, a window of steps (windows.py): for each ``(step, batch, nodes, key,
         fault)`` of ``plan``, wait for the servers' weights after the step before (``weights``: what
-        they published at the window's start), compute the nodes, hand them to the servers under
-        ``key``.  Returns the ``Leaves`` of the steps it handed in: fewer when the window ended
-        early (called off, or a server stopped)."""
+        they published at the window's start), compute the nodes and hand them to the servers
+        under ``key``, each layer as it is done.  Returns the ``Leaves`` of the steps it handed
+        in: fewer when the window ended early (called off, or a server stopped)."""
         self._strike_armed()
         done = []
         for step, batch, nodes, key, fault in plan:
@@ -101,10 +101,10 @@ class Worker(_Actor):
             flat = self.end.weights(weights, ahead=(window, step - 1))
             if flat is None:
                 break
-            with np.errstate(over="ignore", invalid="ignore"):  # the servers refuse a diverging step
-                leaves = self.state.compute(flat, batch, nodes, values, step)
-            self.end.hand_in(values, key, leaves)
-            done.append(leaves)
+            def compute(sent, flat=flat, batch=batch, nodes=nodes, values=values, step=step) -> Leaves:
+                with np.errstate(over="ignore", invalid="ignore"):  # the servers refuse a diverging step
+                    return self.state.compute(flat, batch, nodes, values, step, sent)
+            done.append(self.end.hand_in(values, key, compute))  # each layer sent as it is done
         self.end.read_answers()  # every server's answer to the hand-ins read: what it returns was taken
         return done
 
@@ -188,11 +188,21 @@ class ParameterServer(_Actor):
         if isinstance(got, Late):  # a straggler: the driver calls the window off, the crew backs it up
             return Stopped(Why.LATE, step)
         values, metas, ready = got  # the values may still be coming in: ready() waits for each chunk
-        loss = math.fsum(x for leaves in metas for x in leaves.errors) / size
-        if not math.isfinite(loss):  # caught before anything is applied
-            return Stopped(Why.LOSS, step, loss)
         try:
-            sums = self.state.gather(n, nodes, values, step, ready)
+            sums = self.state.gather(n, nodes, values, step, ready)  # nothing is applied before the checks
+        except Abandoned:
+            return Stopped(Why.CALLED_OFF, step)
+        except NonFiniteGradient:
+            sums = None
+        metas = metas()  # all in with the sum's last columns
+        loss = math.fsum(x for leaves in metas for x in leaves.errors) / size
+        if not math.isfinite(loss):
+            if sums is not None:
+                self.state.refuse()
+            return Stopped(Why.LOSS, step, loss)
+        if sums is None:
+            return Stopped(Why.GRADIENT, step)
+        try:
             if self.clip and len(peers) > 1:  # the norm is of the whole gradient: every server's sums
                 for s, peer in enumerate(peers):
                     if s != self.s:

@@ -10,10 +10,12 @@ Ray node's address and answers a worker's requests (direct_server.Requests):
   the server holds them (or no, if the window ended before), streamed straight into the
   worker's weight buffer; a worker of the server's node copies them from the server's memory
   instead (with one server: reads them in place);
-- ``Push(key, step, rows, meta)``: ``rows`` rows of the server's columns of a step's node values
-  under a key the driver chose, with the micro-batches' errors, squared norms and compute time
-  (``meta``), filed in the server's inbox (inbox.py) as they come; a worker of the server's node
-  computes into its own shared memory and sends only its handle (``Put``).
+- ``Push(key, step, rows)``: ``rows`` rows of the server's columns of a step's node values
+  under a key the driver chose, from the top column down as the worker's backward pass
+  finishes each layer, then the micro-batches' errors, squared norms and compute time (its
+  meta), filed in the server's inbox (inbox.py) as they come; a worker of the server's node
+  computes into its own shared memory and sends only its handle (``Put``), then from which
+  column on the values are done, as they are, then the meta.
 
 The server's step waits for its keys (``collect``).  So only the bytes between nodes cross a
 socket: with one server per node, what a reduce-scatter plus an all-gather would send.  The
@@ -23,9 +25,11 @@ that nobody calls off gives up by itself, and a worker whose server says nothing
 that long takes it for lost.  A late copy nobody waits for may pull weights while a server
 updates them, or push after the step was taken: its result is dropped.
 
-Within a window's step the bytes between nodes flow as in BytePS: a push goes piece by piece
-(``PIECE_BYTES`` of every row at a time) and the server sums each chunk of the gradient as soon
-as its pieces are in (``collect``'s ``ready``), while the rest still arrives; and a pull of the
+Within a window's step the bytes between nodes flow as in BytePS and DDP: a push goes piece by
+piece (``PIECE_BYTES`` of every row at a time), each piece once the worker's backward pass has
+finished the layers it holds, top layer first, while the layers below are computed; the server
+sums each chunk of the gradient as soon as its pieces are in (``collect``'s ``ready``), from the
+top, while the rest still arrives; and a pull of the
 weights after a step is answered as soon as the server starts updating, chunk by chunk in the
 order of the vector, each chunk the moment it holds its new weights (``updated``, ``_stream``).
 A server sends nothing of a step it refuses: it checks the loss and the whole sum before it
@@ -112,23 +116,24 @@ class Reached:
 
 @dataclass(frozen=True)
 class Push:
-    """``rows`` rows of the server's columns of a step's node values follow, piece by piece,
-    under ``key``; ``meta``: a window's (the micro-batches' errors, compute seconds)."""
+    """``rows`` rows of the server's columns of a step's node values follow under ``key``, piece by
+    piece from the last piece (``pieces``) to the first, then their meta (the micro-batches'
+    errors, compute seconds)."""
 
     key: str
     step: int
     rows: int
-    meta: tuple | None = None
 
 
 @dataclass(frozen=True)
 class Put:
-    """A step's node values under ``key``, in ``block``: the memory of a worker of the server's node."""
+    """A step's node values under ``key``, in ``block``: the memory of a worker of the server's node.
+    From which column on they are done follows, as the worker's backward pass goes down (ints,
+    the last 0), then their meta."""
 
     key: str
     step: int
     block: shm.Region
-    meta: tuple | None = None
 
 
 @dataclass(frozen=True)

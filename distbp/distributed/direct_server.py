@@ -71,18 +71,19 @@ class DirectServer:
         self.board.applied(steps)
 
     def collect(self, keys: list[str], step: int, n: int, nodes: list[list]) -> tuple | Late | None:
-        """A window's step: the values and metas under ``keys`` (the tasks' tree ``nodes`` over ``n``
-        micro-batches), once each has started to come in; None if the window is called off (or
-        nothing came for ``Direct.wait_s``) before, ``Late`` if a task is late by the crew's rule
-        (inbox.py).  The third item is ``ready(lo, hi)`` for the server's sum (step/server.py): it
-        waits until columns ``[lo, hi)`` of every pushed row are in, or says no when the window
-        is called off."""
+        """A window's step: the values under ``keys`` (the tasks' tree ``nodes`` over ``n``
+        micro-batches), once each has started to come in, and a function that gives their metas
+        once they are all in; None if the window is called off (or nothing came for
+        ``Direct.wait_s``) before, ``Late`` if a task is late by the crew's rule (inbox.py).  The
+        third item is ``ready(lo, hi)`` for the server's sum (step/server.py): it waits until
+        columns ``[lo, hi)`` of every pushed row are in, or says no when the window is called off;
+        a push's meta comes with its last columns (those from 0)."""
         def over() -> bool:
             return self.board.over
         entries = self.inbox.shares(keys, n, nodes, over)
         if entries is None or isinstance(entries, Late):
             return entries
-        return self._values(entries, step), [entry.meta for entry in entries], self.inbox.ready(entries, over)
+        return self._values(entries, step), lambda: [entry.meta for entry in entries], self.inbox.ready(entries, over)
 
     def _values(self, entries: list[Entry], step: int) -> list[np.ndarray]:
         """The entries' columns: pushed rows, or rows of a worker of this node read in place
@@ -129,15 +130,24 @@ class Requests:
             at = stop
 
     def push(self, sock: socket.socket, request: Push) -> None:
-        """Filed at once, then read piece by piece: a window's step sums each piece as it is in."""
-        entry = Entry(request.step, self.inbox.buffer(request.rows), None, request.meta, complete=False)
+        """Filed at once, then read piece by piece from the top (the worker sends a layer's while
+        it computes the layer below), then its meta: a window's step sums each piece as it is in.
+        The entry is complete with its meta, which comes right after the last piece."""
+        entry = Entry(request.step, self.inbox.buffer(request.rows), None, None, self.server.width, complete=False)
         self.inbox.file(request.key, entry)
-        for piece in self.pieces:
+        for piece in reversed(self.pieces):
             for row in entry.rows:
                 channel.recv_array(sock, row[piece.start:piece.stop])
-            self.inbox.arrived(entry, piece.stop)
+            self.inbox.arrived(entry, piece.start, channel.recv(sock) if piece.start == 0 else None)
         channel.send(sock, Reply(True))
 
     def put(self, sock: socket.socket, request: Put) -> None:
-        self.inbox.file(request.key, Entry(request.step, None, request.block, request.meta))
+        """Filed at once; then from which column on the rows are done, as the worker says, down to
+        0, then the meta: a window's step sums each chunk as it is done, as with a push."""
+        entry = Entry(request.step, None, request.block, None, self.server.width, complete=False)
+        self.inbox.file(request.key, entry)
+        since = self.server.width
+        while since:
+            since = channel.recv(sock)
+            self.inbox.arrived(entry, since, channel.recv(sock) if since == 0 else None)
         channel.send(sock, Reply(True))

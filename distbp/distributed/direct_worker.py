@@ -10,8 +10,10 @@ their first contact is reached through the object store from then on (store.py).
 
 from __future__ import annotations
 
+import queue
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -77,6 +79,14 @@ class Links:
             return False
         return True
 
+    def drop(self, address: Address) -> None:
+        """Close the connection to ``address`` (a push under way that will not finish): the server
+        throws its partial entry away; the next request connects again."""
+        sock = self.socks.pop(address, None)
+        self.unread.discard(address)
+        if sock is not None:
+            sock.close()
+
     def read_answers(self) -> None:
         """Read every answer not read yet (the end of a window's call: what it returns was taken)."""
         for address in list(self.unread):
@@ -94,6 +104,7 @@ class DirectWorker:
         self.servers: tuple[Handle, ...] = ()
         self.ways: dict[Address, str] = {}  # each server's way, decided at the first contact (``_way``)
         self.handed: list = []  # refs of this call's hand-ins through the object store
+        self.threads = ThreadPoolExecutor(len(self.bounds), "distbp-link")  # a thread per server's link
         self.step = 0
         # with shared memory: the node values in it, the servers' weights of this node mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
@@ -129,23 +140,32 @@ class DirectWorker:
                 return None
             for (_, r), got in zip(stored, ranges):
                 self.flat[r.start:r.stop] = got
-        for handle, r in zip(parts, self.bounds):
-            if self._way(handle) == STORE:
-                continue
-            here, dst = self._here(handle), self.flat[r.start:r.stop]
+        def pull(handle: Handle, r: range) -> bool:
+            here, dst, address = self._here(handle), self.flat[r.start:r.stop], handle.address
 
-            def get(sock, here=here, dst=dst, address=handle.address) -> bool:
+            def get(sock) -> bool:
                 channel.send(sock, Reached(*ahead, pull=not here))
                 if self.links.reply(sock, address) != Reply(True):
                     return False
                 if not here:
                     channel.recv_array(sock, dst)
                 return True
-            if not self.links.talk(handle.address, get):
-                return None
+            if not self.links.talk(address, get):
+                return False
             if here and not single:
                 np.copyto(dst, self._view(handle))
+            return True
+        socketed = [(handle, r) for handle, r in zip(parts, self.bounds) if self._way(handle) == SOCKET]
+        if not all(self._each(pull, socketed)):  # from every server at once: no link waits on another
+            return None
         return self._view(parts[0]) if single else self.flat
+
+    def _each(self, job: Callable, items: list[tuple]) -> list:
+        """``job(*item)`` for every item, each on a thread of this end's where there are several
+        (one per server: a server's link never waits on another's); a job's error is raised here."""
+        if len(items) == 1:
+            return [job(*items[0])]
+        return list(self.threads.map(lambda item: job(*item), items))
 
     def _way(self, handle: Handle) -> str:
         """How this worker reaches ``handle``'s server, decided at their first contact: its socket
@@ -172,30 +192,94 @@ class DirectWorker:
             self.out = np.empty((count, self.out.shape[1]), dtype=self.dtype)
         return self.out[:count]
 
-    def hand_in(self, values: np.ndarray, key: str, meta: tuple) -> None:
-        """A window's step (windows.py): each server gets its columns of ``values`` under ``key``, with
-        ``meta`` (the micro-batches' errors and the compute seconds); a server of this node gets
-        only where the rows are in this worker's memory.  The servers' answers are read with the
-        next request to each (``Links.catch_up``), not waited for here: no round trip of its own."""
+    def hand_in(self, values: np.ndarray, key: str, compute: Callable[[Callable | None], tuple]) -> tuple:
+        """A window's step (windows.py): ``compute(done)`` fills ``values`` layer by layer, saying
+        ``done(lo, hi)`` as columns ``[lo, hi)`` of every row are final (step/worker.py), and returns
+        the step's ``meta`` (the micro-batches' errors and the compute seconds), which this returns.
+        Each server gets its columns of ``values`` under ``key``, with ``meta``: those it reaches
+        by socket as they are done, top layer first, each on a thread of this end's (``Stream``)
+        while the layers below are computed; one through the object store, all at once at the
+        end.  The servers' answers are read with the next request to each (``Links.catch_up``):
+        no round trip of its own."""
+        streams = [Stream(self.links, values, h, r, Put(key, self.step, self.block) if self._here(h)
+                          else Push(key, self.step, len(values)))
+                   for h, r in zip(self.servers, self.bounds) if self._way(h) == SOCKET]
+        sending = [self.threads.submit(stream.run) for stream in streams]
+        meta = None
+        try:
+            meta = compute(self._marker(streams) if streams else None)
+        finally:
+            for stream in streams:  # the end; without meta, of a hand-in that will not finish
+                stream.marks.put((0, True, meta))
+        for sent in sending:
+            sent.result()  # PeerLost if a server could not be reached; each send has its deadline
         for handle, r in zip(self.servers, self.bounds):
             if self._way(handle) == STORE:
                 self.handed.append(handle.actor.ask.remote(Hand(key, self.step, values[:, r.start:r.stop], meta)))
-                continue
-            here = self._here(handle)
+        return meta
 
-            def give(sock, here=here, lo=r.start, hi=r.stop, address=handle.address):
-                self.links.catch_up(sock, address)  # the last hand-in's answer comes before this one's
-                if here:
-                    channel.send(sock, Put(key, self.step, self.block, meta))
-                else:
-                    self._push(sock, key, values, lo, hi, meta)
-            self.links.talk(handle.address, give)
-            self.links.unread.add(handle.address)
+    @staticmethod
+    def _marker(streams: list[Stream]) -> Callable[[int, int], None]:
+        """``done(lo, hi)`` for the compute: every stream hears that columns ``lo`` and up are done."""
+        def done(lo: int, hi: int) -> None:
+            for stream in streams:
+                stream.marks.put((lo, False, None))
+        return done
 
-    def _push(self, sock: socket.socket, key: str, values: np.ndarray, lo: int, hi: int, meta=None) -> None:
-        """Columns ``[lo, hi)`` of every row, piece by piece (``pieces``): the server sums a piece
-        while the next arrives."""
-        channel.send(sock, Push(key, self.step, len(values), meta))
-        for piece in pieces(hi - lo, values.itemsize):
-            for row in values:
-                channel.send_array(sock, row[lo + piece.start:lo + piece.stop])  # contiguous in a row
+
+class Stream:
+    """A hand-in to one server the worker reaches by socket, from the top column down as its
+    backward pass finishes each layer (``DirectWorker.hand_in`` runs ``run`` on a thread of its
+    own, one per server): to a server of another node the columns themselves (a ``Push``), piece
+    by piece (``pieces``), each piece once every row has it; to a server of this node, which reads
+    the rows in place in the worker's memory (a ``Put``), from which column on they are done.
+    After the last columns, the meta.  The server sums what is in while the rest comes."""
+
+    def __init__(self, links: Links, values: np.ndarray, handle: Handle, r: range, request: Push | Put):
+        """``r``: the server's range; ``request``: what opens the hand-in, with its first columns."""
+        self.links, self.values, self.address, self.r, self.request = links, values, handle.address, r, request
+        self.here = isinstance(request, Put)
+        self.left = pieces(r.stop - r.start, values.itemsize)  # pieces not sent yet (a push's)
+        self.told = r.stop - r.start  # "done from" said so far (a put's)
+        self.marks: queue.SimpleQueue = queue.SimpleQueue()  # (columns from here up are done, the end?, meta)
+        self.opened = False
+
+    def run(self) -> None:
+        """Send what ``marks`` say is done, until the last.  A last mark without meta (the compute
+        failed) drops the connection if the hand-in was opened: the server throws the partial
+        entry away, and no step takes it."""
+        while True:
+            since, last, meta = self.marks.get()
+            if last and meta is None:
+                if self.opened:
+                    self.links.drop(self.address)
+                return
+            self.links.talk(self.address, lambda sock, since=since: self._send(sock, since))
+            if last:
+                self.links.talk(self.address, lambda sock, meta=meta: channel.send(sock, meta))
+                self.links.unread.add(self.address)
+                return
+
+    def _send(self, sock: socket.socket, since: int) -> None:
+        """What the server has not had of columns ``[since, ...)``."""
+        lo = max(0, since - self.r.start)  # in the server's range
+        if self.here:
+            if lo < self.told:
+                self._open(sock)
+                channel.send(sock, lo)
+                self.told = lo
+            return
+        ready = [p for p in self.left if p.start >= lo]
+        if ready:
+            self._open(sock)
+            del self.left[-len(ready):]
+        for piece in reversed(ready):
+            for row in self.values:
+                channel.send_array(sock, row[self.r.start + piece.start:self.r.start + piece.stop])  # contiguous
+
+    def _open(self, sock: socket.socket) -> None:
+        """The request that opens the hand-in, before its first columns."""
+        if not self.opened:
+            self.links.catch_up(sock, self.address)  # the last hand-in's answer comes before this one's
+            channel.send(sock, self.request)
+            self.opened = True

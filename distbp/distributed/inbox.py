@@ -1,8 +1,8 @@
 """A server's inbox of node values: pushes filed as they start, with how far each has come.
 
 A worker hands a server its columns of a step's node values under a key: on the direct
-transport pushed over a socket piece by piece (``Entry.upto`` says how many columns of every row
-are in), or, from a worker of the server's node, as a handle of its shared memory
+transport pushed over a socket piece by piece from the top (``Entry.since``: from which column on
+every row is in), or, from a worker of the server's node, as a handle of its shared memory
 (``Entry.block``); on the object store as an array Ray delivered (``Entry.pooled`` false).  The
 server's step takes the entries of its keys (``shares``) and may sum a chunk as soon as its
 columns are in (``ready``).  Buffers of steps done with are reused for new
@@ -49,8 +49,8 @@ class Entry:
     rows: np.ndarray | None
     block: shm.Region | None = None
     meta: tuple | None = None  # a window's step: (the micro-batches' errors, compute seconds)
-    upto: int = 0  # pushed rows: the columns in so far, of every row
-    complete: bool = True  # pushed rows: all in (until then a thread still writes ``rows``)
+    since: int = 0  # pushed rows: columns ``[since, width)`` of every row are in
+    complete: bool = True  # pushed rows: all in, and the meta (until then a thread still writes ``rows``)
     pooled: bool = True  # ``rows`` is one of the inbox's buffers (``buffer``), reused once read
 
 
@@ -77,11 +77,13 @@ class Inbox:
             self.entries[key] = entry
             self.changed.notify_all()
 
-    def arrived(self, entry: Entry, upto: int) -> None:
-        """Columns ``[0, upto)`` of every row of a push are in; all of them once ``upto`` is the width."""
+    def arrived(self, entry: Entry, since: int, meta: tuple | None = None) -> None:
+        """Columns ``[since, width)`` of every row of a push are in; all of them, and its ``meta``,
+        once ``since`` is 0."""
         with self.changed:
-            entry.upto = upto
-            entry.complete = upto >= self.width
+            entry.since = since
+            if since == 0:
+                entry.meta, entry.complete = meta, True
             self.changed.notify_all()
 
     def wait(self, keys: list[str], over: Callable[[], bool], counts: list[int]) -> list[Entry] | Late | None:
@@ -125,7 +127,7 @@ class Inbox:
 
         def ready(lo: int, hi: int) -> bool:
             with self.changed:
-                return self.changed.wait_for(lambda: over() or all(e.upto >= hi for e in pushed),
+                return self.changed.wait_for(lambda: over() or all(e.since <= lo for e in pushed),
                                              timeout=self.wait_s) and not over()
         return ready
 

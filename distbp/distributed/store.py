@@ -19,6 +19,7 @@ arguments and return their node values as its results (``send``, ``receive``).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,11 +152,14 @@ class StoreWorker:
             return [values]
         return [values[:, r.start:r.stop] for r in self.bounds]
 
-    def hand_in(self, values: np.ndarray, key: str, meta) -> None:
-        """A window's step: each server gets its columns of ``values`` under ``key``, with ``meta``
-        (the micro-batches' ``Leaves``); the answers are read at the call's end."""
+    def hand_in(self, values: np.ndarray, key: str, compute: Callable[[None], tuple]) -> tuple:
+        """A window's step: ``compute(None)`` fills ``values`` and returns the step's ``meta`` (the
+        micro-batches' ``Leaves``), which this returns; then each server gets its columns of
+        ``values`` under ``key``, with ``meta``.  The answers are read at the call's end."""
+        meta = compute(None)
         parts = self.send(values)
         self.handed += [p.actor.ask.remote(Hand(key, self.step, part, meta)) for p, part in zip(self.servers, parts)]
+        return meta
 
     def read_answers(self) -> None:
         """Every hand-in of the call taken (PeerLost if a server is gone)."""
@@ -196,7 +200,7 @@ class StoreServer:
         if entries is None or isinstance(entries, Late):
             return entries
         self.inbox.recycle(entries, step)
-        return [e.rows for e in entries], [e.meta for e in entries], always
+        return [e.rows for e in entries], lambda: [e.meta for e in entries], always
 
     def receive(self, parts: tuple) -> list[np.ndarray]:
         """Each task's node values for this server's columns (the async loop)."""

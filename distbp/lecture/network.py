@@ -24,8 +24,7 @@ import numpy as np
 
 def _sigmoid(s, out):
     # 1/(1+e^-s) written as (1 + tanh(s/2))/2: no overflow warnings for very negative s.
-    np.multiply(s, 0.5, out=out)
-    np.tanh(out, out=out)
+    np.tanh(np.multiply(s, 0.5, out=out), out=out)
     out += 1
     out *= 0.5
     return out
@@ -159,25 +158,28 @@ def output_delta(sL: np.ndarray, Y: np.ndarray, loss: str, delta: np.ndarray, e:
 
 def backprop(W: list[np.ndarray], X: np.ndarray | None, Y: np.ndarray, activation: str, loss: str,
              ws: Workspace, G: list[np.ndarray]) -> float:
-    """Sum over the rows of ``X`` of ``de_n/dW^l``, written into ``G`` (shaped like ``W``).
-
-    ``X=None``: the inputs are already in ``ws.x[0][:, 1:]`` (see ``forward``).
-
-    Returns the summed error ``sum_n e_n`` as a Python float.  All arithmetic stays in the
-    dtype of ``W``; the shapes of every GEMM depend only on ``len(X)``, which is what makes
-    a micro-batch's gradient the same bits on whichever worker computes it.
-    """
-    dtheta = ACTIVATIONS[activation][1]
+    """Sum over the rows of ``X`` of ``de_n/dW^l``, written into ``G`` (shaped like ``W``);
+    ``X=None``: the inputs are already in ``ws.x[0][:, 1:]`` (see ``forward``).  Returns the
+    summed error ``sum_n e_n`` as a Python float.  All arithmetic stays in the dtype of ``W``;
+    the shapes of every GEMM depend only on ``len(X)``, which is what makes a micro-batch's
+    gradient the same bits on whichever worker computes it."""
     L = len(W)
-    sL = forward(W, X, activation, ws)
-    output_delta(sL, Y, loss, ws.delta[L], ws.e)
+    output_delta(forward(W, X, activation, ws), Y, loss, ws.delta[L], ws.e)
     for l in range(L, 0, -1):
-        np.matmul(ws.x[l - 1].T, ws.delta[l], out=G[l - 1])  # [1, x^{l-1}]^T delta^l
-        if l > 1:
-            np.matmul(ws.delta[l], W[l - 1][1:].T, out=ws.delta[l - 1])  # bias row not propagated
-            if dtheta is not None:
-                ws.delta[l - 1] *= dtheta(ws.s[l - 1], ws.x[l - 1][:, 1:], ws.tmp[l - 1])
+        backward_layer(W, l, activation, ws, G[l - 1])
     return float(ws.e.sum(dtype=np.float64))
+
+
+def backward_layer(W: list[np.ndarray], l: int, activation: str, ws: Workspace, G: np.ndarray) -> None:
+    """Layer ``l`` of the backward pass, from ``ws.delta[l]``: ``de/dW^l`` summed over the rows
+    into ``G`` (shaped like ``W^l``), and ``delta^{l-1}`` into ``ws.delta[l-1]`` (for ``l > 1``);
+    ``backprop`` and the worker's layer-by-layer pass (step/worker.py) run it for ``l = L..1``."""
+    np.matmul(ws.x[l - 1].T, ws.delta[l], out=G)  # [1, x^{l-1}]^T delta^l
+    if l > 1:
+        np.matmul(ws.delta[l], W[l - 1][1:].T, out=ws.delta[l - 1])  # bias row not propagated
+        dtheta = ACTIVATIONS[activation][1]
+        if dtheta is not None:
+            ws.delta[l - 1] *= dtheta(ws.s[l - 1], ws.x[l - 1][:, 1:], ws.tmp[l - 1])
 
 
 def output(sL: np.ndarray, loss: str) -> np.ndarray:

@@ -35,21 +35,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..lecture import cuts
 
 DECAY = 0.99  # the moving averages' weight on the past: about the last 100 steps
 
 
-def leaf_square(g: np.ndarray, rows: int) -> float:
-    """``|g / rows|^2`` for a micro-batch's summed gradient ``g`` of ``rows`` samples, as a float.
-
-    ``np.dot`` of the flat buffer with itself, on the worker's one BLAS thread: its bits depend
-    on the values alone, wherever the buffer lies (a leaf is computed into a row of the values
-    sent, or into a pool buffer).
-    """
-    return float(np.dot(g, g)) / (rows * rows)
+def leaf_square(layers: Sequence[float], rows: int) -> float:
+    """``|g / rows|^2`` for a micro-batch's summed gradient ``g`` of ``rows`` samples, as a float,
+    from ``layers``: each layer's ``np.dot`` of its gradient with itself (on the worker's one BLAS
+    thread, as the worker computes the layers: step/worker.py), added exactly (``math.fsum``).
+    Bits that depend on the values alone, wherever the buffers lie."""
+    return math.fsum(layers) / (rows * rows)
 
 
 def spread(b: int, n: int) -> float:

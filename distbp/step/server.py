@@ -119,14 +119,18 @@ class ServerState:
             scratch.append(np.empty(self.widest, dtype=self.weights.dtype))
         return scratch[i][:length]
 
-    def _each(self, job: Callable[[int], None]) -> None:
-        """``job(i)`` for every chunk ``i``, the chunks taken in order by the server's threads
-        (this one among them) as each finishes its last; returns once all are done."""
+    def _each(self, job: Callable[[int], None], top_down: bool = False) -> None:
+        """``job(i)`` for every chunk ``i``, the chunks taken in order (``top_down``: from the last)
+        by the server's threads (this one among them) as each finishes its last; returns once
+        all are done."""
+        chunks = range(len(self.chunks))
+        if top_down:
+            chunks = chunks[::-1]
         if self.pool is None:
-            for i in range(len(self.chunks)):
+            for i in chunks:
                 job(i)
             return
-        order, lock = iter(range(len(self.chunks))), threading.Lock()
+        order, lock = iter(chunks), threading.Lock()
 
         def run() -> None:
             while True:
@@ -194,7 +198,7 @@ class ServerState:
                 # overflows (past 1.8e19 in float32): diverged too.
                 finite[i] = bool(np.isfinite(sums.sum()))
             summed(i)
-        self._each(chunk)
+        self._each(chunk, top_down=True)  # in the order pushes come in: a worker's top layer first
         return all(finite)
 
     def gradient(self, n: int, nodes: list[list[tree.Node]], values: list[np.ndarray]) -> np.ndarray:

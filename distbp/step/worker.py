@@ -8,11 +8,23 @@ backpropagates the micro-batches they cover into the nodes' values.  The server 
 nodes of all workers into the batch gradient in the tree's fixed order (server.py), so any
 split of the micro-batches, over any number of workers, gives the same bits.
 
-``--threads-per-worker T``: a worker backpropagates up to T micro-batches at once, one per
-thread (each on one BLAS thread: numpy releases the GIL in BLAS, so T threads use T cores;
-docs/performance.md measures it), each into a leaf buffer of its own, and then adds the leaves
-into its nodes in the tree's order, with the same operands as one thread does.  It sends the
-same nodes with the same bits, for any T.
+The backward pass goes layer by layer over the share: the forward pass of every micro-batch
+first, then for ``l = L..1`` each micro-batch's ``de/dW^l`` and ``delta^{l-1}``
+(``network.backward_layer``, the GEMMs of ``backprop``), added into the nodes' columns of layer
+``l`` in the tree's order.  Once a layer's columns are done ``compute`` says so (``done``), and
+the transport sends them while the layers below are computed (distributed/direct_worker.py):
+the overlap of communication with backprop that DDP gets from its buckets.  Each number goes
+through the operations it went through when a micro-batch was backpropagated whole, so the
+bits are the same.  A share whose activations pass ``ACTIVATION_BYTES`` goes in groups of
+micro-batches, one after another, each group's leaves folded into the nodes where the last
+left off: memory stays bounded whatever the share, and the last group's layers go out as they
+are done.
+
+``--threads-per-worker T``: a worker runs up to T micro-batches' forward passes, or layer
+gradients, at once, one per thread (each on one BLAS thread: numpy releases the GIL in BLAS, so
+T threads use T cores; docs/performance.md measures it), each into a buffer of its own, and
+adds them into its nodes in the tree's order, with the same operands as one thread does.  It
+sends the same nodes with the same bits, for any T.
 """
 
 from __future__ import annotations
@@ -20,19 +32,26 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 
 from ..lecture import cuts, tree
-from ..lecture.network import Layout, Workspace, backprop
+from ..lecture.network import Layout, Workspace, backward_layer, forward, output_delta
 from . import noise
 
 
 def micro_batches(batch_size: int, micro_batch: int) -> list[range]:
     """Row ranges of the micro-batches of a batch: fixed by ``B`` and ``M`` alone."""
     return cuts.fixed(batch_size, micro_batch)
+
+
+# A worker runs the forward pass of at most this many bytes of micro-batches' activations at once
+# (``WorkerState._group``): a larger share goes in groups, each backpropagated before the next, and
+# the layers of the last group go to the servers as they are done.
+ACTIVATION_BYTES = 256 << 20
 
 
 class Leaves(NamedTuple):
@@ -74,103 +93,115 @@ class WorkerState:
         self.X, self.Y = X, Y  # read-only views of the object store: never written
         self.micro_batch = micro_batch
         self.pool = BufferPool(self.layout.size, self.dtype)
-        self.workspaces = threading.local()  # each thread's {rows: Workspace}
+        self.spaces: dict[int, list[Workspace]] = {}  # rows -> workspaces: one per micro-batch of a share
         self.threads = threads
         self.executor = ThreadPoolExecutor(threads, "distbp-leaf") if threads > 1 else None
         # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
         self.spans: deque[tuple[float, float, float, int]] = deque(maxlen=4096)
 
-    def leaf(self, W: list[np.ndarray], rows: np.ndarray, g: np.ndarray) -> tuple[float, float]:
-        """One micro-batch's summed gradient into the flat buffer ``g``; returns its summed error
-        and the squared norm of its mean gradient (the noise scale's, step/noise.py)."""
-        mine = self.workspaces.__dict__.setdefault("by_rows", {})
-        ws = mine.get(len(rows))
-        if ws is None:
-            ws = mine[len(rows)] = Workspace(self.layout.layers, len(rows), self.dtype)
+    def _map(self, job: Callable, *args: Iterable) -> list:
+        """``job`` over ``args``, T at a time on the worker's threads (in order on this one if T = 1);
+        a job's error is raised here."""
+        return list(self.executor.map(job, *args) if self.executor else map(job, *args))
+
+    def _workspaces(self, ranges: list[range], owned: list[int]) -> dict[int, Workspace]:
+        """A workspace for each micro-batch of the share, kept from call to call."""
+        out, taken = {}, {}
+        for i in owned:
+            rows = len(ranges[i])
+            k = taken[rows] = taken.get(rows, -1) + 1
+            have = self.spaces.setdefault(rows, [])
+            if len(have) <= k:
+                have.append(Workspace(self.layout.layers, rows, self.dtype))
+            out[i] = have[k]
+        return out
+
+    def _forward(self, W: list[np.ndarray], rows: np.ndarray, ws: Workspace) -> float:
+        """A micro-batch's forward pass and ``delta^L`` in ``ws``; returns its summed error."""
         # Gather the rows straight into the workspace: no per-micro-batch allocation.
         np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
-        error = backprop(W, None, self.Y[rows], self.activation, self.loss, ws, self.layout.views(g))
-        return error, noise.leaf_square(g, len(rows))
+        output_delta(forward(W, None, self.activation, ws), self.Y[rows], self.loss, ws.delta[-1], ws.e)
+        return float(ws.e.sum(dtype=np.float64))
 
-    def node(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[range], node: tree.Node,
-             dst: np.ndarray, leaves: dict[int, tuple[float, float]]) -> None:
-        """Tree node ``node``'s value into ``dst``: a leaf's gradient, else ``left + right``.
-
-        The same additions, with the same operands, as ``tree.combine``: an inner node whose
-        right child starts at or past ``n`` is its left child.  Depth-first, so a worker holds
-        at most one scratch buffer per tree level, whatever its share.
-        """
-        level, i = node
-        if level == 0:
-            leaves[i] = self.leaf(W, batch[ranges[i].start:ranges[i].stop], dst)
-            return
-        self.node(W, batch, ranges, (level - 1, 2 * i), dst, leaves)
-        right = (level - 1, 2 * i + 1)
-        if tree.span(right, len(ranges))[0] < len(ranges):
-            tmp = self.pool.take()
-            self.node(W, batch, ranges, right, tmp, leaves)
-            np.add(dst, tmp, out=dst)
-            self.pool.give(tmp)
-
-    def compute(self, weights: np.ndarray, batch: np.ndarray, nodes: list[tree.Node],
-                out: np.ndarray, step: int = 0) -> tuple[np.ndarray, float]:
+    def compute(self, weights: np.ndarray, batch: np.ndarray, nodes: list[tree.Node], out: np.ndarray,
+                step: int = 0, done: Callable[[int, int], None] | None = None) -> Leaves:
         """The values of tree ``nodes`` over the micro-batches of ``batch``, into ``out`` (shape
         ``(len(nodes), P)``: row r is node r's summed gradient).
 
-        Returns the ``Leaves`` of the micro-batches the nodes cover.  ``step``: the step it is of,
-        kept with the call's times in ``spans`` (--timeline).
+        Layer by layer from the top: ``done(lo, hi)``, if given, is called as columns ``[lo, hi)``
+        of every row (one layer's ``W^l``) are final, top layer first.  Returns the ``Leaves`` of
+        the micro-batches the nodes cover.  ``step``: the step it is of, kept with the call's
+        times in ``spans`` (--timeline).
         """
         start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
         W = self.layout.views(weights)
         ranges = micro_batches(len(batch), self.micro_batch)
-        leaves: dict[int, tuple[float, float]] = {}
-        if self.executor is None:
-            for r, node in enumerate(nodes):
-                self.node(W, batch, ranges, node, out[r], leaves)  # each node straight into its row
-        else:
-            self.threaded(W, batch, ranges, nodes, out, leaves)
+        spans = [tree.span(node, len(ranges)) for node in nodes]
+        owned = [i for lo, hi in spans for i in range(lo, hi)]
+        errors: list[float] = []
+        squares: dict[int, list[float]] = {i: [] for i in owned}  # each micro-batch's layers' squared norms
+        offsets, shapes = self.layout.offsets, self.layout.shapes
+        stacks: dict[tuple[int, int], list] = {}  # (row, layer): the fold's subtrees so far (``_fold``)
+        groups = cuts.fixed(len(owned), self._group())
+        for part in groups:  # at most ACTIVATION_BYTES of activations at once
+            ids = owned[part.start:part.stop]
+            spaces = self._workspaces(ranges, ids)
+            errors += self._map(lambda i, spaces=spaces: self._forward(W, batch[ranges[i].start:ranges[i].stop],
+                                                                      spaces[i]), ids)
+            for l in range(len(W), 0, -1):
+                def leaf(i: int, g: np.ndarray, l: int = l, spaces: dict = spaces) -> float:
+                    backward_layer(W, l, self.activation, spaces[i], g.reshape(shapes[l - 1]))
+                    return float(np.dot(g, g))
+                lo, hi = offsets[l - 1], offsets[l]
+                for r, span in enumerate(spans):
+                    mine = [i for i in ids if span[0] <= i < span[1]]
+                    if mine:
+                        self._fold(mine, span, out[r, lo:hi], leaf, squares, stacks.setdefault((r, l), []))
+                if done is not None and part is groups[-1]:
+                    done(lo, hi)
         seconds = time.perf_counter() - start
         self.spans.append((wall, wall + seconds, time.thread_time() - cpu, step))
-        order = sorted(leaves)
-        return Leaves([leaves[i][0] for i in order], [leaves[i][1] for i in order], seconds)
+        return Leaves(errors, [noise.leaf_square(squares[i], len(ranges[i])) for i in owned], seconds)
 
-    def threaded(self, W: list[np.ndarray], batch: np.ndarray, ranges: list[range], nodes: list[tree.Node],
-                 out: np.ndarray, leaves: dict[int, tuple[float, float]]) -> None:
-        """``compute``'s nodes with T threads: a node's leaves T at a time, in order, each into a
-        buffer of its own (the node's first leaf straight into its row), folded into the node as
-        they come.
+    def _group(self) -> int:
+        """Micro-batches whose activations a worker holds at once: ``ACTIVATION_BYTES`` worth."""
+        widths = self.layout.layers
+        per_row = sum(d + 1 for d in widths[:-1]) + 4 * sum(widths[1:])  # x, and s, delta, tmp, x
+        return max(1, ACTIVATION_BYTES // (per_row * self.micro_batch * self.dtype.itemsize))
 
-        The fold makes the additions of ``node``: a stack holds the finished subtrees left to
-        right; two siblings on top become their parent (left + right, into the left one); at the
-        end the stack is added up from the right, which is the tree's ``left + right`` where a
-        right part is cut short by ``n``.  So every row gets the bits one thread gives it, and a
-        worker holds at most T + log2(n) leaf buffers, whatever its share.
+    def _fold(self, ids: list[int], span: tuple[int, int], dst: np.ndarray, leaf: Callable[[int, np.ndarray], float],
+              squares: dict[int, list[float]], stack: list) -> None:
+        """Micro-batches ``ids`` of node ``span``'s into its columns of one layer, ``dst``: T at a time,
+        each into a buffer of its own (the node's first straight into ``dst``, ``leaf(i, buffer)``),
+        added as they come in the tree's order.  ``squares[i]`` gets what ``leaf`` returns.  ``stack``
+        is the node's fold so far: a node's micro-batches may come in several calls, in order.
+
+        The fold makes the tree's additions: a stack holds the finished subtrees left to right;
+        two siblings on top become their parent (left + right, into the left one); after the
+        node's last micro-batch the stack is added up from the right, which is the tree's
+        ``left + right`` where a right part is cut short by ``n``.  So every row gets the same bits
+        for any T, and a worker holds at most T + log2(n) leaf buffers a node and layer, whatever
+        its share.
         """
-        n = len(ranges)
+        lo, hi = span
         # Each addition cut into T column ranges, one per thread: elementwise, so the same bits,
-        # and the 2 (n - 1) passes over memory of a share's n leaves no longer run on one core.
-        cols = [(r.start, r.stop) for r in cuts.even(self.layout.size, self.threads)]
+        # and the passes over memory of a share's leaves no longer run on one core.
+        cols = [(c.start, c.stop) for c in cuts.even(len(dst), self.threads)]
 
-        def add(dst: np.ndarray, src: np.ndarray) -> None:
-            list(self.executor.map(lambda c: np.add(dst[c[0]:c[1]], src[c[0]:c[1]], out=dst[c[0]:c[1]]), cols))
-            self.pool.give(src)
+        def add(left: np.ndarray, right: np.ndarray) -> None:
+            self._map(lambda c: np.add(left[c[0]:c[1]], right[c[0]:c[1]], out=left[c[0]:c[1]]), cols)
+            self.pool.give(right.base)
 
-        for r, node in enumerate(nodes):
-            lo, hi = tree.span(node, n)
-            stack: list[tuple[tree.Node, np.ndarray]] = []
-            for first in range(lo, hi, self.threads):
-                group = range(first, min(first + self.threads, hi))
-                bufs = {i: out[r] if i == lo else self.pool.take() for i in group}
-                rows = [batch[ranges[i].start:ranges[i].stop] for i in group]
-                # map re-raises a thread's error here
-                for i, leaf in zip(group, self.executor.map(self.leaf, [W] * len(group), rows,
-                                                             [bufs[i] for i in group])):
-                    leaves[i] = leaf
-                    stack.append(((0, i), bufs[i]))
-                    while len(stack) > 1 and stack[-2][0][0] == stack[-1][0][0] and stack[-2][0][1] % 2 == 0:
-                        (level, i_left), left = stack[-2]
-                        add(left, stack.pop()[1])
-                        stack[-1] = ((level + 1, i_left // 2), left)
-            while len(stack) > 1:
-                right = stack.pop()[1]
-                add(stack[-1][1], right)
+        for first in range(ids[0], ids[-1] + 1, self.threads):
+            group = range(first, min(first + self.threads, ids[-1] + 1))
+            bufs = [dst if i == lo else self.pool.take()[:len(dst)] for i in group]
+            for i, buf, square in zip(group, bufs, self._map(leaf, group, bufs)):
+                squares[i].append(square)
+                stack.append(((0, i), buf))
+                while len(stack) > 1 and stack[-2][0][0] == stack[-1][0][0] and stack[-2][0][1] % 2 == 0:
+                    (level, i_left), left = stack[-2]
+                    add(left, stack.pop()[1])
+                    stack[-1] = ((level + 1, i_left // 2), left)
+        while ids[-1] == hi - 1 and len(stack) > 1:
+            right = stack.pop()[1]
+            add(stack[-1][1], right)

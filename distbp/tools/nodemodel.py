@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..lecture import cuts
+
 FLOPS_PER_WEIGHT_SAMPLE = 6  # 2 flops per multiply-add, three GEMMs per layer (forward, delta, gradient)
 NODES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -39,8 +41,17 @@ class Constants:
     # the server's pass on its threads against one (step/server.pass_threads): 7.10 -> 4.45 ms on 2
     # threads (docs/performance.md); more threads are ASSUMED to add nothing (memory bandwidth)
     pass_speedup: float = 1.6
-    ring_latency_s: float = 50e-6  # ASSUMED, not measured here: one ring hop's latency (gloo)
-    overlap: float = 2 / 3  # ASSUMED: share of the compute (the backward pass) DDP hides its all-reduce behind
+    # FITTED to the network lab, each design's step of a 16-8-4 network at N = 2, B = 256 (a micro-batch
+    # a worker), all but nothing to compute or move: what a step costs beyond its compute, bytes and
+    # (distbp) Ray's calls.  distbp: 4.4 ms (the round trips of a push and a pull, the actors' threads
+    # waking); DDP: 1.5 ms, its two ring hops at ``ring_latency_s`` included
+    step_latency_s: float = 4.2e-3
+    ddp_latency_s: float = 1.4e-3
+    ring_latency_s: float = 50e-6  # ASSUMED, not measured: one ring hop's latency (gloo); the lab bounds it by 0.7 ms
+    # FITTED to the network lab (scripts/netlab.py, docs/performance.md): the share of the compute
+    # DDP hides its all-reduce behind.  DDP's 25 MB buckets put all but the top layer of
+    # 784-1024-1024-10 in one bucket, all-reduced after the backward pass: the lab's 0.15, not 2/3.
+    overlap: float = 0.15
 
     def gflops(self, itemsize: int, cores: int = 1) -> float:
         """The backprop rate of ``cores`` cores, GFLOP/s."""
@@ -68,54 +79,80 @@ def busiest_compute(N: int, C: int, P: int, B: int, itemsize: int, c: Constants,
 
 
 def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, c: Constants,
-            colocated: bool = True, M: int | None = None) -> dict[str, float]:
+            colocated: bool = True, M: int | None = None, layers: tuple[int, ...] | None = None) -> dict[str, float]:
     """One synchronous distbp step on N nodes of C cores, S servers, in seconds, by phase.
 
     Each node runs one worker of C threads (one tree node of P values to send, when its
     share of micro-batches is a power of two).  ``colocated``: server s sits on node s (S <= N),
     so a worker's range of its own node's server never crosses the wire.  Per step a worker
-    pushes P values and pulls P values; a server receives N * P / S values and sends as many.
-    The busiest link is a server node's: its worker's traffic plus its server's.  As the
-    implementation runs them (windows.py, direct_server.py): the sum (half the server's pass) while
-    the push comes in, the update (the other half) while the pull goes out, and Ray's calls
-    once a window.  With a micro-batch ``M``, nodes past ceil(B / M) have no share: the step is
-    that of ceil(B / M) nodes (``busy``; co-located servers capped to them).
+    pushes P values and pulls P values, to and from every server at once; a server receives
+    N * P / S values and sends as many.  The busiest link is a server node's: its worker's
+    traffic plus its server's.  As the implementation runs them (windows.py, direct_server.py):
+    the sum (half the server's pass) while the push comes in, the update (the other half) while
+    the pull goes out, Ray's calls once a window, and between nodes a fixed ``latency``.  With
+    ``layers`` (P is then theirs), a worker pushes each layer's columns as its backward pass
+    finishes them (step/worker.py), so what lies above layer 1 goes while layer 1's gradient is
+    computed (``hidden``: the push time that saves); a server's range in layer 1 can only go
+    after.  With a micro-batch ``M``, nodes past ceil(B / M) have no share: the step is that of
+    ceil(B / M) nodes (``busy``; co-located servers capped to them).
     """
     if M is not None:
         N = min(N, math.ceil(B / M))
         S = min(S, N) if colocated else S
     compute = busiest_compute(N, C, P, B, itemsize, c, M)
-    vector = P * itemsize
-    remote = (S - 1) / S if colocated and S <= N else 1.0  # of a worker's vector, the share that leaves its node
-    server_in = N * vector / S * ((N - 1) / N if colocated and S <= N else 1.0)  # what crosses into one server
-    push = max(_wire(vector * remote, gbit, c), _wire(server_in, gbit, c))
+    shared = colocated and S <= N
+    links = _links(N, S, P, shared, layers)  # (values, of them in layer 1) into a server / out of a worker
+    push = max(_wire(total * itemsize, gbit, c) for total, _ in links)
+    # layer 1's weight gradient: 2 of the 6 flops per weight and sample, on layer 1's weights
+    last = compute * 2 * (layers[0] + 1) * layers[1] / (FLOPS_PER_WEIGHT_SAMPLE * P) if layers else 0.0
+    after = max(max(_wire(total * itemsize, gbit, c) - last, _wire(low * itemsize, gbit, c)) for total, low in links)
     pull = push  # the same bytes the other way
-    total_sum = N * vector / S / (c.sum_gbytes * 1e9 * (c.pass_speedup if C > 1 else 1.0))
+    total_sum = N * P * itemsize / S / (c.sum_gbytes * 1e9 * (c.pass_speedup if C > 1 else 1.0))
     ray = c.ray_step_s / c.window
-    return {"compute": compute, "push": push, "sum": total_sum, "pull": pull, "ray": ray, "busy": float(N),
-            "step": compute + max(push, total_sum / 2) + max(pull, total_sum / 2) + ray}
+    latency = c.step_latency_s if N > 1 else 0.0
+    return {"compute": compute, "push": push, "hidden": push - after, "sum": total_sum, "pull": pull,
+            "ray": ray, "latency": latency, "busy": float(N),
+            "step": compute + max(after, total_sum / 2) + max(pull, total_sum / 2) + ray + latency}
+
+
+def _links(N: int, S: int, P: int, shared: bool, layers: tuple[int, ...] | None) -> list[tuple[float, float]]:
+    """For each server's link in and the busiest worker's link out, the values a push moves over it
+    and how many of them are layer 1's (0 without ``layers``).  ``shared``: server s on node s,
+    so its own node's worker reaches it without the wire."""
+    first = (layers[0] + 1) * layers[1] if layers else 0  # layer 1's weights: the first of the flat vector
+    ranges = cuts.aligned(P, S)
+    low = [max(0, min(r.stop, first) - r.start) for r in ranges]
+    senders = N - 1 if shared else N
+    servers = [(senders * len(r), senders * lo) for r, lo in zip(ranges, low)]
+    workers = [(sum(len(r) for s, r in enumerate(ranges) if not (shared and s == k)),
+                sum(lo for s, lo in enumerate(low) if not (shared and s == k))) for k in range(min(N, S + 1))]
+    return servers + workers
 
 
 def ring_step(N: int, C: int, P: int, B: int, itemsize: int, gbit: float, c: Constants) -> dict[str, float]:
     """One DDP step (ring all-reduce of the gradient, overlapped with the backward pass) on N nodes
-    of C cores: each node sends and receives 2 (N - 1) / N of the vector, in 2 (N - 1) messages."""
+    of C cores: each node sends and receives 2 (N - 1) / N of the vector, in 2 (N - 1) messages;
+    between nodes a fixed ``latency``."""
     compute = busiest_compute(N, C, P, B, itemsize, c)
     allreduce = 0.0 if N == 1 else 2 * (N - 1) * c.ring_latency_s + _wire(2 * (N - 1) / N * P * itemsize, gbit)
     hidden = min(allreduce, c.overlap * compute)
-    return {"compute": compute, "allreduce": allreduce, "step": compute + allreduce - hidden}
+    latency = c.ddp_latency_s if N > 1 else 0.0
+    return {"compute": compute, "allreduce": allreduce, "latency": latency,
+            "step": compute + allreduce - hidden + latency}
 
 
 def compare(P: int, batch_per_node: int, itemsize: int, cores: int = 16, gbits=(10, 100),
-            nodes=NODES, c: Constants | None = None) -> list[dict]:
+            nodes=NODES, c: Constants | None = None, layers: tuple[int, ...] | None = None) -> list[dict]:
     """Weak scaling (B = N * batch_per_node): the PS step with S = N co-located servers and with
-    one dedicated server, beside ring all-reduce, for each network and node count."""
+    one dedicated server, beside ring all-reduce, for each network and node count (``layers``:
+    the model's, for the push that overlaps the backward pass: ``ps_step``)."""
     c = c or Constants()
     rows = []
     for gbit in gbits:
         for N in nodes:
             B = N * batch_per_node
-            shard = ps_step(N, cores, N, P, B, itemsize, gbit, c)
-            one = ps_step(N, cores, 1, P, B, itemsize, gbit, c, colocated=False)
+            shard = ps_step(N, cores, N, P, B, itemsize, gbit, c, layers=layers)
+            one = ps_step(N, cores, 1, P, B, itemsize, gbit, c, colocated=False, layers=layers)
             ring = ring_step(N, cores, P, B, itemsize, gbit, c)
             rows.append({"gbit": gbit, "nodes": N, "batch": B, "ps_sharded_ms": shard["step"] * 1e3,
                          "ps_one_server_ms": one["step"] * 1e3, "ring_ms": ring["step"] * 1e3,

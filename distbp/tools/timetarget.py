@@ -236,5 +236,5 @@ def nodes_main(argv: list[str]) -> int:
     layers = integers(args.layers, "--layers")
     (batch,), (cores,) = integers(args.batch_per_node, "--batch-per-node", 1), integers(args.cores, "--cores", 1)
     P = sum((a + 1) * b for a, b in zip(layers[:-1], layers[1:]))
-    print(markdown(compare(P, batch, 4 if args.dtype == "float32" else 8, cores)))
+    print(markdown(compare(P, batch, 4 if args.dtype == "float32" else 8, cores, layers=tuple(layers))))
     return 0
