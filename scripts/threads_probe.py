@@ -32,7 +32,7 @@ def main() -> None:
             out = np.empty((len(nodes), len(weights)), dtype)
             for _ in range(6):
                 for T, state in states.items():
-                    times[T].append(state.compute(weights, batch, nodes, out)[1])
+                    times[T].append(state.compute(weights, batch, nodes, out).seconds)
         med = {T: float(np.median(v[1:])) * 1e3 for T, v in times.items()}
         print(f"{dtype}: T=1 {med[1]:.0f} ms, T=2 {med[2]:.0f} ms, speedup {med[1] / med[2]:.2f} "
               f"(load average {os.getloadavg()[0]:.1f})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import socket
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -162,10 +163,13 @@ class DirectWorker:
 
     def _each(self, job: Callable, items: list[tuple]) -> list:
         """``job(*item)`` for every item, each on a thread of this end's where there are several
-        (one per server: a server's link never waits on another's); a job's error is raised here."""
+        (one per server: a server's link never waits on another's); once all are done, a job's
+        error is raised here (no thread still uses a socket when the call ends)."""
         if len(items) == 1:
             return [job(*items[0])]
-        return list(self.threads.map(lambda item: job(*item), items))
+        running = [self.threads.submit(job, *item) for item in items]
+        futures.wait(running)
+        return [done.result() for done in running]
 
     def _way(self, handle: Handle) -> str:
         """How this worker reaches ``handle``'s server, decided at their first contact: its socket
@@ -211,8 +215,9 @@ class DirectWorker:
         finally:
             for stream in streams:  # the end; without meta, of a hand-in that will not finish
                 stream.marks.put((0, True, meta))
+            futures.wait(sending)  # no link's thread outlives the call: each send has its deadline
         for sent in sending:
-            sent.result()  # PeerLost if a server could not be reached; each send has its deadline
+            sent.result()  # PeerLost if a server could not be reached
         for handle, r in zip(self.servers, self.bounds):
             if self._way(handle) == STORE:
                 self.handed.append(handle.actor.ask.remote(Hand(key, self.step, values[:, r.start:r.stop], meta)))

@@ -8,12 +8,13 @@ backpropagates the micro-batches they cover into the nodes' values.  The server 
 nodes of all workers into the batch gradient in the tree's fixed order (server.py), so any
 split of the micro-batches, over any number of workers, gives the same bits.
 
-The backward pass goes layer by layer over the share: the forward pass of every micro-batch
-first, then for ``l = L..1`` each micro-batch's ``de/dW^l`` and ``delta^{l-1}``
-(``network.backward_layer``, the GEMMs of ``backprop``), added into the nodes' columns of layer
-``l`` in the tree's order.  Once a layer's columns are done ``compute`` says so (``done``), and
-the transport sends them while the layers below are computed (distributed/direct_worker.py):
-the overlap of communication with backprop that DDP gets from its buckets.  Each number goes
+Layer 1 goes last: each micro-batch's forward pass and the backward pass of the layers above the
+first (``network.backward_layer`` for ``l = L..2``, the GEMMs of ``backprop``: ``de/dW^l`` and
+``delta^{l-1}``), then every micro-batch's ``de/dW^1``, each layer's leaves added into the nodes'
+columns in the tree's order.  Once the columns of the layers above the first are done
+``compute`` says so (``done``), and the transport sends them while layer 1's gradients are
+computed (distributed/direct_worker.py): the overlap of communication with backprop that DDP
+gets from its buckets.  Each number goes
 through the operations it went through when a micro-batch was backpropagated whole, so the
 bits are the same.  A share whose activations pass ``ACTIVATION_BYTES`` goes in groups of
 micro-batches, one after another, each group's leaves folded into the nodes where the last
@@ -52,6 +53,7 @@ def micro_batches(batch_size: int, micro_batch: int) -> list[range]:
 # (``WorkerState._group``): a larger share goes in groups, each backpropagated before the next, and
 # the layers of the last group go to the servers as they are done.
 ACTIVATION_BYTES = 256 << 20
+SPLIT_MIN = 1 << 16  # a layer's additions go to the T threads from this many entries on
 
 
 class Leaves(NamedTuple):
@@ -128,10 +130,12 @@ class WorkerState:
         """The values of tree ``nodes`` over the micro-batches of ``batch``, into ``out`` (shape
         ``(len(nodes), P)``: row r is node r's summed gradient).
 
-        Layer by layer from the top: ``done(lo, hi)``, if given, is called as columns ``[lo, hi)``
-        of every row (one layer's ``W^l``) are final, top layer first.  Returns the ``Leaves`` of
-        the micro-batches the nodes cover.  ``step``: the step it is of, kept with the call's
-        times in ``spans`` (--timeline).
+        Each micro-batch's forward pass and the backward pass of the layers above the first, T
+        micro-batches at a time (while their activations are in cache), then every micro-batch's
+        gradient of layer 1: ``done(lo, hi)``, if given, is called as columns ``[lo, hi)`` of every
+        row are final, the layers above the first, then the first.  Returns the ``Leaves`` of the
+        micro-batches the nodes cover.  ``step``: the step it is of, kept with the call's times in
+        ``spans`` (--timeline).
         """
         start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
         W = self.layout.views(weights)
@@ -146,19 +150,29 @@ class WorkerState:
         for part in groups:  # at most ACTIVATION_BYTES of activations at once
             ids = owned[part.start:part.stop]
             spaces = self._workspaces(ranges, ids)
-            errors += self._map(lambda i, spaces=spaces: self._forward(W, batch[ranges[i].start:ranges[i].stop],
-                                                                      spaces[i]), ids)
-            for l in range(len(W), 0, -1):
-                def leaf(i: int, g: np.ndarray, l: int = l, spaces: dict = spaces) -> float:
+
+            def layer(l: int, ids: list[int], spaces: dict = spaces) -> None:
+                """Layer ``l``'s gradient of micro-batches ``ids`` (and their ``delta^{l-1}``), into the nodes."""
+                def leaf(i: int, g: np.ndarray) -> float:
                     backward_layer(W, l, self.activation, spaces[i], g.reshape(shapes[l - 1]))
                     return float(np.dot(g, g))
-                lo, hi = offsets[l - 1], offsets[l]
                 for r, span in enumerate(spans):
                     mine = [i for i in ids if span[0] <= i < span[1]]
                     if mine:
-                        self._fold(mine, span, out[r, lo:hi], leaf, squares, stacks.setdefault((r, l), []))
-                if done is not None and part is groups[-1]:
-                    done(lo, hi)
+                        self._fold(mine, span, out[r, offsets[l - 1]:offsets[l]], leaf, squares,
+                                   stacks.setdefault((r, l), []))
+            for wave in cuts.fixed(len(ids), self.threads):  # T micro-batches at a time, while in cache
+                some = ids[wave.start:wave.stop]
+                errors += self._map(lambda i, spaces=spaces: self._forward(W, batch[ranges[i].start:ranges[i].stop],
+                                                                          spaces[i]), some)
+                for l in range(len(W), 1, -1):  # the layers above the first
+                    layer(l, some)
+            last = done is not None and part is groups[-1]
+            if last and len(W) > 1:
+                done(offsets[1], offsets[-1])
+            layer(1, ids)  # the first layer's gradients last: the layers above go out meanwhile
+            if last:
+                done(0, offsets[1])
         seconds = time.perf_counter() - start
         self.spans.append((wall, wall + seconds, time.thread_time() - cpu, step))
         return Leaves(errors, [noise.leaf_square(squares[i], len(ranges[i])) for i in owned], seconds)
@@ -180,16 +194,19 @@ class WorkerState:
         two siblings on top become their parent (left + right, into the left one); after the
         node's last micro-batch the stack is added up from the right, which is the tree's
         ``left + right`` where a right part is cut short by ``n``.  So every row gets the same bits
-        for any T, and a worker holds at most T + log2(n) leaf buffers a node and layer, whatever
-        its share.
+        for any T, and a worker holds at most T + log2(n) leaf buffers a layer, whatever its share.
         """
         lo, hi = span
         # Each addition cut into T column ranges, one per thread: elementwise, so the same bits,
-        # and the passes over memory of a share's leaves no longer run on one core.
-        cols = [(c.start, c.stop) for c in cuts.even(len(dst), self.threads)]
+        # and the passes over memory of a share's leaves no longer run on one core (a small layer's
+        # on this thread: handing it out would cost more than the addition).
+        cols = [(c.start, c.stop) for c in cuts.even(len(dst), self.threads if len(dst) >= SPLIT_MIN else 1)]
 
         def add(left: np.ndarray, right: np.ndarray) -> None:
-            self._map(lambda c: np.add(left[c[0]:c[1]], right[c[0]:c[1]], out=left[c[0]:c[1]]), cols)
+            if len(cols) == 1:
+                np.add(left, right, out=left)
+            else:
+                self._map(lambda c: np.add(left[c[0]:c[1]], right[c[0]:c[1]], out=left[c[0]:c[1]]), cols)
             self.pool.give(right.base)
 
         for first in range(ids[0], ids[-1] + 1, self.threads):
