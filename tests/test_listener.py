@@ -189,7 +189,7 @@ def test_a_servers_waits_on_its_peers_end_by_the_deadline_it_was_given():
         board.next_chunk(0, 5, 4)
     assert inbox.wait(["a worker's values"], lambda: False, [1]) is None
     from distbp.distributed.inbox import Entry
-    entry = Entry(1, inbox.buffer(2), complete=False)
+    entry = Entry(1, inbox.buffer(2), since=4, complete=False)  # nothing of its 4 columns in yet
     assert inbox.ready([entry], lambda: False)(0, 4) is False
     assert time.monotonic() - started < 3
 
