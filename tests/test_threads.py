@@ -70,8 +70,8 @@ def test_a_share_past_the_activation_budget_goes_in_groups_with_the_same_bits(th
     batch, nodes = rng.integers(0, 64, 40), tree.blocks(range(1, 13), 14)  # 14 micro-batches of 3 rows
     weights = Network(LAYERS).flat
     got = []
-    # a row's activations: [1, x] of each layer's input, and s, delta, tmp, x of each layer
-    two_micro_batches = 2 * 3 * 8 * ((6 + 13 + 8) + 4 * (12 + 7 + 3))
+    # a workspace of 3 rows: [1, x] of every layer, s, delta, tmp of each layer above the input, e
+    two_micro_batches = 2 * 3 * 8 * ((6 + 13 + 8 + 4) + 3 * (12 + 7 + 3) + 1)
     for budget in (1 << 30, two_micro_batches):
         monkeypatch.setattr(worker, "ACTIVATION_BYTES", budget)
         state = WorkerState(LAYERS, "tanh", "cross-entropy", X.dtype, X, Y, 3, threads)

@@ -51,10 +51,7 @@ class Links:
                                                              timeout=2 * self.wait_s)
             return talk(sock)
         except (OSError, EOFError) as exc:
-            self.socks.pop(address, None)
-            self.unread.discard(address)
-            if sock is not None:
-                sock.close()
+            self.drop(address)
             raise PeerLost(f"the server at {address[0]}:{address[1]} cannot be reached ({exc})") from None
 
     def catch_up(self, sock: socket.socket, address: Address) -> None:
@@ -81,8 +78,8 @@ class Links:
         return True
 
     def drop(self, address: Address) -> None:
-        """Close the connection to ``address`` (a push under way that will not finish): the server
-        throws its partial entry away; the next request connects again."""
+        """Close the connection to ``address`` (it failed, or a hand-in under way will not finish:
+        the server throws its partial entry away); the next request connects again."""
         sock = self.socks.pop(address, None)
         self.unread.discard(address)
         if sock is not None:

@@ -96,6 +96,8 @@ class WorkerState:
         self.micro_batch = micro_batch
         self.pool = BufferPool(self.layout.size, self.dtype)
         self.spaces: dict[int, list[Workspace]] = {}  # rows -> workspaces: one per micro-batch of a share
+        one = Workspace(self.layout.layers, 1, self.dtype)  # what a workspace holds a row
+        self.row_bytes = sum(a.nbytes for a in (*one.x, *one.s[1:], *one.delta[1:], *one.tmp[1:], one.e))
         self.threads = threads
         self.executor = ThreadPoolExecutor(threads, "distbp-leaf") if threads > 1 else None
         # wall-clock (start, end) and CPU seconds of each call, for scripts/bench.py
@@ -179,9 +181,7 @@ class WorkerState:
 
     def _group(self) -> int:
         """Micro-batches whose activations a worker holds at once: ``ACTIVATION_BYTES`` worth."""
-        widths = self.layout.layers
-        per_row = sum(d + 1 for d in widths[:-1]) + 4 * sum(widths[1:])  # x, and s, delta, tmp, x
-        return max(1, ACTIVATION_BYTES // (per_row * self.micro_batch * self.dtype.itemsize))
+        return max(1, ACTIVATION_BYTES // (self.row_bytes * self.micro_batch))
 
     def _fold(self, ids: list[int], span: tuple[int, int], dst: np.ndarray, leaf: Callable[[int, np.ndarray], float],
               squares: dict[int, list[float]], stack: list) -> None:
