@@ -105,10 +105,12 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     there = replace(there, node="another node")  # the same server, as if on another node
     worker = transport.worker_end()
     values = worker.rows(1, 2)
-    np.testing.assert_array_equal(worker.weights((here, there), ahead=(1, 0)), np.arange(10))
+    flat = worker.weights((here, there), ahead=(1, 0))
+    worker.arrival.wait(10)  # each range comes in on a thread of its own
+    np.testing.assert_array_equal(flat, np.arange(10))
     meta = ([0.5, 0.25], [1.0, 2.0], 0.1)
 
-    def compute(done):  # the worker's backward pass: the top columns first, each range said done
+    def compute(done, arrival):  # the worker's backward pass: the top columns first, each range said done
         for lo, hi in ((6, 10), (0, 6)):
             values[:, lo:hi] = np.arange(20, dtype=np.float64).reshape(2, 10)[:, lo:hi]
             done(lo, hi)
@@ -125,7 +127,10 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
         np.testing.assert_array_equal(got, values[:, r.start:r.stop])
         server.board.end_window()
     servers[0].weights[:] = -1.0  # a server's update is what the worker of its node reads next
-    assert (worker.weights((here, there), ahead=(2, 0))[:len(servers[0].weights)] == -1.0).all()
+    flat = worker.weights((here, there), ahead=(2, 0))
+    worker.arrival.wait(10)
+    assert (flat[:len(servers[0].weights)] == -1.0).all()
+    worker.hand_in(values, "k2", lambda done, arrival: meta)  # the pulls of the step end with its hand-in
 
 
 def test_a_worker_sends_each_layer_while_it_computes_the_layers_below(ray_session, monkeypatch):
@@ -146,7 +151,7 @@ def test_a_worker_sends_each_layer_while_it_computes_the_layers_below(ray_sessio
     top = direct.pieces(size, 8)[-2].start  # "the top layer": the last two pieces
     seen = []
 
-    def compute(done):
+    def compute(done, arrival):
         values[:, top:] = rows[:, top:]
         done(top, size)
         server.board.begin_window(1)
@@ -164,7 +169,7 @@ def test_a_worker_sends_each_layer_while_it_computes_the_layers_below(ray_sessio
     assert ready(0, top) and metas() == ["meta"]  # the rest, and the meta, once compute returned
     server.board.end_window()
 
-    def fails(done):
+    def fails(done, arrival):
         values[:, top:] = rows[:, top:]
         done(top, size)
         raise MemoryError("a compute that fails")
@@ -177,9 +182,81 @@ def test_a_worker_sends_each_layer_while_it_computes_the_layers_below(ray_sessio
     assert not server.inbox.entries["failed"].complete  # never summed: no step waits for it
     values = worker.rows(3, 2)
     assert worker.weights((server.publish(server.weights),), ahead=(1, 0)) is not None  # a new connection
-    assert worker.hand_in(values, "next", lambda done: "meta") == "meta"
+    assert worker.hand_in(values, "next", lambda done, arrival: "meta") == "meta"
     worker.read_answers()
     assert server.inbox.entries["next"].complete
+
+
+def test_a_worker_starts_on_the_weights_in_while_the_rest_is_updated(ray_session):
+    """The pull side's overlap: a worker's ``weights`` returns once every server has started its
+    update, its ``arrival`` says which columns are in (from a server of this node: as it is told
+    how far they are updated; from one of another node: as their bytes come), a wait for the rest
+    lasts until the servers have updated it, and the buffer then holds the new weights.  A server
+    that stops mid-update fails the wait with PeerLost, and the step's hand-in with it."""
+    from dataclasses import replace
+
+    from distbp.distributed.direct import Direct, PeerLost
+
+    size = 100_000
+    transport = Direct(size, np.float64, 2, wait_s=1.0)
+    servers = [transport.server_end(s) for s in range(2)]
+    for server in servers:
+        server.own(np.zeros(size))
+    here, there = (server.publish(server.weights) for server in servers)
+    there = replace(there, node="another node")  # over its socket, as if on another node
+    worker = transport.worker_end()
+    new = np.arange(size, dtype=np.float64) + 1.0
+
+    def update(server, lo: int, hi: int) -> None:  # a chunk of step 1 updated (columns of the server's range)
+        server.weights[lo:hi] = new[server.bounds.start + lo:server.bounds.start + hi]
+        server.board.updated(1, (lo, hi))
+    for server in servers:
+        server.board.begin_window(1)
+    pulled: list = []
+    pulling = threading.Thread(target=lambda: pulled.append(worker.weights((here, there), ahead=(1, 1))))
+    pulling.start()
+    pulling.join(0.3)
+    assert pulling.is_alive()  # no server has started step 1's update
+    cut = 1000
+    for server in servers:
+        update(server, 0, cut)
+    pulling.join(10)
+    (flat,) = pulled
+    top = servers[1].bounds.start
+    worker.arrival.wait(cut)
+    assert worker.arrival.has(cut) and not worker.arrival.has(cut + 1)  # server 0's range: cut entries in
+    np.testing.assert_array_equal(flat[:cut], new[:cut])
+    deadline = time.monotonic() + 10
+    while worker.arrival.upto[servers[1].bounds] < top + cut and time.monotonic() < deadline:
+        time.sleep(0.01)  # the other server's first chunk comes over its socket
+    np.testing.assert_array_equal(flat[top:top + cut], new[top:top + cut])
+    assert not worker.arrival.has(size)
+    waiting = threading.Thread(target=worker.arrival.wait, args=(size,))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()  # the rest is still being updated
+    for server in servers:
+        update(server, cut, len(server.weights))
+        server.applied(1)
+    waiting.join(10)
+    assert not waiting.is_alive() and worker.arrival.has(size)
+    np.testing.assert_array_equal(flat, new)
+    values = worker.rows(2, 1)
+    assert worker.hand_in(values, "k", lambda done, arrival: "meta") == "meta"
+    for server in servers:
+        server.board.end_window()
+        server.board.begin_window(2)
+    flat = worker.weights((here, there), ahead=(2, 2))  # step 2's update starts, and server 1 stops in it
+    for server in servers:
+        server.board.updated(2, (0, cut))
+
+    def compute(done, arrival):
+        arrival.wait(size)
+        return "meta"
+    values = worker.rows(3, 1)
+    with pytest.raises(PeerLost):  # server 1 gives up on its update's next chunk after wait_s
+        worker.hand_in(values, "k", compute)
+    assert not worker.pulling  # every pull ended with the call
 
 
 def test_a_window_sums_a_push_piece_by_piece_and_streams_the_weights_chunk_by_chunk(ray_session, monkeypatch):

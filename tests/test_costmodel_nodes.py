@@ -31,15 +31,17 @@ def test_sharded_servers_move_what_a_ring_moves(N):
 
 
 @pytest.mark.parametrize("S, colocated", [(1, True), (2, True), (2, False)])
-def test_a_push_layer_by_layer_hides_at_most_the_backward_pass_of_layer_1(S, colocated):
+def test_a_push_and_a_pull_layer_by_layer_hide_at_most_layer_1s_compute(S, colocated):
     """Each layer goes as the backward pass finishes it: what lies above layer 1 moves while layer
-    1's gradient is computed, nothing of layer 1 before it (nodemodel.ps_step with ``layers``)."""
+    1's gradient is computed, nothing of layer 1 before it; the weights come back layer 1 first,
+    and what lies above it moves while layer 1's forward pass runs (nodemodel.ps_step with ``layers``)."""
     c, layers = costmodel.Constants(), (784, 1024, 1024, 10)
     whole = costmodel.ps_step(2, 1, S, P, 1024, W, 1, c, colocated=colocated)
     layered = costmodel.ps_step(2, 1, S, P, 1024, W, 1, c, colocated=colocated, layers=layers)
-    layer_1 = whole["compute"] * 2 * 785 * 1024 / (6 * P)  # its weight gradient: 2 of the 6 flops
-    assert whole["hidden"] == 0 and 0 < layered["hidden"] <= layer_1 * (1 + 1e-9)
-    assert layered["step"] == pytest.approx(whole["step"] - layered["hidden"])
+    layer_1 = whole["compute"] * 2 * 785 * 1024 / (6 * P)  # its weight gradient, or its forward pass: 2 of 6 flops
+    for hidden in ("hidden", "hidden_pull"):
+        assert whole[hidden] == 0 and 0 < layered[hidden] <= layer_1 * (1 + 1e-9)
+    assert layered["step"] == pytest.approx(whole["step"] - layered["hidden"] - layered["hidden_pull"])
     if colocated and S == 2:  # the server of layer 1 gets its 14 % of layer 2 early, no more
         assert layered["hidden"] < 0.2 * whole["push"]
 

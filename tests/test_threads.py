@@ -87,6 +87,52 @@ def test_a_share_past_the_activation_budget_goes_in_groups_with_the_same_bits(th
     assert marks_all == marks_two == [(offsets[1], offsets[3]), (0, offsets[1])]  # the layers above the first
 
 
+class Coming:
+    """Weights that come in layer by layer, as the direct transport's ``Arrival`` says they do: the
+    buffer holds NaN until the compute waits for its columns, so a layer read early shows in the bits."""
+
+    def __init__(self, weights: np.ndarray, buffer: np.ndarray):
+        self.weights, self.buffer, self.upto, self.waits = weights, buffer, 0, []
+        buffer[:] = np.nan
+
+    def has(self, columns: int) -> bool:
+        return columns <= self.upto
+
+    def wait(self, columns: int) -> None:
+        self.waits.append(columns)
+        self.buffer[self.upto:columns] = self.weights[self.upto:columns]
+        self.upto = max(self.upto, columns)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("groups", [False, True])
+def test_the_forward_pass_starts_on_layer_1_while_the_layers_above_come(threads, groups, monkeypatch):
+    """Weights still coming in: the worker's forward pass goes layer by layer over its micro-batches,
+    reading each layer's weights only once they are in (layer 1 first); the same node values,
+    losses and squared norms as with the weights all in, for any T, in groups or not."""
+    from distbp.step import worker
+
+    if groups:
+        monkeypatch.setattr(worker, "ACTIVATION_BYTES", 1)  # a micro-batch at a time
+    rng = np.random.default_rng(5)
+    X, Y = rng.standard_normal((64, LAYERS[0])), rng.integers(0, LAYERS[-1], 64)
+    batch, nodes = rng.integers(0, 64, 40), tree.blocks(range(2, 11), 14)
+    weights = Network(LAYERS).flat
+    state = WorkerState(LAYERS, "tanh", "cross-entropy", X.dtype, X, Y, 3, threads)
+    got = []
+    for coming in (None, Coming(weights, np.empty_like(weights))):
+        out = np.empty((len(nodes), state.layout.size))
+        with threadpool_limits(1):
+            leaves = state.compute(weights if coming is None else coming.buffer, batch, nodes, out, arrival=coming)
+        got.append((out.tobytes(), leaves.errors, leaves.squares))
+    assert got[1] == got[0]
+    assert coming.waits == state.layout.offsets[1:]  # layer by layer, from the first
+    assert coming.buffer.tobytes() == weights.tobytes()
+    with threadpool_limits(1):  # weights all in: no wait
+        state.compute(weights, batch, nodes, out, arrival=coming)
+    assert coming.waits == state.layout.offsets[1:]
+
+
 def test_threads_per_worker_must_be_positive():
     from distbp import Config
     from distbp.errors import UsageError

@@ -101,10 +101,10 @@ class Worker(_Actor):
             flat = self.end.weights(weights, ahead=(window, step - 1))
             if flat is None:
                 break
-            def compute(sent, flat=flat, batch=batch, nodes=nodes, values=values, step=step) -> Leaves:
+            def compute(sent, arrival, flat=flat, batch=batch, nodes=nodes, values=values, step=step) -> Leaves:
                 with np.errstate(over="ignore", invalid="ignore"):  # the servers refuse a diverging step
-                    return self.state.compute(flat, batch, nodes, values, step, sent)
-            done.append(self.end.hand_in(values, key, compute))  # each layer sent as it is done
+                    return self.state.compute(flat, batch, nodes, values, step, sent, arrival)
+            done.append(self.end.hand_in(values, key, compute))  # each layer read as it comes, sent as it is done
         self.end.read_answers()  # every server's answer to the hand-ins read: what it returns was taken
         return done
 

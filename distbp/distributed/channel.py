@@ -173,6 +173,18 @@ def recv_array(sock: socket.socket, out: np.ndarray) -> None:
     _fill(sock, memoryview(out).cast("B"))
 
 
+def recv_array_told(sock: socket.socket, out: np.ndarray, came: Callable[[int], None]) -> None:
+    """Exactly ``out.nbytes`` bytes, straight into ``out`` (C-contiguous), saying ``came(n)`` with
+    the whole entries in so far as each run of bytes lands."""
+    view, got = memoryview(out).cast("B"), 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise EOFError("the peer closed the connection")
+        got += n
+        came(got // out.itemsize)
+
+
 class Listener:
     """A listener on ``host`` (port chosen by the system) that serves each authenticated
     connection on a thread of its own with ``serve(sock)`` until the peer leaves.  It listens

@@ -6,10 +6,11 @@ that owns the array, mapped by the other: shm.Memfds, nothing to clean up when a
 Only handles (an address, a key, a memfd's path) go through Ray.  Each server listens on its
 Ray node's address and answers a worker's requests (direct_server.Requests):
 
-- ``Reached(window, steps, pull)``: the weights after ``steps`` steps of window ``window``, once
-  the server holds them (or no, if the window ended before), streamed straight into the
-  worker's weight buffer; a worker of the server's node copies them from the server's memory
-  instead (with one server: reads them in place);
+- ``Reached(window, steps, pull)``: the weights after ``steps`` steps of window ``window``, as
+  soon as the server starts updating them (or no, if the window ended before), streamed chunk
+  by chunk straight into the worker's weight buffer; a worker of the server's node is told how
+  far they are updated and copies them from the server's memory instead (with one server:
+  reads them in place);
 - ``Push(key, step, rows)``: ``rows`` rows of the server's columns of a step's node values
   under a key the driver chose, from the top column down as the worker's backward pass
   finishes each layer, then the micro-batches' errors, squared norms and compute time (its
@@ -28,12 +29,13 @@ updates them, or push after the step was taken: its result is dropped.
 Within a window's step the bytes between nodes flow as in BytePS and DDP: a push goes piece by
 piece (``PIECE_BYTES`` of every row at a time), each piece once the worker's backward pass has
 finished the layers it holds, top layer first, while the layers below are computed; the server
-sums each chunk of the gradient as soon as its pieces are in (``collect``'s ``ready``), from the
-top, while the rest still arrives; and a pull of the
-weights after a step is answered as soon as the server starts updating, chunk by chunk in the
-order of the vector, each chunk the moment it holds its new weights (``updated``, ``_stream``).
-A server sends nothing of a step it refuses: it checks the loss and the whole sum before it
-updates any chunk.
+sums each chunk of the gradient as soon as its pieces are in (``collect``'s ``ready``), from
+the top, while the rest still arrives; and a pull of the weights after a step is answered as
+soon as the server starts updating, chunk by chunk in the order of the vector (the order the
+next forward pass reads them), each chunk the moment it holds its new weights
+(``Board.updated``, ``Requests.reached``), while the worker's forward pass starts on layer 1 as
+soon as layer 1's weights are in (arrival.py).  A server sends nothing of a step it refuses: it
+checks the loss and the whole sum before it updates any chunk.
 
 The parts, as ps-lite splits its van, its customer and its server: the wire (channel.py:
 authenticated connections, messages and arrays), typed requests and replies (here, each a
@@ -106,8 +108,11 @@ class Handle:
 
 @dataclass(frozen=True)
 class Reached:
-    """Whether the server holds the weights after ``steps`` steps of ``window``, once it does (or
-    no once the window ends without them); with ``pull`` a yes is followed by their bytes."""
+    """Whether the server holds the weights after ``steps`` steps of ``window`` (or no once the
+    window ends without them).  Over a socket the yes comes as the server starts that step's
+    update, and is followed by the range chunk by chunk as each holds its new weights: their
+    bytes with ``pull``, else (to a worker of its node, which reads its memory) where each run
+    ends, as ints.  Through the object store, once it holds them all."""
 
     window: int
     steps: int

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from . import channel, shm
+from .arrival import Arrival
 from .direct import Direct, Handle, PeerLost, Push, Put, Reached, Reply, pieces
 from .store import Hand, ask_weights, got
 
@@ -102,7 +103,11 @@ class DirectWorker:
         self.servers: tuple[Handle, ...] = ()
         self.ways: dict[Address, str] = {}  # each server's way, decided at the first contact (``_way``)
         self.handed: list = []  # refs of this call's hand-ins through the object store
-        self.threads = ThreadPoolExecutor(len(self.bounds), "distbp-link")  # a thread per server's link
+        # a thread per server's link for the pulls, and one for the pushes: a pull still coming in
+        # as a step's compute starts, and its pushes
+        self.threads = ThreadPoolExecutor(2 * len(self.bounds), "distbp-link")
+        self.arrival = Arrival(transport.wait_s)  # how far the weights of the step are in
+        self.pulling: list[futures.Future] = []  # the pulls of the step, on link threads
         self.step = 0
         # with shared memory: the node values in it, the servers' weights of this node mapped
         self.node = ray.get_runtime_context().get_node_id() if transport.share_node else None
@@ -123,50 +128,65 @@ class DirectWorker:
 
     def weights(self, parts: tuple[Handle, ...], ahead: tuple[int, int]) -> np.ndarray | None:
         """The whole weight vector after ``steps`` steps of window ``window`` (``ahead``), each
-        server's range pulled into its place in one buffer (or, from a server of this node, copied
-        from its memory; one such server: read in place).  Each server answers once it holds
-        them, or says the window ended before (then None)."""
+        server's range coming into its place in one buffer (or, from a server of this node, copied
+        from its memory; one such server: read in place), chunk by chunk as the server updates
+        it, on a thread per link (``_pull``).  Returns once every server has said yes, as it
+        starts its update (None if one says the window ended before); ``arrival`` tells how far
+        the weights are in, and the step's compute reads each layer once it is (``hand_in``):
+        the next forward pass starts on layer 1 while the layers above come."""
+        self._joined()  # the pulls of a step without a hand-in (none reads a mapping unmapped here)
         if self.node:  # unmap the weights of servers that were replaced
             mine = [self.shared.file] if self.shared.file else []
             self.maps.retain([h.block for h in parts if self._here(h)] + mine)
         self.servers = parts
         single = len(parts) == 1 and self._here(parts[0]) and self._way(parts[0]) == SOCKET  # read in place
-        stored = [(handle, r) for handle, r in zip(parts, self.bounds) if self._way(handle) == STORE]
-        if stored:  # servers whose sockets this worker cannot reach: through the object store
-            ranges = ask_weights([handle.actor for handle, _ in stored], ahead, self.links.wait_s)
-            if ranges is None:
-                return None
-            for (_, r), got in zip(stored, ranges):
-                self.flat[r.start:r.stop] = got
-        def pull(handle: Handle, r: range) -> bool:
-            here, dst, address = self._here(handle), self.flat[r.start:r.stop], handle.address
-
-            def get(sock) -> bool:
-                channel.send(sock, Reached(*ahead, pull=not here))
-                if self.links.reply(sock, address) != Reply(True):
-                    return False
-                if not here:
-                    channel.recv_array(sock, dst)
-                return True
-            if not self.links.talk(address, get):
-                return False
-            if here and not single:
-                np.copyto(dst, self._view(handle))
-            return True
         socketed = [(handle, r) for handle, r in zip(parts, self.bounds) if self._way(handle) == SOCKET]
-        if not all(self._each(pull, socketed)):  # from every server at once: no link waits on another
-            return None
-        return self._view(parts[0]) if single else self.flat
+        self.arrival.expect([r for _, r in socketed])
+        self.pulling = [self.threads.submit(self._pull, handle, r, ahead, single) for handle, r in socketed]
+        try:
+            stored = [(handle, r) for handle, r in zip(parts, self.bounds) if self._way(handle) == STORE]
+            ranges = ask_weights([handle.actor for handle, _ in stored], ahead, self.links.wait_s) if stored else []
+            for (_, r), got in zip(stored, ranges or ()):  # servers this worker cannot reach by socket
+                self.flat[r.start:r.stop] = got
+            if self.arrival.answered() and ranges is not None:
+                return self._view(parts[0]) if single else self.flat
+        except BaseException:
+            self._joined()
+            raise
+        self._joined()  # what the servers that said yes send is read: each connection stays in step
+        return None
 
-    def _each(self, job: Callable, items: list[tuple]) -> list:
-        """``job(*item)`` for every item, each on a thread of this end's where there are several
-        (one per server: a server's link never waits on another's); once all are done, a job's
-        error is raised here (no thread still uses a socket when the call ends)."""
-        if len(items) == 1:
-            return [job(*items[0])]
-        running = [self.threads.submit(job, *item) for item in items]
-        futures.wait(running)
-        return [done.result() for done in running]
+    def _pull(self, handle: Handle, r: range, ahead: tuple[int, int], single: bool) -> None:
+        """Server ``handle``'s range of the weights after ``ahead``, into its place as each run of it
+        comes (from a server of this node: as it says how far it has updated them, copied from its
+        memory, or read there in place if ``single``), each told to ``arrival``.  Its errors too."""
+        here, address = self._here(handle), handle.address
+
+        def get(sock: socket.socket) -> None:
+            channel.send(sock, Reached(*ahead, pull=not here))
+            yes = self.links.reply(sock, address) == Reply(True)
+            self.arrival.answer(r, yes)
+            if yes and not here:  # the bytes, told as they land
+                channel.recv_array_told(sock, self.flat[r.start:r.stop], lambda n: self.arrival.came(r, r.start + n))
+            at, view = r.start, self._view(handle) if here and yes else None
+            while yes and here and at < r.stop:  # how far the server has updated them, in its memory
+                stop = r.start + channel.recv(sock)
+                if not single:
+                    np.copyto(self.flat[at:stop], view[at - r.start:stop - r.start])
+                self.arrival.came(r, stop)
+                at = stop
+        try:
+            self.links.talk(address, get)
+        except BaseException as exc:
+            self.arrival.fail(exc)
+            raise
+
+    def _joined(self) -> None:
+        """Every pull of the step ended (``_pull``: each has its deadline); PeerLost if one failed."""
+        pulling, self.pulling = self.pulling, []
+        futures.wait(pulling)
+        for pulled in pulling:
+            pulled.result()
 
     def _way(self, handle: Handle) -> str:
         """How this worker reaches ``handle``'s server, decided at their first contact: its socket
@@ -193,10 +213,11 @@ class DirectWorker:
             self.out = np.empty((count, self.out.shape[1]), dtype=self.dtype)
         return self.out[:count]
 
-    def hand_in(self, values: np.ndarray, key: str, compute: Callable[[Callable | None], tuple]) -> tuple:
-        """A window's step (windows.py): ``compute(done)`` fills ``values`` layer by layer, saying
-        ``done(lo, hi)`` as columns ``[lo, hi)`` of every row are final (step/worker.py), and returns
-        the step's ``meta`` (the micro-batches' errors and the compute seconds), which this returns.
+    def hand_in(self, values: np.ndarray, key: str, compute: Callable[[Callable | None, Arrival], tuple]) -> tuple:
+        """A window's step (windows.py): ``compute(done, arrival)`` fills ``values`` layer by layer,
+        reading each layer's weights once ``arrival`` says they are in, saying ``done(lo, hi)`` as
+        columns ``[lo, hi)`` of every row are final (step/worker.py), and returns the step's
+        ``meta`` (the micro-batches' errors and the compute seconds), which this returns.
         Each server gets its columns of ``values`` under ``key``, with ``meta``: those it reaches
         by socket as they are done, top layer first, each on a thread of this end's (``Stream``)
         while the layers below are computed; one through the object store, all at once at the
@@ -208,11 +229,12 @@ class DirectWorker:
         sending = [self.threads.submit(stream.run) for stream in streams]
         meta = None
         try:
-            meta = compute(self._marker(streams) if streams else None)
+            meta = compute(self._marker(streams) if streams else None, self.arrival)
         finally:
             for stream in streams:  # the end; without meta, of a hand-in that will not finish
                 stream.marks.put((0, True, meta))
             futures.wait(sending)  # no link's thread outlives the call: each send has its deadline
+            self._joined()
         for sent in sending:
             sent.result()  # PeerLost if a server could not be reached
         for handle, r in zip(self.servers, self.bounds):

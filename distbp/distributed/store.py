@@ -152,11 +152,11 @@ class StoreWorker:
             return [values]
         return [values[:, r.start:r.stop] for r in self.bounds]
 
-    def hand_in(self, values: np.ndarray, key: str, compute: Callable[[None], tuple]) -> tuple:
-        """A window's step: ``compute(None)`` fills ``values`` and returns the step's ``meta`` (the
+    def hand_in(self, values: np.ndarray, key: str, compute: Callable[[None, None], tuple]) -> tuple:
+        """A window's step: ``compute(None, None)`` fills ``values`` and returns the step's ``meta`` (the
         micro-batches' ``Leaves``), which this returns; then each server gets its columns of
         ``values`` under ``key``, with ``meta``.  The answers are read at the call's end."""
-        meta = compute(None)
+        meta = compute(None, None)
         parts = self.send(values)
         self.handed += [p.actor.ask.remote(Hand(key, self.step, part, meta)) for p, part in zip(self.servers, parts)]
         return meta

@@ -123,16 +123,15 @@ class Workspace:
         self.e = np.empty(rows, dtype=dtype)
 
 
-def forward(W: list[np.ndarray], X: np.ndarray | None, activation: str, ws: Workspace) -> np.ndarray:
-    """Fill ``ws.s[l]`` and ``ws.x[l]`` for ``l = 1..L`` from inputs ``X`` (rows, d^0); returns ``s^L``.
-
-    ``X=None`` means the caller already wrote the inputs into ``ws.x[0][:, 1:]``.
-    """
+def forward(W: list[np.ndarray], X: np.ndarray | None, activation: str, ws: Workspace,
+            layers: range | None = None) -> np.ndarray:
+    """Fill ``ws.s[l]`` and ``ws.x[l]`` for ``l = 1..L`` (or ``layers``, those below in ``ws`` already)
+    from inputs ``X`` (rows, d^0); returns ``s^L``.  ``X=None``: the inputs are in ``ws.x[0][:, 1:]``."""
     theta = ACTIVATIONS[activation][0]
     L = len(W)
     if X is not None:
         ws.x[0][:, 1:] = X
-    for l in range(1, L + 1):
+    for l in range(1, L + 1) if layers is None else layers:
         np.matmul(ws.x[l - 1], W[l - 1], out=ws.s[l])  # s^l = [1, x^{l-1}] W^l
         if l < L:
             theta(ws.s[l], ws.x[l][:, 1:])  # x^l = theta(s^l)

@@ -21,6 +21,11 @@ micro-batches, one after another, each group's leaves folded into the nodes wher
 left off: memory stays bounded whatever the share, and the last group's layers go out as they
 are done.
 
+The weights may still be coming in when a step starts (the direct transport streams each
+server's range as it is updated, layer 1 first: distributed/arrival.py): then the forward pass
+goes layer by layer over the first group's micro-batches, each layer once its weights are in
+(``_lead``), the same GEMMs in another order.
+
 ``--threads-per-worker T``: a worker runs up to T micro-batches' forward passes, or layer
 gradients, at once, one per thread (each on one BLAS thread: numpy releases the GIL in BLAS, so
 T threads use T cores; docs/performance.md measures it), each into a buffer of its own, and
@@ -84,6 +89,21 @@ class BufferPool:
             self.free.append(buf)
 
 
+class Waited:
+    """An ``arrival`` (``WorkerState._lead``) that counts the seconds its waits took."""
+
+    def __init__(self, arrival):
+        self.arrival, self.seconds = arrival, 0.0
+
+    def has(self, columns: int) -> bool:
+        return self.arrival.has(columns)
+
+    def wait(self, columns: int) -> None:
+        start = time.perf_counter()
+        self.arrival.wait(columns)
+        self.seconds += time.perf_counter() - start
+
+
 class WorkerState:
     """A worker's data and buffers; ``compute`` is its whole job."""
 
@@ -120,26 +140,49 @@ class WorkerState:
             out[i] = have[k]
         return out
 
-    def _forward(self, W: list[np.ndarray], rows: np.ndarray, ws: Workspace) -> float:
-        """A micro-batch's forward pass and ``delta^L`` in ``ws``; returns its summed error."""
-        # Gather the rows straight into the workspace: no per-micro-batch allocation.
-        np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
-        output_delta(forward(W, None, self.activation, ws), self.Y[rows], self.loss, ws.delta[-1], ws.e)
+    def _forward(self, W: list[np.ndarray], rows: np.ndarray, ws: Workspace, first: int = 1) -> float:
+        """A micro-batch's forward pass from layer ``first`` (those below are in ``ws``: ``_lead``) and
+        ``delta^L`` in ``ws``; returns its summed error."""
+        if first == 1:  # the rows gathered straight into the workspace: no per-micro-batch allocation
+            np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
+        sL = forward(W, None, self.activation, ws, range(first, len(W) + 1))
+        output_delta(sL, self.Y[rows], self.loss, ws.delta[-1], ws.e)
         return float(ws.e.sum(dtype=np.float64))
 
+    def _lead(self, W: list[np.ndarray], arrival, rows: Callable[[int], np.ndarray],
+              spaces: dict[int, Workspace]) -> int:
+        """While the weights still come in (``arrival``: ``has(c)`` and ``wait(c)`` for columns
+        ``[0, c)``, distributed/arrival.py), the forward pass of the micro-batches of ``spaces``
+        layer by layer, each layer once its weights are in: layer 1 starts while the layers above
+        come.  Returns how many layers it did (none if the weights were in): the rest goes micro-batch
+        by micro-batch.  The same GEMMs, in another order: the same bits."""
+        offsets, done = self.layout.offsets, 0
+        while done < len(W) and not arrival.has(offsets[-1]):
+            done += 1
+            arrival.wait(offsets[done])
+
+            def one(i: int, l: int = done) -> None:
+                if l == 1:
+                    np.take(self.X, rows(i), axis=0, out=spaces[i].x[0][:, 1:], mode="clip")
+                forward(W, None, self.activation, spaces[i], range(l, l + 1))
+            self._map(one, list(spaces))
+        return done
+
     def compute(self, weights: np.ndarray, batch: np.ndarray, nodes: list[tree.Node], out: np.ndarray,
-                step: int = 0, done: Callable[[int, int], None] | None = None) -> Leaves:
+                step: int = 0, done: Callable[[int, int], None] | None = None, arrival=None) -> Leaves:
         """The values of tree ``nodes`` over the micro-batches of ``batch``, into ``out`` (shape
         ``(len(nodes), P)``: row r is node r's summed gradient).
 
         Each micro-batch's forward pass and the backward pass of the layers above the first, T
         micro-batches at a time (while their activations are in cache), then every micro-batch's
         gradient of layer 1: ``done(lo, hi)``, if given, is called as columns ``[lo, hi)`` of every
-        row are final, the layers above the first, then the first.  Returns the ``Leaves`` of the
-        micro-batches the nodes cover.  ``step``: the step it is of, kept with the call's times in
-        ``spans`` (--timeline).
+        row are final, the layers above the first, then the first.  ``arrival``, if given, says how
+        far ``weights`` are in while they still come (``_lead``).  Returns the ``Leaves`` of the
+        micro-batches the nodes cover, whose seconds leave out the wait for weights.  ``step``: the
+        step it is of, kept with the call's times in ``spans`` (--timeline).
         """
         start, wall, cpu = time.perf_counter(), time.time(), time.thread_time()
+        waited = Waited(arrival)
         W = self.layout.views(weights)
         ranges = micro_batches(len(batch), self.micro_batch)
         spans = [tree.span(node, len(ranges)) for node in nodes]
@@ -152,6 +195,8 @@ class WorkerState:
         for part in groups:  # at most ACTIVATION_BYTES of activations at once
             ids = owned[part.start:part.stop]
             spaces = self._workspaces(ranges, ids)
+            first = 1 + (self._lead(W, waited, lambda i: batch[ranges[i].start:ranges[i].stop], spaces)
+                         if arrival is not None and part is groups[0] else 0)
 
             def layer(l: int, ids: list[int], spaces: dict = spaces) -> None:
                 """Layer ``l``'s gradient of micro-batches ``ids`` (and their ``delta^{l-1}``), into the nodes."""
@@ -165,8 +210,8 @@ class WorkerState:
                                    stacks.setdefault((r, l), []))
             for wave in cuts.fixed(len(ids), self.threads):  # T micro-batches at a time, while in cache
                 some = ids[wave.start:wave.stop]
-                errors += self._map(lambda i, spaces=spaces: self._forward(W, batch[ranges[i].start:ranges[i].stop],
-                                                                          spaces[i]), some)
+                errors += self._map(lambda i, spaces=spaces, first=first: self._forward(
+                    W, batch[ranges[i].start:ranges[i].stop], spaces[i], first), some)
                 for l in range(len(W), 1, -1):  # the layers above the first
                     layer(l, some)
             last = done is not None and part is groups[-1]
@@ -177,7 +222,7 @@ class WorkerState:
                 done(0, offsets[1])
         seconds = time.perf_counter() - start
         self.spans.append((wall, wall + seconds, time.thread_time() - cpu, step))
-        return Leaves(errors, [noise.leaf_square(squares[i], len(ranges[i])) for i in owned], seconds)
+        return Leaves(errors, [noise.leaf_square(squares[i], len(ranges[i])) for i in owned], seconds - waited.seconds)
 
     def _group(self) -> int:
         """Micro-batches whose activations a worker holds at once: ``ACTIVATION_BYTES`` worth."""

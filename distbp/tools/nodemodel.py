@@ -82,19 +82,22 @@ def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, 
             colocated: bool = True, M: int | None = None, layers: tuple[int, ...] | None = None) -> dict[str, float]:
     """One synchronous distbp step on N nodes of C cores, S servers, in seconds, by phase.
 
-    Each node runs one worker of C threads (one tree node of P values to send, when its
-    share of micro-batches is a power of two).  ``colocated``: server s sits on node s (S <= N),
-    so a worker's range of its own node's server never crosses the wire.  Per step a worker
-    pushes P values and pulls P values, to and from every server at once; a server receives
-    N * P / S values and sends as many.  The busiest link is a server node's: its worker's
-    traffic plus its server's.  As the implementation runs them (windows.py, direct_server.py):
-    the sum (half the server's pass) while the push comes in, the update (the other half) while
-    the pull goes out, Ray's calls once a window, and between nodes a fixed ``latency``.  With
-    ``layers`` (P is then theirs), a worker pushes each layer's columns as its backward pass
-    finishes them (step/worker.py), so what lies above layer 1 goes while layer 1's gradient is
-    computed (``hidden``: the push time that saves); a server's range in layer 1 can only go
-    after.  With a micro-batch ``M``, nodes past ceil(B / M) have no share: the step is that of
-    ceil(B / M) nodes (``busy``; co-located servers capped to them).
+    Each node runs one worker of C threads (one tree node of P values to send, when its share of
+    micro-batches is a power of two).  ``colocated``: server s sits on node s (S <= N), so a
+    worker's range of its own node's server never crosses the wire.  Per step a worker pushes P
+    values and pulls P values, to and from every server at once; a server receives N * P / S
+    values and sends as many.  The busiest link is a server node's: its worker's traffic plus its
+    server's.  As the implementation runs them (windows.py, direct_server.py): the sum (half the
+    server's pass) while the push comes in, the update (the other half) while the pull goes out,
+    Ray's calls once a window, and between nodes a fixed ``latency``.  With ``layers`` (P is then
+    theirs), a worker pushes each layer's columns as its backward pass finishes them
+    (step/worker.py), so what lies above layer 1 goes while layer 1's gradient is computed
+    (``hidden``: the push time that saves); a server's range in layer 1 can only go after.  The
+    pull mirrors it: the weights come in the vector's order, layer 1 first, and the next forward
+    pass computes layer 1 while the layers above come (``hidden_pull``; layer 1's forward pass
+    is 2 of the 6 flops per weight and sample too).  With a micro-batch ``M``, nodes past
+    ceil(B / M) have no share: the step is that of ceil(B / M) nodes (``busy``; co-located
+    servers capped to them).
     """
     if M is not None:
         N = min(N, math.ceil(B / M))
@@ -106,13 +109,15 @@ def ps_step(N: int, C: int, S: int, P: int, B: int, itemsize: int, gbit: float, 
     # layer 1's weight gradient: 2 of the 6 flops per weight and sample, on layer 1's weights
     last = compute * 2 * (layers[0] + 1) * layers[1] / (FLOPS_PER_WEIGHT_SAMPLE * P) if layers else 0.0
     after = max(max(_wire(total * itemsize, gbit, c) - last, _wire(low * itemsize, gbit, c)) for total, low in links)
-    pull = push  # the same bytes the other way
+    # the pull: the same bytes the other way, layer 1 first, the rest while layer 1's forward pass
+    # runs (2 of the 6 flops as well): what it takes after that is ``after`` too
+    pull, pulled = push, after
     total_sum = N * P * itemsize / S / (c.sum_gbytes * 1e9 * (c.pass_speedup if C > 1 else 1.0))
     ray = c.ray_step_s / c.window
     latency = c.step_latency_s if N > 1 else 0.0
     return {"compute": compute, "push": push, "hidden": push - after, "sum": total_sum, "pull": pull,
-            "ray": ray, "latency": latency, "busy": float(N),
-            "step": compute + max(after, total_sum / 2) + max(pull, total_sum / 2) + ray + latency}
+            "hidden_pull": pull - pulled, "ray": ray, "latency": latency, "busy": float(N),
+            "step": compute + max(after, total_sum / 2) + max(pulled, total_sum / 2) + ray + latency}
 
 
 def _links(N: int, S: int, P: int, shared: bool, layers: tuple[int, ...] | None) -> list[tuple[float, float]]:

@@ -1,0 +1,79 @@
+"""How far a step's weights are in, at a worker of the direct transport (direct_worker.py).
+
+A worker asks each server for the weights after the step before; each server answers as it
+starts its update and sends its range chunk by chunk as each holds its new weights, on a thread
+of the worker's per link.  ``Arrival`` is what those threads tell and the step's compute reads
+(step/worker.py): the compute starts its forward pass on layer 1 as soon as layer 1's weights
+are in, and waits for each layer above until it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .direct import PeerLost
+
+
+class Arrival:
+    """How far the weights of a step are in, server by server, as the link threads take them in
+    (``DirectWorker._pull``): the compute waits for the columns it reads next (step/worker.py).
+    A wait ends with PeerLost when a pull failed, or after twice the servers' deadline."""
+
+    def __init__(self, wait_s: float):
+        self.wait_s = wait_s
+        self.changed = threading.Condition(threading.RLock())
+        self.upto: dict[range, int] = {}  # a server's range -> the end of what is in
+        self.answers: dict[range, bool] = {}  # a server's range -> its yes or no
+        self.error: BaseException | None = None
+        self.wanted = 0  # the columns the compute waits for (0: it does not): only their coming wakes it
+
+    def expect(self, ranges: list[range]) -> None:
+        """A step's weights start to come, in ``ranges`` (the others are in already)."""
+        with self.changed:
+            self.upto, self.answers, self.error = {r: r.start for r in ranges}, {}, None
+
+    def answer(self, r: range, yes: bool) -> None:
+        with self.changed:
+            self.answers[r] = yes
+            self.changed.notify_all()
+
+    def came(self, r: range, stop: int) -> None:
+        with self.changed:
+            self.upto[r] = stop
+            if self.wanted and self._in(self.wanted):
+                self.changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.changed:
+            self.error = error
+            self.changed.notify_all()
+
+    def answered(self) -> bool:
+        """Whether every server said yes, once all have answered."""
+        self._wait(lambda: len(self.answers) == len(self.upto), "the servers' answers")
+        return all(self.answers.values())
+
+    def has(self, columns: int) -> bool:
+        """Whether columns ``[0, columns)`` are in."""
+        with self.changed:
+            return self._in(columns)
+
+    def wait(self, columns: int) -> None:
+        """Until columns ``[0, columns)`` are in."""
+        with self.changed:  # reentrant: ``_wait`` takes it again
+            self.wanted = columns
+            try:
+                self._wait(lambda: self._in(columns), f"the weights' first {columns} entries")
+            finally:
+                self.wanted = 0
+
+    def _in(self, columns: int) -> bool:
+        return all(stop >= min(columns, r.stop) for r, stop in self.upto.items() if r.start < columns)
+
+    def _wait(self, there: Callable[[], bool], what: str) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.error is not None or there(), timeout=2 * self.wait_s):
+                raise PeerLost(f"{what} did not come within {2 * self.wait_s:g} s")
+            if self.error is not None:
+                raise PeerLost(f"the weights cannot be had: {self.error}")
