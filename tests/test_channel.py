@@ -188,11 +188,12 @@ def test_a_worker_sends_each_layer_while_it_computes_the_layers_below(ray_sessio
 
 
 def test_a_worker_starts_on_the_weights_in_while_the_rest_is_updated(ray_session):
-    """The pull side's overlap: a worker's ``weights`` returns once every server has started its
-    update, its ``arrival`` says which columns are in (from a server of this node: as it is told
-    how far they are updated; from one of another node: as their bytes come), a wait for the rest
-    lasts until the servers have updated it, and the buffer then holds the new weights.  A server
-    that stops mid-update fails the wait with PeerLost, and the step's hand-in with it."""
+    """The pull side's overlap: a worker's ``weights`` returns once every server has answered (one
+    of another node as it starts its update, one of this node once it is done), its ``arrival``
+    says which columns are in (those of the server of this node, then those of the other as their
+    bytes land), a wait for the rest lasts until that server has updated it, and the buffer then
+    holds the new weights.  A server that stops mid-update fails the wait with PeerLost, and the
+    step's hand-in with it."""
     from dataclasses import replace
 
     from distbp.distributed.direct import Direct, PeerLost
@@ -206,38 +207,38 @@ def test_a_worker_starts_on_the_weights_in_while_the_rest_is_updated(ray_session
     there = replace(there, node="another node")  # over its socket, as if on another node
     worker = transport.worker_end()
     new = np.arange(size, dtype=np.float64) + 1.0
+    near, far = servers[0].bounds, servers[1].bounds
 
-    def update(server, lo: int, hi: int) -> None:  # a chunk of step 1 updated (columns of the server's range)
+    def update(server, lo: int, hi: int, step: int = 1) -> None:  # a chunk updated (the server's columns)
         server.weights[lo:hi] = new[server.bounds.start + lo:server.bounds.start + hi]
-        server.board.updated(1, (lo, hi))
+        server.board.updated(step, (lo, hi))
     for server in servers:
         server.board.begin_window(1)
     pulled: list = []
     pulling = threading.Thread(target=lambda: pulled.append(worker.weights((here, there), ahead=(1, 1))))
     pulling.start()
-    pulling.join(0.3)
-    assert pulling.is_alive()  # no server has started step 1's update
     cut = 1000
-    for server in servers:
-        update(server, 0, cut)
+    update(servers[1], 0, cut)  # the other node's server starts its update
+    update(servers[0], 0, cut)
+    pulling.join(0.3)
+    assert pulling.is_alive()  # this node's server has not finished its update
+    update(servers[0], cut, len(near))
+    servers[0].applied(1)
     pulling.join(10)
     (flat,) = pulled
-    top = servers[1].bounds.start
-    worker.arrival.wait(cut)
-    assert worker.arrival.has(cut) and not worker.arrival.has(cut + 1)  # server 0's range: cut entries in
-    np.testing.assert_array_equal(flat[:cut], new[:cut])
+    worker.arrival.wait(near.stop)
+    np.testing.assert_array_equal(flat[:near.stop], new[:near.stop])
     deadline = time.monotonic() + 10
-    while worker.arrival.upto[servers[1].bounds] < top + cut and time.monotonic() < deadline:
+    while worker.arrival.upto[far] < far.start + cut and time.monotonic() < deadline:
         time.sleep(0.01)  # the other server's first chunk comes over its socket
-    np.testing.assert_array_equal(flat[top:top + cut], new[top:top + cut])
-    assert not worker.arrival.has(size)
+    np.testing.assert_array_equal(flat[far.start:far.start + cut], new[far.start:far.start + cut])
+    assert worker.arrival.has(far.start + cut) and not worker.arrival.has(size)
     waiting = threading.Thread(target=worker.arrival.wait, args=(size,))
     waiting.start()
     waiting.join(0.3)
     assert waiting.is_alive()  # the rest is still being updated
-    for server in servers:
-        update(server, cut, len(server.weights))
-        server.applied(1)
+    update(servers[1], cut, len(far))
+    servers[1].applied(1)
     waiting.join(10)
     assert not waiting.is_alive() and worker.arrival.has(size)
     np.testing.assert_array_equal(flat, new)
@@ -246,9 +247,9 @@ def test_a_worker_starts_on_the_weights_in_while_the_rest_is_updated(ray_session
     for server in servers:
         server.board.end_window()
         server.board.begin_window(2)
-    flat = worker.weights((here, there), ahead=(2, 2))  # step 2's update starts, and server 1 stops in it
-    for server in servers:
-        server.board.updated(2, (0, cut))
+    servers[0].applied(2)
+    update(servers[1], 0, cut, step=2)  # step 2's update starts, and server 1 stops in it
+    flat = worker.weights((here, there), ahead=(2, 2))
 
     def compute(done, arrival):
         arrival.wait(size)

@@ -1,10 +1,11 @@
 """How far a step's weights are in, at a worker of the direct transport (direct_worker.py).
 
-A worker asks each server for the weights after the step before; each server answers as it
-starts its update and sends its range chunk by chunk as each holds its new weights, on a thread
-of the worker's per link.  ``Arrival`` is what those threads tell and the step's compute reads
-(step/worker.py): the compute starts its forward pass on layer 1 as soon as layer 1's weights
-are in, and waits for each layer above until it is.
+A worker asks each server for the weights after the step before, on a thread of its own per
+server: a server of another node answers as it starts its update and sends its range chunk by
+chunk as each holds its new weights; one of the worker's node answers once its update is done,
+and the worker copies the range from its memory.  ``Arrival`` is what those threads tell and the
+step's compute reads (step/worker.py): the compute starts its forward pass on layer 1 as soon as
+layer 1's weights are in, and waits for each layer above until it is.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ Ray node's address and answers a worker's requests (direct_server.Requests):
 
 - ``Reached(window, steps, pull)``: the weights after ``steps`` steps of window ``window``, as
   soon as the server starts updating them (or no, if the window ended before), streamed chunk
-  by chunk straight into the worker's weight buffer; a worker of the server's node is told how
-  far they are updated and copies them from the server's memory instead (with one server:
-  reads them in place);
+  by chunk straight into the worker's weight buffer; a worker of the server's node copies them
+  from the server's memory instead, once they are all updated (with one server: reads them in
+  place);
 - ``Push(key, step, rows)``: ``rows`` rows of the server's columns of a step's node values
   under a key the driver chose, from the top column down as the worker's backward pass
   finishes each layer, then the micro-batches' errors, squared norms and compute time (its
@@ -108,11 +108,9 @@ class Handle:
 
 @dataclass(frozen=True)
 class Reached:
-    """Whether the server holds the weights after ``steps`` steps of ``window`` (or no once the
-    window ends without them).  Over a socket the yes comes as the server starts that step's
-    update, and is followed by the range chunk by chunk as each holds its new weights: their
-    bytes with ``pull``, else (to a worker of its node, which reads its memory) where each run
-    ends, as ints.  Through the object store, once it holds them all."""
+    """Whether the server holds the weights after ``steps`` steps of ``window``, once it does (or
+    no once the window ends without them); with ``pull`` the yes comes as the server starts
+    that step's update, followed by their bytes, chunk by chunk as each is updated."""
 
     window: int
     steps: int

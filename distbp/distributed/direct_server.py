@@ -116,20 +116,18 @@ class Requests:
             handler(sock, request)
 
     def reached(self, sock: socket.socket, request: Reached) -> None:
-        """Yes as soon as the server starts updating step ``request.steps`` (or holds the weights
-        after it), or no once the window ends without them; after a yes, the range in order, each
-        run of it as soon as it holds its new weights (the update of the later chunks goes on
-        meanwhile): its bytes with ``pull``, else, to a worker of this node that reads them in
-        this server's memory, where the run ends."""
-        yes = self.board.reached(request.window, request.steps, pull=True)
+        """Yes once the server holds the weights after ``request.steps`` steps (with ``pull``, as
+        soon as it starts updating them, then the range in order, each chunk as soon as it holds
+        its new weights: the update of the later chunks goes on meanwhile), or no once the window
+        ends without them."""
+        yes = self.board.reached(request.window, request.steps, request.pull)
         channel.send(sock, Reply(yes))
+        if not (yes and request.pull):
+            return
         at, width = 0, self.server.width
-        while yes and at < width:
+        while at < width:
             stop = self.board.next_chunk(at, request.steps, width)
-            if request.pull:
-                channel.send_array(sock, self.server.weights[at:stop])
-            else:
-                channel.send(sock, stop)
+            channel.send_array(sock, self.server.weights[at:stop])
             at = stop
 
     def push(self, sock: socket.socket, request: Push) -> None:

@@ -128,12 +128,12 @@ class DirectWorker:
 
     def weights(self, parts: tuple[Handle, ...], ahead: tuple[int, int]) -> np.ndarray | None:
         """The whole weight vector after ``steps`` steps of window ``window`` (``ahead``), each
-        server's range coming into its place in one buffer (or, from a server of this node, copied
-        from its memory; one such server: read in place), chunk by chunk as the server updates
-        it, on a thread per link (``_pull``).  Returns once every server has said yes, as it
-        starts its update (None if one says the window ended before); ``arrival`` tells how far
-        the weights are in, and the step's compute reads each layer once it is (``hand_in``):
-        the next forward pass starts on layer 1 while the layers above come."""
+        server's range coming into its place in one buffer on a thread per link (``_pull``): from
+        a server of another node chunk by chunk as it updates them, from one of this node copied
+        from its memory (one such server: read in place).  Returns once every server has said yes
+        (None if one says the window ended before); ``arrival`` tells how far the weights are in,
+        and the step's compute reads each layer once it is (``hand_in``): the next forward pass
+        starts on layer 1 while the layers above come over the wire."""
         self._joined()  # the pulls of a step without a hand-in (none reads a mapping unmapped here)
         if self.node:  # unmap the weights of servers that were replaced
             mine = [self.shared.file] if self.shared.file else []
@@ -157,24 +157,22 @@ class DirectWorker:
         return None
 
     def _pull(self, handle: Handle, r: range, ahead: tuple[int, int], single: bool) -> None:
-        """Server ``handle``'s range of the weights after ``ahead``, into its place as each run of it
-        comes (from a server of this node: as it says how far it has updated them, copied from its
-        memory, or read there in place if ``single``), each told to ``arrival``.  Its errors too."""
+        """Server ``handle``'s range of the weights after ``ahead`` into its place, each run told to
+        ``arrival`` as it lands; from a server of this node, once it has updated them all, copied
+        from its memory (or read there in place if ``single``): within a node there is no wire to
+        hide, and its update would take the cores the compute needs.  Its errors too."""
         here, address = self._here(handle), handle.address
 
         def get(sock: socket.socket) -> None:
             channel.send(sock, Reached(*ahead, pull=not here))
             yes = self.links.reply(sock, address) == Reply(True)
             self.arrival.answer(r, yes)
-            if yes and not here:  # the bytes, told as they land
+            if yes and not here:
                 channel.recv_array_told(sock, self.flat[r.start:r.stop], lambda n: self.arrival.came(r, r.start + n))
-            at, view = r.start, self._view(handle) if here and yes else None
-            while yes and here and at < r.stop:  # how far the server has updated them, in its memory
-                stop = r.start + channel.recv(sock)
+            elif yes:
                 if not single:
-                    np.copyto(self.flat[at:stop], view[at - r.start:stop - r.start])
-                self.arrival.came(r, stop)
-                at = stop
+                    np.copyto(self.flat[r.start:r.stop], self._view(handle))
+                self.arrival.came(r, r.stop)
         try:
             self.links.talk(address, get)
         except BaseException as exc:
