@@ -74,9 +74,12 @@ def _exact(sock: socket.socket, n: int, until: float | None = None) -> bytes:
     return bytes(buf)
 
 
-def _fill(sock: socket.socket, view: memoryview, until: float | None = None) -> None:
+def _fill(sock: socket.socket, view: memoryview, until: float | None = None,
+          came: Callable[[int], None] | None = None) -> None:
     """Fill ``view`` from ``sock``; with ``until`` (a ``time.monotonic()``), TimeoutError once it
-    has passed, however the peer trickles its bytes."""
+    has passed, however the peer trickles its bytes; ``came(n)``, if given, hears the bytes in so
+    far after each receive."""
+    total = 0
     while view:
         if until is not None:
             left = until - time.monotonic()
@@ -87,6 +90,9 @@ def _fill(sock: socket.socket, view: memoryview, until: float | None = None) -> 
         if not got:
             raise EOFError("the peer closed the connection")
         view = view[got:]
+        if came is not None:
+            total += got
+            came(total)
 
 
 def _mac(key: bytes, role: bytes, challenge: bytes) -> bytes:
@@ -168,21 +174,10 @@ def send_array(sock: socket.socket, array: np.ndarray) -> None:
     sock.sendall(memoryview(array).cast("B"))
 
 
-def recv_array(sock: socket.socket, out: np.ndarray) -> None:
-    """Exactly ``out.nbytes`` bytes, straight into ``out`` (C-contiguous)."""
-    _fill(sock, memoryview(out).cast("B"))
-
-
-def recv_array_told(sock: socket.socket, out: np.ndarray, came: Callable[[int], None]) -> None:
-    """Exactly ``out.nbytes`` bytes, straight into ``out`` (C-contiguous), saying ``came(n)`` with
-    the whole entries in so far as each run of bytes lands."""
-    view, got = memoryview(out).cast("B"), 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if not n:
-            raise EOFError("the peer closed the connection")
-        got += n
-        came(got // out.itemsize)
+def recv_array(sock: socket.socket, out: np.ndarray, came: Callable[[int], None] | None = None) -> None:
+    """Exactly ``out.nbytes`` bytes, straight into ``out`` (C-contiguous); ``came(n)``, if given,
+    hears the whole entries in so far as each run of bytes lands."""
+    _fill(sock, memoryview(out).cast("B"), came=None if came is None else lambda got: came(got // out.itemsize))
 
 
 class Listener:

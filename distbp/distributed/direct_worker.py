@@ -168,7 +168,7 @@ class DirectWorker:
             yes = self.links.reply(sock, address) == Reply(True)
             self.arrival.answer(r, yes)
             if yes and not here:
-                channel.recv_array_told(sock, self.flat[r.start:r.stop], lambda n: self.arrival.came(r, r.start + n))
+                channel.recv_array(sock, self.flat[r.start:r.stop], lambda n: self.arrival.came(r, r.start + n))
             elif yes:
                 if not single:
                     np.copyto(self.flat[r.start:r.stop], self._view(handle))

@@ -143,11 +143,15 @@ class WorkerState:
     def _forward(self, W: list[np.ndarray], rows: np.ndarray, ws: Workspace, first: int = 1) -> float:
         """A micro-batch's forward pass from layer ``first`` (those below are in ``ws``: ``_lead``) and
         ``delta^L`` in ``ws``; returns its summed error."""
-        if first == 1:  # the rows gathered straight into the workspace: no per-micro-batch allocation
-            np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
+        if first == 1:
+            self._gather(rows, ws)
         sL = forward(W, None, self.activation, ws, range(first, len(W) + 1))
         output_delta(sL, self.Y[rows], self.loss, ws.delta[-1], ws.e)
         return float(ws.e.sum(dtype=np.float64))
+
+    def _gather(self, rows: np.ndarray, ws: Workspace) -> None:
+        """A micro-batch's samples straight into its workspace: no per-micro-batch allocation."""
+        np.take(self.X, rows, axis=0, out=ws.x[0][:, 1:], mode="clip")
 
     def _lead(self, W: list[np.ndarray], arrival, rows: Callable[[int], np.ndarray],
               spaces: dict[int, Workspace]) -> int:
@@ -163,7 +167,7 @@ class WorkerState:
 
             def one(i: int, l: int = done) -> None:
                 if l == 1:
-                    np.take(self.X, rows(i), axis=0, out=spaces[i].x[0][:, 1:], mode="clip")
+                    self._gather(rows(i), spaces[i])
                 forward(W, None, self.activation, spaces[i], range(l, l + 1))
             self._map(one, list(spaces))
         return done
