@@ -97,8 +97,9 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
 
     from distbp.distributed.direct import Direct
 
-    transport = Direct(10, np.float64, 2)
+    transport = Direct(10, np.float64, 2, spans=[range(0, 6), range(6, 10)])  # two layers: a slice of each
     servers = [transport.server_end(s) for s in range(2)]
+    assert [server.part.runs for server in servers] == [(range(0, 3), range(6, 8)), (range(3, 6), range(8, 10))]
     for server in servers:
         server.own(np.arange(10, dtype=np.float64))
     here, there = (server.publish(server.weights) for server in servers)
@@ -120,16 +121,16 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
     assert servers[0].inbox.entries["k"].block is not None  # in place: only a handle
     assert servers[1].inbox.entries["k"].block is None  # over the socket
     for server in servers:
-        r = server.bounds
+        part = server.part
         server.board.begin_window(1)
         (got,), metas, ready = server.collect(["k"], 1, 2, [tree.blocks(range(2), 2)])
-        assert ready(0, len(r)) and metas() == [meta]
-        np.testing.assert_array_equal(got, values[:, r.start:r.stop])
+        assert ready(0, len(part)) and metas() == [meta]
+        np.testing.assert_array_equal([row[0:len(part)] for row in got], part.take(values))
         server.board.end_window()
     servers[0].weights[:] = -1.0  # a server's update is what the worker of its node reads next
     flat = worker.weights((here, there), ahead=(2, 0))
     worker.arrival.wait(10)
-    assert (flat[:len(servers[0].weights)] == -1.0).all()
+    assert (servers[0].part.take(flat) == -1.0).all() and (servers[1].part.take(flat) != -1.0).all()
     worker.hand_in(values, "k2", lambda done, arrival: meta)  # the pulls of the step end with its hand-in
 
 
@@ -207,10 +208,10 @@ def test_a_worker_starts_on_the_weights_in_while_the_rest_is_updated(ray_session
     there = replace(there, node="another node")  # over its socket, as if on another node
     worker = transport.worker_end()
     new = np.arange(size, dtype=np.float64) + 1.0
-    near, far = servers[0].bounds, servers[1].bounds
+    near, far = servers[0].part.runs[0], servers[1].part.runs[0]  # one layer: a run each
 
     def update(server, lo: int, hi: int, step: int = 1) -> None:  # a chunk updated (the server's columns)
-        server.weights[lo:hi] = new[server.bounds.start + lo:server.bounds.start + hi]
+        server.weights[lo:hi] = new[server.part.runs[0].start + lo:server.part.runs[0].start + hi]
         server.board.updated(step, (lo, hi))
     for server in servers:
         server.board.begin_window(1)

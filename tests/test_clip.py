@@ -24,26 +24,55 @@ from distbp.step.outcome import Why
 from distbp.step.server import NonFiniteGradient, ServerState
 from distbp.step.worker import Leaves
 
+SPANS = {371: [range(0, 100), range(100, 371)],  # layers' ranges of a vector
+         100_000: [range(0, 60_000), range(60_000, 99_000), range(99_000, 100_000)],
+         200_003: [range(0, 150_000), range(150_000, 200_003)]}
 
-def test_aligned_ranges_are_whole_blocks_as_even_as_that_allows():
-    for n, k in [(371, 3), (10, 3), (5000, 3), (100_000, 7), (3000, 1024), (1, 1)]:
-        ranges, blocks = cuts.aligned(n, k), cuts.blocks(n)
-        assert ranges[0].start == 0 and ranges[-1].stop == n and len(ranges) == k
-        assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:]))
-        edges = {b.start for b in blocks} | {n}
-        assert all(r.start in edges and r.stop in edges for r in ranges)  # no block is cut
-        counts = [sum(b.start in r for b in blocks) for r in ranges]
-        assert max(counts) - min(counts) <= 1  # as many blocks each, give or take one
-        assert blocks == cuts.blocks(n)  # by the size alone
-        if n <= cuts.BLOCKS:  # one entry a block: the ranges of before
-            assert ranges == cuts.even(n, k)
+
+def test_striped_parts_are_whole_blocks_a_slice_of_every_layer_as_even_as_that_allows():
+    for n, k in [(371, 3), (10, 3), (5000, 3), (100_000, 7), (3000, 1024), (1, 1), (200_003, 5)]:
+        for spans in (None, SPANS.get(n)):
+            parts, blocks = cuts.striped(n, k, spans), cuts.blocks(n)
+            assert len(parts) == k
+            runs = sorted((r for part in parts for r in part.runs), key=lambda r: r.start)  # the parts tile the vector
+            assert runs[0].start == 0 and runs[-1].stop == n and all(a.stop == b.start for a, b in zip(runs, runs[1:]))
+            edges = {b.start for b in blocks} | {n}
+            assert all(r.start in edges and r.stop in edges for r in runs)  # no block is cut
+            for span in spans or [range(n)]:  # of each layer, as many blocks each, give or take one
+                counts = [sum(b.start in span and any(b.start in r for r in part.runs) for b in blocks)
+                          for part in parts]
+                assert max(counts) - min(counts) <= 1
+            assert all(list(part.runs) == sorted(part.runs, key=lambda r: r.start) for part in parts)
+            counts = [sum(any(b.start in r for r in part.runs) for b in blocks) for part in parts]
+            assert max(counts) - min(counts) <= 1  # and of the whole vector
+            if spans is None:  # one span: contiguous parts, in order
+                assert all(len(p.runs) == 1 for p in parts if len(p))
+                assert [p.runs[0].start for p in parts if len(p)] == sorted(p.runs[0].start for p in parts if len(p))
+            for part in parts:  # its blocks, as its own columns, tile them
+                inner = cuts.within(n, part)
+                assert sum(len(b) for b in inner) == len(part)
+                assert all(a.stop == b.start for a, b in zip(inner, inner[1:]))
+    assert len(cuts.striped(200_003, 2, SPANS[200_003])[0].runs) == 2  # a run of each layer
+
+
+def test_a_part_takes_and_puts_its_entries_and_maps_its_columns():
+    part = cuts.Part([range(2, 5), range(5, 6), range(9, 12), range(20, 20)])
+    assert part.runs == (range(2, 6), range(9, 12)) and len(part) == 7  # adjacent runs merged, empty ones gone
+    vector = np.arange(30.0).reshape(2, 15)
+    mine = part.take(vector)
+    np.testing.assert_array_equal(mine[0], [2, 3, 4, 5, 9, 10, 11])
+    assert [part.local(c) for c in (0, 3, 6, 9, 10, 15)] == [0, 1, 4, 4, 5, 7]
+    assert part.segments(2, 6) == [(range(2, 4), range(4, 6)), (range(4, 6), range(9, 11))]
+    out = np.zeros_like(vector)
+    part.put(out, mine)
+    np.testing.assert_array_equal(out[:, [2, 3, 4, 5, 9, 10, 11]], mine)
+    assert out.sum() == mine.sum()
 
 
 def servers_of(n, S, hyper, w0, mask):
-    """S ServerStates over ``cuts.aligned(n, S)``, as the actors make them."""
-    ranges = cuts.aligned(n, S)
-    return ranges, [ServerState(w0[r.start:r.stop].copy(), hyper, mask[r.start:r.stop], cuts.within(n, r))
-                    for r in ranges]
+    """S ServerStates over ``cuts.striped(n, S, spans)``, as the actors make them."""
+    parts = cuts.striped(n, S, SPANS.get(n))
+    return parts, [ServerState(part.take(w0).copy(), hyper, part.take(mask), cuts.within(n, part)) for part in parts]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -66,13 +95,16 @@ def test_the_norm_and_the_weights_are_the_same_bits_for_any_S(dtype):
             if S == 1:
                 servers[0].step(3, nodes, v, 0.01, t, 64)
             else:
-                squares = [s.gather(3, nodes, [part[:, r.start:r.stop] for part in v], t)
-                           for s, r in zip(servers, ranges)]
+                squares = [s.gather(3, nodes, [part.take(rows) for rows in v], t)
+                           for s, part in zip(servers, ranges)]
                 for s in servers:
                     s.apply(0.01, t, 64, squares)
         norms = {tuple(r["grad_norm"] for _, r in sorted(s.report().items())) for s in servers}
         assert len(norms) == 1  # every server the same norm
-        results[S] = (np.concatenate([s.weights for s in servers]).tobytes(), norms.pop())
+        whole = np.empty(n, dtype)
+        for s, part in zip(servers, ranges):
+            part.put(whole, s.weights)
+        results[S] = (whole.tobytes(), norms.pop())
     assert len({w for w, _ in results.values()}) == 1
     assert len({norm for _, norm in results.values()}) == 1
     norm = results[1][1]
@@ -89,10 +121,10 @@ def test_a_non_finite_norm_or_gradient_is_refused_by_every_server():
     node = tree.blocks(range(1), 1)
     for s, r in zip(servers, ranges):  # finite entries whose squares overflow: diverged, on each server
         with pytest.raises(NonFiniteGradient, match="non-finite"):
-            s.gather(1, [node], [np.full((1, n), 1e200)[:, r.start:r.stop]], 1)
+            s.gather(1, [node], [r.take(np.full((1, n), 1e200))], 1)
     # each server's squares add up to a finite 1.2e308, all of them to more than the largest float
     huge = np.full((1, n), 2.2e153)
-    squares = [s.gather(1, [node], [huge[:, r.start:r.stop]], 1) for s, r in zip(servers, ranges)]
+    squares = [s.gather(1, [node], [r.take(huge)], 1) for s, r in zip(servers, ranges)]
     assert all(np.isfinite(part.sum()) for part in squares)
     for s in servers:
         with pytest.raises(NonFiniteGradient, match="norm"):
@@ -117,13 +149,13 @@ def test_a_server_that_refuses_stops_the_step_on_every_server(ray_session):
     transport = ObjectStore(n, np.float64, S)
     hyper = Hyper("sgd", clip_norm=1.0)
     servers = Servers(lambda s: ParameterServer.remote(s, np.ones(n), hyper, np.ones(n), transport),
-                      transport.bounds)
+                      transport.parts)
     node = tree.blocks(range(1), 1)
     meta = Leaves([0.0], [0.0], 0.0)
 
     def window(w: int, rows: np.ndarray):
-        ray.get([a.ask.remote(Hand(f"k{w}", 1, rows[:, r.start:r.stop], meta))
-                 for a, r in zip(servers.actors, transport.bounds)])
+        ray.get([a.ask.remote(Hand(f"k{w}", 1, part.take(rows), meta))
+                 for a, part in zip(servers.actors, transport.parts)])
         return servers.steps(w, [(1, 1, [node], [f"k{w}"], 0.1, None, 1, None)])
 
     bad = np.ones((1, n))

@@ -26,7 +26,7 @@ def test_sharded_servers_move_what_a_ring_moves(N):
     gbit = 10
     ps = costmodel.ps_step(N, 16, N, P, 1024 * N, W, gbit, c)
     ring = costmodel.ring_step(N, 16, P, 1024 * N, W, gbit, c)
-    # the servers' ranges are whole blocks of the vector (cuts.aligned): equal within a block
+    # the servers' parts are whole blocks of the vector (cuts.striped): equal within a block
     assert ps["push"] + ps["pull"] == pytest.approx(ring["allreduce"], rel=1e-4)
 
 
@@ -41,9 +41,11 @@ def test_a_push_and_a_pull_layer_by_layer_hide_at_most_layer_1s_compute(S, coloc
     layer_1 = whole["compute"] * 2 * 785 * 1024 / (6 * P)  # its weight gradient, or its forward pass: 2 of 6 flops
     for hidden in ("hidden", "hidden_pull"):
         assert whole[hidden] == 0 and 0 < layered[hidden] <= layer_1 * (1 + 1e-9)
-    assert layered["step"] == pytest.approx(whole["step"] - layered["hidden"] - layered["hidden_pull"])
-    if colocated and S == 2:  # the server of layer 1 gets its 14 % of layer 2 early, no more
-        assert layered["hidden"] < 0.2 * whole["push"]
+    # (the parts of a cut by layers and of one over the whole vector differ by a block at most)
+    assert layered["step"] == pytest.approx(whole["step"] - layered["hidden"] - layered["hidden_pull"], rel=1e-3)
+    # each server holds a slice of every layer (cuts.striped): a link's slice of the layers above
+    # layer 1 (57 % of the push) takes longer than layer 1's compute, which it hides whole
+    assert layered["hidden"] == pytest.approx(layer_1, rel=1e-3)
 
 
 def test_one_server_is_the_bottleneck_as_nodes_grow():

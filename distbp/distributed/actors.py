@@ -125,7 +125,7 @@ PEERS = 64  # a server's calls from its peers at once: workers asking for weight
 
 @ray.remote(num_cpus=1, concurrency_groups={"peers": PEERS})
 class ParameterServer(_Actor):
-    """Server ``s``: owns its range of the flat weights (``transport.bounds[s]``) and its optimizer
+    """Server ``s``: owns its part of the flat weights (``transport.parts[s]``) and its optimizer
     state; sums the workers' tree nodes and updates.
 
     Its steps run one call at a time; what its peers ask meanwhile (``ask``: a worker the weights
@@ -134,13 +134,13 @@ class ParameterServer(_Actor):
     board and inbox."""
 
     def __init__(self, s: int, weights, hyper: Hyper, decay_mask, transport: Transport):
-        """``weights`` and ``decay_mask`` are whole vectors; the server keeps its range of them."""
+        """``weights`` and ``decay_mask`` are whole vectors; the server keeps its part of them."""
         threadpool_limits(BLAS_THREADS)
         end_at_once_on_sigterm()
         self.s, self.end = s, transport.server_end(s)
-        lo, hi = transport.bounds[s].start, transport.bounds[s].stop
-        self.state = ServerState(self.end.own(weights), hyper, None if decay_mask is None else decay_mask[lo:hi],
-                                 cuts.within(transport.size, transport.bounds[s]), pass_threads(),
+        part = transport.parts[s]
+        self.state = ServerState(self.end.own(weights), hyper, None if decay_mask is None else part.take(decay_mask),
+                                 cuts.within(transport.size, part), pass_threads(),
                                  on_applied=self.end.applied)  # the step count in one place: the state's
         self.clip = hyper.clip_norm is not None
 

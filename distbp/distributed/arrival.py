@@ -1,9 +1,9 @@
 """How far a step's weights are in, at a worker of the direct transport (direct_worker.py).
 
 A worker asks each server for the weights after the step before, on a thread of its own per
-server: a server of another node answers as it starts its update and sends its range chunk by
+server: a server of another node answers as it starts its update and sends its part chunk by
 chunk as each holds its new weights; one of the worker's node answers once its update is done,
-and the worker copies the range from its memory.  ``Arrival`` is what those threads tell and the
+and the worker copies the part from its memory.  ``Arrival`` is what those threads tell and the
 step's compute reads (step/worker.py): the compute starts its forward pass on layer 1 as soon as
 layer 1's weights are in, and waits for each layer above until it is.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from ..lecture.cuts import Part
 from .direct import PeerLost
 
 
@@ -24,19 +25,22 @@ class Arrival:
     def __init__(self, wait_s: float):
         self.wait_s = wait_s
         self.changed = threading.Condition(threading.RLock())
-        self.upto: dict[range, int] = {}  # a server's range -> the end of what is in
-        self.answers: dict[range, bool] = {}  # a server's range -> its yes or no
+        self.upto: dict[range, int] = {}  # a run of a server's part -> the end of what is in
+        self.answers: list[bool] = []  # each server's yes or no, as they come
+        self.parts = 0  # the servers the weights come from
         self.error: BaseException | None = None
         self.wanted = 0  # the columns the compute waits for (0: it does not): only their coming wakes it
 
-    def expect(self, ranges: list[range]) -> None:
-        """A step's weights start to come, in ``ranges`` (the others are in already)."""
+    def expect(self, parts: list[Part]) -> None:
+        """A step's weights start to come, in the runs of ``parts`` (the others are in already)."""
         with self.changed:
-            self.upto, self.answers, self.error = {r: r.start for r in ranges}, {}, None
+            self.upto, self.answers, self.error = {r: r.start for part in parts for r in part.runs}, [], None
+            self.parts = len(parts)
 
-    def answer(self, r: range, yes: bool) -> None:
+    def answer(self, yes: bool) -> None:
+        """One server's answer."""
         with self.changed:
-            self.answers[r] = yes
+            self.answers.append(yes)
             self.changed.notify_all()
 
     def came(self, r: range, stop: int) -> None:
@@ -45,6 +49,10 @@ class Arrival:
             if self.wanted and self._in(self.wanted):
                 self.changed.notify_all()
 
+    def into(self, r: range) -> Callable[[int], None]:
+        """What a receive into run ``r`` calls with the entries in so far (``channel.recv_array``)."""
+        return lambda n: self.came(r, r.start + n)
+
     def fail(self, error: BaseException) -> None:
         with self.changed:
             self.error = error
@@ -52,8 +60,8 @@ class Arrival:
 
     def answered(self) -> bool:
         """Whether every server said yes, once all have answered."""
-        self._wait(lambda: len(self.answers) == len(self.upto), "the servers' answers")
-        return all(self.answers.values())
+        self._wait(lambda: len(self.answers) == self.parts, "the servers' answers")
+        return all(self.answers)
 
     def has(self, columns: int) -> bool:
         """Whether columns ``[0, columns)`` are in."""

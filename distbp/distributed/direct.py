@@ -158,11 +158,13 @@ class Direct:
     # make every pair find the server's socket out of reach: then it goes through the object store.
     sockets = True
 
-    def __init__(self, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S):
+    def __init__(self, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S,
+                 spans: list[range] | None = None):
         """``wait_s``: how long an actor waits on a peer before it gives up (``peer_wait`` of the
-        run's --elastic-timeout: Session); a server's wait then ends its window, as a call-off does."""
+        run's --elastic-timeout: Session); a server's wait then ends its window, as a call-off does.
+        ``spans``: the layers' ranges of the flat vector (``cuts.striped``)."""
         self.size, self.dtype, self.wait_s = size, np.dtype(dtype), wait_s
-        self.bounds = cuts.aligned(size, servers)
+        self.parts = cuts.striped(size, servers, spans)
         self.key = channel.new_key()  # made for this run; reaches the actors in their Ray arguments
         self.share_node = self.within_node and shm.memfd_available()
         self.listen = self.sockets
@@ -173,5 +175,5 @@ class Direct:
 
     def server_end(self, s: int):
         from .direct_server import DirectServer
-        return DirectServer(self, self.bounds[s])
+        return DirectServer(self, self.parts[s])
 

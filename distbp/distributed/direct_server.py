@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import ray
 
+from ..lecture import cuts
 from . import channel, shm
 from .board import Board
 from .direct import Direct, Handle, PeerLost, Push, Put, Reached, Reply, pieces
@@ -26,11 +27,11 @@ UNREACHABLE = ("127.0.0.1", 1)  # where a server that does not listen (Direct.so
 
 
 class DirectServer:
-    """Server ``s``'s end of the direct transport: its ``bounds`` of the flat vector."""
+    """Server ``s``'s end of the direct transport: its ``part`` of the flat vector."""
 
-    def __init__(self, transport: Direct, bounds: range):
-        self.bounds, self.dtype = bounds, transport.dtype
-        self.width = bounds.stop - bounds.start
+    def __init__(self, transport: Direct, part: cuts.Part):
+        self.part, self.dtype = part, transport.dtype
+        self.width = len(part)
         self.weights: np.ndarray | None = None  # its range of the weights (``own``)
         # one lock for the inbox and the board: a window's end ends the waits of both
         changed = threading.Condition(threading.Lock())
@@ -47,8 +48,8 @@ class DirectServer:
         self.block: shm.Region | None = None
 
     def own(self, weights: np.ndarray) -> np.ndarray:
-        """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
-        mine = weights[self.bounds.start:self.bounds.stop]
+        """This server's part of the starting ``weights`` (the whole vector), as an array it owns."""
+        mine = self.part.take(weights)
         if self.memory is None:
             self.weights = np.array(mine)
         else:
@@ -92,10 +93,39 @@ class DirectServer:
             self.maps.retain([*(e.block for e in entries if e.block is not None), self.block])
         self.inbox.recycle(entries, step)
         try:
-            return [e.rows if e.block is None else self.maps.view(e.block)[:, self.bounds.start:self.bounds.stop]
-                    for e in entries]
+            return [e.rows if e.block is None else self._in_place(self.maps.view(e.block)) for e in entries]
         except OSError as exc:
             raise PeerLost(f"the node values of a worker on this node are gone ({exc})") from None
+
+    def _in_place(self, rows: np.ndarray):
+        """This server's columns of a worker's ``rows`` of this node, read where they are."""
+        return self.part.take(rows) if len(self.part.runs) == 1 else InPlace(rows, self.part)
+
+
+class InPlace:
+    """A worker's rows of this node, read in place: the server's part's columns of each
+    (``part.take`` of a row slice; a copy only where a slice spans two runs of the part)."""
+
+    def __init__(self, rows: np.ndarray, part: cuts.Part):
+        self.rows, self.part = rows, part
+        self.nbytes = len(rows) * len(part) * rows.itemsize
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return (Row(row, self.part) for row in self.rows)
+
+
+class Row:
+    """One row of ``InPlace``: ``row[lo:hi]`` is columns ``[lo, hi)`` of the part."""
+
+    def __init__(self, row: np.ndarray, part: cuts.Part):
+        self.row, self.part = row, part
+
+    def __getitem__(self, columns: slice) -> np.ndarray:
+        runs = [self.row[r.start:r.stop] for _, r in self.part.segments(columns.start, columns.stop)]
+        return runs[0] if len(runs) == 1 else np.concatenate(runs)
 
 
 class Requests:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ray
 
+from ..lecture import cuts
 from . import channel, shm
 from .arrival import Arrival
 from .direct import Direct, Handle, PeerLost, Push, Put, Reached, Reply, pieces
@@ -96,7 +97,7 @@ class DirectWorker:
     """A worker's end of the direct transport."""
 
     def __init__(self, transport: Direct):
-        self.bounds, self.dtype = transport.bounds, transport.dtype
+        self.parts, self.dtype = transport.parts, transport.dtype
         self.links = Links(transport.key, transport.wait_s)
         self.flat = np.empty(transport.size, transport.dtype)
         self.out = np.empty((0, transport.size), dtype=transport.dtype)
@@ -105,7 +106,7 @@ class DirectWorker:
         self.handed: list = []  # refs of this call's hand-ins through the object store
         # a thread per server's link for the pulls, and one for the pushes: a pull still coming in
         # as a step's compute starts, and its pushes
-        self.threads = ThreadPoolExecutor(2 * len(self.bounds), "distbp-link")
+        self.threads = ThreadPoolExecutor(2 * len(self.parts), "distbp-link")
         self.arrival = Arrival(transport.wait_s)  # how far the weights of the step are in
         self.pulling: list[futures.Future] = []  # the pulls of the step, on link threads
         self.step = 0
@@ -126,9 +127,9 @@ class DirectWorker:
         except OSError as exc:
             raise PeerLost(f"the server at {handle.address[0]}:{handle.address[1]} is gone ({exc})") from None
 
-    def weights(self, parts: tuple[Handle, ...], ahead: tuple[int, int]) -> np.ndarray | None:
+    def weights(self, handles: tuple[Handle, ...], ahead: tuple[int, int]) -> np.ndarray | None:
         """The whole weight vector after ``steps`` steps of window ``window`` (``ahead``), each
-        server's range coming into its place in one buffer on a thread per link (``_pull``): from
+        server's part coming into its places in one buffer on a thread per link (``_pull``): from
         a server of another node chunk by chunk as it updates them, from one of this node copied
         from its memory (one such server: read in place).  Returns once every server has said yes
         (None if one says the window ended before); ``arrival`` tells how far the weights are in,
@@ -137,28 +138,28 @@ class DirectWorker:
         self._joined()  # the pulls of a step without a hand-in (none reads a mapping unmapped here)
         if self.node:  # unmap the weights of servers that were replaced
             mine = [self.shared.file] if self.shared.file else []
-            self.maps.retain([h.block for h in parts if self._here(h)] + mine)
-        self.servers = parts
-        single = len(parts) == 1 and self._here(parts[0]) and self._way(parts[0]) == SOCKET  # read in place
-        socketed = [(handle, r) for handle, r in zip(parts, self.bounds) if self._way(handle) == SOCKET]
-        self.arrival.expect([r for _, r in socketed])
-        self.pulling = [self.threads.submit(self._pull, handle, r, ahead, single) for handle, r in socketed]
+            self.maps.retain([h.block for h in handles if self._here(h)] + mine)
+        self.servers = handles
+        single = len(handles) == 1 and self._here(handles[0]) and self._way(handles[0]) == SOCKET  # read in place
+        socketed = [(handle, part) for handle, part in zip(handles, self.parts) if self._way(handle) == SOCKET]
+        self.arrival.expect([part for _, part in socketed])
+        self.pulling = [self.threads.submit(self._pull, handle, part, ahead, single) for handle, part in socketed]
         try:
-            stored = [(handle, r) for handle, r in zip(parts, self.bounds) if self._way(handle) == STORE]
+            stored = [(handle, part) for handle, part in zip(handles, self.parts) if self._way(handle) == STORE]
             ranges = ask_weights([handle.actor for handle, _ in stored], ahead, self.links.wait_s) if stored else []
-            for (_, r), got in zip(stored, ranges or ()):  # servers this worker cannot reach by socket
-                self.flat[r.start:r.stop] = got
+            for (_, part), got in zip(stored, ranges or ()):  # servers this worker cannot reach by socket
+                part.put(self.flat, got)
             if self.arrival.answered() and ranges is not None:
-                return self._view(parts[0]) if single else self.flat
+                return self._view(handles[0]) if single else self.flat
         except BaseException:
             self._joined()
             raise
         self._joined()  # what the servers that said yes send is read: each connection stays in step
         return None
 
-    def _pull(self, handle: Handle, r: range, ahead: tuple[int, int], single: bool) -> None:
-        """Server ``handle``'s range of the weights after ``ahead`` into its place, each run told to
-        ``arrival`` as it lands; from a server of this node, once it has updated them all, copied
+    def _pull(self, handle: Handle, part: cuts.Part, ahead: tuple[int, int], single: bool) -> None:
+        """Server ``handle``'s part of the weights after ``ahead`` into its places, run by run, each
+        told to ``arrival`` as it lands; from a server of this node, once it has updated them all, copied
         from its memory (or read there in place if ``single``): within a node there is no wire to
         hide, and its update would take the cores the compute needs.  Its errors too."""
         here, address = self._here(handle), handle.address
@@ -166,13 +167,15 @@ class DirectWorker:
         def get(sock: socket.socket) -> None:
             channel.send(sock, Reached(*ahead, pull=not here))
             yes = self.links.reply(sock, address) == Reply(True)
-            self.arrival.answer(r, yes)
+            self.arrival.answer(yes)
             if yes and not here:
-                channel.recv_array(sock, self.flat[r.start:r.stop], lambda n: self.arrival.came(r, r.start + n))
+                for r in part.runs:
+                    channel.recv_array(sock, self.flat[r.start:r.stop], self.arrival.into(r))
             elif yes:
                 if not single:
-                    np.copyto(self.flat[r.start:r.stop], self._view(handle))
-                self.arrival.came(r, r.stop)
+                    part.put(self.flat, self._view(handle))
+                for r in part.runs:
+                    self.arrival.came(r, r.stop)
         try:
             self.links.talk(address, get)
         except BaseException as exc:
@@ -221,9 +224,9 @@ class DirectWorker:
         while the layers below are computed; one through the object store, all at once at the
         end.  The servers' answers are read with the next request to each (``Links.catch_up``):
         no round trip of its own."""
-        streams = [Stream(self.links, values, h, r, Put(key, self.step, self.block) if self._here(h)
+        streams = [Stream(self.links, values, h, part, Put(key, self.step, self.block) if self._here(h)
                           else Push(key, self.step, len(values)))
-                   for h, r in zip(self.servers, self.bounds) if self._way(h) == SOCKET]
+                   for h, part in zip(self.servers, self.parts) if self._way(h) == SOCKET]
         sending = [self.threads.submit(stream.run) for stream in streams]
         meta = None
         try:
@@ -235,9 +238,9 @@ class DirectWorker:
             self._joined()
         for sent in sending:
             sent.result()  # PeerLost if a server could not be reached
-        for handle, r in zip(self.servers, self.bounds):
+        for handle, part in zip(self.servers, self.parts):
             if self._way(handle) == STORE:
-                self.handed.append(handle.actor.ask.remote(Hand(key, self.step, values[:, r.start:r.stop], meta)))
+                self.handed.append(handle.actor.ask.remote(Hand(key, self.step, part.take(values), meta)))
         return meta
 
     @staticmethod
@@ -257,12 +260,12 @@ class Stream:
     the rows in place in the worker's memory (a ``Put``), from which column on they are done.
     After the last columns, the meta.  The server sums what is in while the rest comes."""
 
-    def __init__(self, links: Links, values: np.ndarray, handle: Handle, r: range, request: Push | Put):
-        """``r``: the server's range; ``request``: what opens the hand-in, with its first columns."""
-        self.links, self.values, self.address, self.r, self.request = links, values, handle.address, r, request
+    def __init__(self, links: Links, values: np.ndarray, handle: Handle, part: cuts.Part, request: Push | Put):
+        """``part``: the server's; ``request``: what opens the hand-in, with its first columns."""
+        self.links, self.values, self.address, self.part, self.request = links, values, handle.address, part, request
         self.here = isinstance(request, Put)
-        self.left = pieces(r.stop - r.start, values.itemsize)  # pieces not sent yet (a push's)
-        self.told = r.stop - r.start  # "done from" said so far (a put's)
+        self.left = pieces(len(part), values.itemsize)  # pieces not sent yet (a push's), of the part's columns
+        self.told = len(part)  # "done from" said so far (a put's)
         self.marks: queue.SimpleQueue = queue.SimpleQueue()  # (columns from here up are done, the end?, meta)
         self.opened = False
 
@@ -283,8 +286,8 @@ class Stream:
                 return
 
     def _send(self, sock: socket.socket, since: int) -> None:
-        """What the server has not had of columns ``[since, ...)``."""
-        lo = max(0, since - self.r.start)  # in the server's range
+        """What the server has not had of columns ``[since, ...)`` of the vector."""
+        lo = self.part.local(since)  # the part's columns from here on are done
         if self.here:
             if lo < self.told:
                 self._open(sock)
@@ -297,7 +300,8 @@ class Stream:
             del self.left[-len(ready):]
         for piece in reversed(ready):
             for row in self.values:
-                channel.send_array(sock, row[self.r.start + piece.start:self.r.start + piece.stop])  # contiguous
+                for _, r in self.part.segments(piece.start, piece.stop):
+                    channel.send_array(sock, row[r.start:r.stop])  # contiguous
 
     def _open(self, sock: socket.socket) -> None:
         """The request that opens the hand-in, before its first columns."""

@@ -1,15 +1,17 @@
-"""``--servers S``: the flat parameter vector cut into S contiguous ranges, one server actor each.
+"""``--servers S``: the flat parameter vector cut into S parts, one server actor each.
 
 Li et al. (OSDI 2014) shard a parameter server by key range, so that the bytes each server
-receives per step fall as servers are added.  Here a key range is ``[lo, hi)`` of the flat
-vector.  A worker hands server ``s`` only the columns ``lo:hi`` of its tree-node values and
-reads the S weight ranges back into one buffer.  The tree sum and the optimizer are
-elementwise (optim.py), so every entry goes through the same additions and the same update
-whichever server owns it: the weights are bitwise identical for any S.
+receives per step fall as servers are added.  Here a server's keys are a slice of every
+layer's range of the flat vector (``cuts.striped``: runs of whole blocks), so that each link's
+push starts with the top layer and its pull with layer 1.  A worker hands server ``s`` only
+its part's columns of its tree-node values and reads the S parts back into one buffer.  The
+tree sum and the optimizer are elementwise (optim.py), so every entry goes through the same
+additions and the same update whichever server owns it: the weights are bitwise identical for
+any S.
 
-The ranges are decided once, by the run's transport (``transport.bounds``).  ``Servers`` is
+The parts are decided once, by the run's transport (``transport.parts``).  ``Servers`` is
 the driver's handle on the S actors: each method starts the same call on every server and
-returns the ObjectRefs, in range order.  It also brings them back after a failure
+returns the ObjectRefs, in server order.  It also brings them back after a failure
 (``recover``): a live group says how many steps it holds; a lost one restarts from the
 latest checkpoint, in its bundle of the servers' placement group, which Ray moves to another
 node when the server's node is lost.  Until there is a CPU for it the restart is tried again,
@@ -26,6 +28,7 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError
 
 from ..errors import Diverged, RunFailed
+from ..lecture import cuts
 from ..step.server import NonFiniteGradient
 from .board import CallOff
 from .runtime import ACTOR_LOST
@@ -43,23 +46,23 @@ class ServersLost(RunFailed):
 
 
 class Servers:
-    """The S ``ParameterServer`` actors of a run; server ``s`` owns ``bounds[s]`` of the flat vector."""
+    """The S ``ParameterServer`` actors of a run; server ``s`` owns ``parts[s]`` of the flat vector."""
 
-    def __init__(self, spawn: Callable[[int], object], bounds: list[range], wait_s: float = 300.0):
+    def __init__(self, spawn: Callable[[int], object], parts: list[cuts.Part], wait_s: float = 300.0):
         """``spawn(s)`` starts the actor of server ``s``; ``wait_s``: how long a restart may wait for
         a CPU (--elastic-timeout)."""
-        self.spawn, self.bounds, self.wait_s = spawn, bounds, wait_s
-        self.actors = [spawn(s) for s in range(len(bounds))]
+        self.spawn, self.parts, self.wait_s = spawn, parts, wait_s
+        self.actors = [spawn(s) for s in range(len(parts))]
         self.restarts = 0
 
     def weights(self) -> list:
-        """The current weights, one ref per range: pass them on as ``Worker.steps(..., *refs)``."""
+        """The current weights, one ref per server: pass them on as ``Worker.steps(..., *refs)``."""
         return [a.weights.remote() for a in self.actors]
 
     def steps(self, window: int, plan: list[tuple]) -> tuple[list, list]:
         """Start window ``window`` of ``plan`` on every server (``ParameterServer.steps``; a kill
         injected in the plan strikes the first server only).  Returns the refs of each server's
-        outcome and of the weights it then publishes, in range order."""
+        outcome and of the weights it then publishes, in server order."""
         calm = [(*entry[:-1], None) for entry in plan]
         calls = [a.steps.remote(window, plan if s == 0 else calm, self.actors) for s, a in enumerate(self.actors)]
         return [c[0] for c in calls], [c[1] for c in calls]
@@ -74,13 +77,17 @@ class Servers:
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """The weights and optimizer buffers the servers hold, as full-length arrays."""
-        parts = self.get([a.snapshot.remote() for a in self.actors])
-        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        got = self.get([a.snapshot.remote() for a in self.actors])
+        whole = {key: np.empty(sum(len(p) for p in self.parts), got[0][key].dtype) for key in got[0]}
+        for part, arrays in zip(self.parts, got):
+            for key, vector in whole.items():
+                part.put(vector, arrays[key])
+        return whole
 
     def restore(self, arrays: dict[str, np.ndarray], t: int, timeout: float | None = None) -> None:
-        """Load full-length buffers (weights, optimizer state) of step ``t``: each server its range."""
-        ray.get([a.restore.remote({k: v[r.start:r.stop] for k, v in arrays.items()}, t)
-                 for a, r in zip(self.actors, self.bounds)], timeout=timeout)
+        """Load full-length buffers (weights, optimizer state) of step ``t``: each server its part."""
+        ray.get([a.restore.remote({k: part.take(v) for k, v in arrays.items()}, t)
+                 for a, part in zip(self.actors, self.parts)], timeout=timeout)
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
@@ -113,7 +120,7 @@ class Servers:
         while True:
             for actor in self.actors:  # all of them, so that they restart from one checkpoint
                 ray.kill(actor, no_restart=True)
-            self.actors = [self.spawn(s) for s in range(len(self.bounds))]
+            self.actors = [self.spawn(s) for s in range(len(self.parts))]
             try:  # a server whose node was lost waits for its bundle to be placed again
                 self.restore(arrays, step, timeout=max(1.0, deadline - time.monotonic()))
                 return step

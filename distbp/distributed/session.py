@@ -57,8 +57,9 @@ class Session:
             if users_ray:
                 self._check_fits()
             self.pg = place(self.servers, "servers", config.server_resource)
-            self.transport = choose(transport or config.transport, Layout(self.layers).size, self.dtype, self.servers,
-                                    peer_wait(config.elastic_timeout))
+            edges = Layout(self.layers).offsets  # the layers' ranges of the flat vector: a slice of each a server
+            self.transport = choose(transport or config.transport, edges[-1], self.dtype, self.servers,
+                                    peer_wait(config.elastic_timeout), [range(a, b) for a, b in zip(edges, edges[1:])])
             self.X, self.Y = ray.put(problem.X), ray.put(problem.Y)
         except BaseException:
             self.close()
@@ -87,7 +88,7 @@ class Session:
         mask = ray.put(Layout(self.layers).bias_mask(self.dtype))
         start = ray.put(weights)  # once, however many servers read it
         return Servers(lambda s: ParameterServer.options(**in_bundle(self.pg, s)).remote(
-            s, start, hyper, mask, self.transport), self.transport.bounds, config.elastic_timeout)
+            s, start, hyper, mask, self.transport), self.transport.parts, config.elastic_timeout)
 
     def start_workers(self) -> WorkerPool:
         """MAX worker actors (``--workers MIN:MAX``), each placed on its own, once MIN are up;

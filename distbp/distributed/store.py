@@ -26,6 +26,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError
 
+from ..lecture import cuts
 from ..step.server import always
 from .board import Board, CallOff, Sums
 from .direct import PeerLost, Reached
@@ -114,8 +115,8 @@ class StoreWorker:
     """A worker's end of the object store."""
 
     def __init__(self, transport):
-        self.bounds, self.dtype, self.wait_s = transport.bounds, transport.dtype, transport.wait_s
-        self.flat = np.empty(transport.size, transport.dtype) if len(self.bounds) > 1 else None
+        self.parts, self.dtype, self.wait_s = transport.parts, transport.dtype, transport.wait_s
+        self.flat = np.empty(transport.size, transport.dtype) if len(self.parts) > 1 else None
         self.out = np.empty((0, transport.size), dtype=transport.dtype)
         self.servers: tuple[Published, ...] = ()
         self.handed: list = []  # refs of the hand-ins of this call, read at its end (``read_answers``)
@@ -133,7 +134,9 @@ class StoreWorker:
                 return None
         if self.flat is None:
             return ranges[0]
-        return np.concatenate(ranges, out=self.flat)  # one buffer, reused from call to call
+        for part, mine in zip(self.parts, ranges):  # one buffer, reused from call to call
+            part.put(self.flat, mine)
+        return self.flat
 
     def rows(self, step: int, count: int) -> np.ndarray:
         """``count`` rows to compute node values into.
@@ -148,9 +151,9 @@ class StoreWorker:
 
     def send(self, values: np.ndarray) -> list:
         """What to return to the S servers (the async loop): each its columns of the rows."""
-        if len(self.bounds) == 1:
+        if len(self.parts) == 1:
             return [values]
-        return [values[:, r.start:r.stop] for r in self.bounds]
+        return [part.take(values) for part in self.parts]
 
     def hand_in(self, values: np.ndarray, key: str, compute: Callable[[None, None], tuple]) -> tuple:
         """A window's step: ``compute(None, None)`` fills ``values`` and returns the step's ``meta`` (the
@@ -168,19 +171,19 @@ class StoreWorker:
 
 
 class StoreServer:
-    """A server's end of the object store: its ``bounds`` of the flat vector."""
+    """A server's end of the object store: its ``part`` of the flat vector."""
 
-    def __init__(self, transport, bounds: range):
-        self.bounds = bounds
+    def __init__(self, transport, part: cuts.Part):
+        self.part = part
         self.weights: np.ndarray | None = None
         changed = threading.Condition(threading.Lock())  # one lock for both: a window's end ends their waits
-        self.inbox = Inbox(bounds.stop - bounds.start, transport.dtype, changed, transport.wait_s)
+        self.inbox = Inbox(len(part), transport.dtype, changed, transport.wait_s)
         self.board = Board(changed, transport.wait_s)
         self.door = StoreDoor(self)
 
     def own(self, weights: np.ndarray) -> np.ndarray:
-        """This server's range of the starting ``weights`` (the whole vector), as an array it owns."""
-        self.weights = np.array(weights[self.bounds.start:self.bounds.stop])
+        """This server's part of the starting ``weights`` (the whole vector), as an array it owns."""
+        self.weights = np.array(self.part.take(weights))
         return self.weights
 
     def publish(self, weights: np.ndarray) -> Published:

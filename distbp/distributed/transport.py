@@ -18,8 +18,9 @@ Both ends keep the same board (board.py: the step a server holds, its window) an
 (inbox.py: the node values handed in, by key), so a window's steps wait on the same things
 whichever transport runs.  A transport is made by the driver (``Session``, through ``choose``)
 and handed to every actor, which makes its own end with ``worker_end()`` or ``server_end(s)``.
-The transport holds ``bounds``, the servers' ranges of the flat vector: the one place they are
-decided (``cuts.aligned``).
+The transport holds ``parts``, the servers' parts of the flat vector: the one place they are
+decided (``cuts.striped``: a slice of every layer each, so that every link's push starts with
+the top layer and its pull with layer 1).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class ObjectStore:
 
     name = "object-store"
 
-    def __init__(self, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S):
+    def __init__(self, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S,
+                 spans: list[range] | None = None):
         self.size, self.dtype, self.wait_s = size, np.dtype(dtype), wait_s
-        self.bounds = cuts.aligned(size, servers)  # server s owns bounds[s] of the flat vector
+        self.parts = cuts.striped(size, servers, spans)  # server s owns parts[s] of the flat vector
 
     def worker_end(self):
         from .store import StoreWorker
@@ -45,16 +47,18 @@ class ObjectStore:
 
     def server_end(self, s: int):
         from .store import StoreServer
-        return StoreServer(self, self.bounds[s])
+        return StoreServer(self, self.parts[s])
 
 
 Transport = ObjectStore | Direct
 
 
-def choose(name: str, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S) -> Transport:
+def choose(name: str, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S,
+           spans: list[range] | None = None) -> Transport:
     """The transport ``--transport name`` asks for (a validated Config's): ``object-store``, or
     the direct transport (``direct``, ``auto``), which reaches whichever nodes the workers land
-    on, now or when they join; its actors wait on each other up to ``wait_s`` (``direct.peer_wait``)."""
+    on, now or when they join; its actors wait on each other up to ``wait_s`` (``direct.peer_wait``).
+    ``spans``: the layers' ranges of the flat vector, which each server gets a slice of."""
     if name == "object-store":
-        return ObjectStore(size, dtype, servers, wait_s)
-    return Direct(size, dtype, servers, wait_s)
+        return ObjectStore(size, dtype, servers, wait_s, spans)
+    return Direct(size, dtype, servers, wait_s, spans)

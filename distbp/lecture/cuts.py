@@ -3,7 +3,7 @@
 Two ways to cut, used everywhere a range is shared out:
 
 - ``even(n, k)``: ``k`` parts whose lengths differ by at most one (a step's micro-batches over
-  the workers; the flat weight vector over ``--servers S``);
+  the workers; each layer of the flat weight vector over ``--servers S``: ``striped``);
 - ``fixed(n, size)``: parts of ``size`` items, the last one shorter (a batch into micro-batches
   of ``M`` rows; a vector into cache-sized chunks).
 
@@ -11,6 +11,8 @@ Both return ``range`` objects, which are also the ``[lo, hi)`` bounds: ``r.start
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 
 def even(n: int, k: int) -> list[range]:
@@ -40,14 +42,80 @@ def blocks(n: int) -> list[range]:
     return even(n, min(n, BLOCKS))
 
 
-def aligned(n: int, k: int) -> list[range]:
-    """``k`` contiguous parts tiling ``range(n)``, each made of whole ``blocks(n)``, as many blocks
-    each give or take one (``even`` over the blocks): the servers' ranges of the flat vector."""
+class Part:
+    """A server's part of the flat vector: ``runs``, ranges of whole ``blocks(n)`` in the vector's
+    order, which the server holds one after another (its columns, or local entries: the first
+    run's from 0).  ``striped`` makes them."""
+
+    def __init__(self, runs: list[range]):
+        merged: list[range] = []
+        for r in (r for r in runs if len(r)):
+            if merged and merged[-1].stop == r.start:
+                r = range(merged.pop().start, r.stop)
+            merged.append(r)
+        self.runs = tuple(merged)
+        self.starts = [0]  # each run's first column, and the part's width last
+        for r in self.runs:
+            self.starts.append(self.starts[-1] + len(r))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __repr__(self) -> str:
+        return f"Part({list(self.runs)})"
+
+    def local(self, column: int) -> int:
+        """How many of the part's entries lie before ``column`` of the flat vector."""
+        return sum(max(0, min(r.stop, column) - r.start) for r in self.runs)
+
+    def segments(self, lo: int, hi: int) -> list[tuple[range, range]]:
+        """Columns ``[lo, hi)`` of the part as ``(columns, their range of the vector)`` pairs, one
+        per run they touch, in order."""
+        out = []
+        for start, r in zip(self.starts, self.runs):
+            a, b = max(lo, start), min(hi, start + len(r))
+            if a < b:
+                out.append((range(a, b), range(r.start + a - start, r.start + b - start)))
+        return out
+
+    def take(self, vector: np.ndarray) -> np.ndarray:
+        """The part's entries of ``vector`` (along its last axis), in the part's order: a view
+        with one run, else a new array."""
+        if len(self.runs) == 1:
+            return vector[..., self.runs[0].start:self.runs[0].stop]
+        return np.concatenate([vector[..., r.start:r.stop] for r in self.runs], axis=-1)
+
+    def put(self, vector: np.ndarray, mine: np.ndarray) -> None:
+        """Write the part's entries ``mine`` into their places in ``vector`` (along its last axis)."""
+        for start, r in zip(self.starts, self.runs):
+            vector[..., r.start:r.stop] = mine[..., start:start + len(r)]
+
+
+def striped(n: int, k: int, spans: list[range] | None = None) -> list[Part]:
+    """The servers' parts of a vector of ``n`` entries: of each span (a layer's weights, the
+    whole vector if None), the ``blocks(n)`` that start in it, cut into ``k`` runs in server
+    order; server s's part is run s of every span.  So each server holds a slice of every layer,
+    and every link carries the top layer's entries of a push first and layer 1's of a pull
+    first, whichever server it reaches.  A span's runs are as many blocks each, give or take
+    one, the one more going to the servers with the fewest blocks so far: the parts, too, are
+    as many blocks each, give or take one."""
     parts = blocks(n)
-    edges = [parts[i].start if i < len(parts) else n for i in (g.start for g in even(len(parts), k))] + [n]
-    return [range(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    runs: list[list[range]] = [[] for _ in range(k)]
+    count = [0] * k  # each server's blocks so far
+    for span in spans or [range(n)]:
+        inside = [b for b in parts if span.start <= b.start < span.stop]
+        each, more = divmod(len(inside), k)
+        fewest = set(sorted(range(k), key=count.__getitem__)[:more])
+        at = 0
+        for s in range(k):
+            size = each + (s in fewest)
+            if size:
+                runs[s].append(range(inside[at].start, inside[at + size - 1].stop))
+            at, count[s] = at + size, count[s] + size
+    return [Part(r) for r in runs]
 
 
-def within(n: int, part: range) -> list[range]:
-    """The ``blocks(n)`` inside ``part`` (one of ``aligned(n, k)``), relative to ``part.start``."""
-    return [range(b.start - part.start, b.stop - part.start) for b in blocks(n) if part.start <= b.start < part.stop]
+def within(n: int, part: Part) -> list[range]:
+    """The ``blocks(n)`` inside ``part`` (one of ``striped(n, k)``), as the part's columns."""
+    return [range(start + b.start - r.start, start + b.stop - r.start)
+            for start, r in zip(part.starts, part.runs) for b in blocks(n) if r.start <= b.start < r.stop]

@@ -2,18 +2,18 @@
 
 ``ServerState.step`` adds the tree nodes of every worker's share into the batch gradient in
 the tree's fixed order (tree.py), checks it is finite, fingerprints it, and applies the optimizer
-to the server's range of the flat parameter vector.  The sum and the update are elementwise,
-so a range's entries get the same bits whichever server owns them (``--servers S``), and
+to the server's part of the flat parameter vector.  The sum and the update are elementwise,
+so a part's entries get the same bits whichever server owns them (``--servers S``), and
 whichever thread of the server computes them: the sum, its check and the update run chunk by
 chunk, the chunks shared out over the server's threads (``threads``), which the workers leave
 idle while they wait for the new weights.
 
 ``--clip-norm`` and the noise scale (noise.py) need one number of the whole vector, the
 gradient's squared norm.  The vector is cut
-into fixed blocks by its size alone (``cuts.blocks``) and a server's range is whole blocks
-(``cuts.aligned``), so each block's sum of squares is the same bits whichever server computes
+into fixed blocks by its size alone (``cuts.blocks``) and a server's part is whole blocks
+(``cuts.striped``), so each block's sum of squares is the same bits whichever server computes
 it; the squared norm is ``math.fsum`` of all of them, the exactly rounded sum, which no order
-or grouping of the additions changes.  Each step's report carries the range's block sums
+or grouping of the additions changes.  Each step's report carries the part's block sums
 (``merge_reports`` adds them up).  A step is two halves, ``gather`` (sum and check) and
 ``apply`` (update); under ``--clip-norm`` with S servers each server's ``apply`` gets every
 server's ``gather`` (the actors swap them: distributed/actors.py).
@@ -77,14 +77,14 @@ def nothing(i: int) -> None:
 
 
 class ServerState:
-    """Weights and optimizer state for one range of the flat parameter vector (all of it with
-    one server; ``--servers S``: the range the transport gives server s)."""
+    """Weights and optimizer state for one part of the flat parameter vector (all of it with
+    one server; ``--servers S``: the part the transport gives server s, its runs one after another)."""
 
     def __init__(self, weights: np.ndarray, hyper: Hyper, decay_mask: np.ndarray | None,
                  blocks: list[range] | None = None, threads: int = 1, on_applied: Callable[[int], None] = nothing):
-        """``weights`` holds this range's starting values; the server owns it and updates it in
-        place (an array of its own, or its range of the shared weights file: transport.py).
-        ``blocks``: the range's ``cuts.blocks`` of the whole vector, relative to its start
+        """``weights`` holds this part's starting values; the server owns it and updates it in
+        place (an array of its own, or its part of the shared weights file: transport.py).
+        ``blocks``: the part's ``cuts.blocks`` of the whole vector, as its own columns
         (``cuts.within``); None when the server holds the whole vector.  ``threads``: how many
         threads share out the chunks of a step's pass (the same bits for any number).
         ``on_applied(t)``: the server now holds the weights after ``t`` steps (each step
