@@ -48,8 +48,10 @@ def test_each_server_receives_only_its_range(ray_session, tmp_path):
     # Independently: each worker sends the tree nodes covering its share, restricted to the range.
     n = len(micro_batches(B, M))
     nodes = sum(len(blocks(share, n)) for share in cuts.even(n, K) if share)
-    size = Layout(config.layer_sizes()).size
-    bounds = cuts.even(size, S)
+    edges = Layout(config.layer_sizes()).offsets
+    size = edges[-1]
+    bounds = cuts.striped(size, S, [range(a, b) for a, b in zip(edges, edges[1:])])  # a slice of every layer each
+    assert all(len(part.runs) == len(edges) - 1 for part in bounds)
     want = [nodes * len(r) * 8 for r in bounds]  # float64
     assert sum(want) == nodes * size * 8  # together: what one server would receive
     if not summary["faults"].get("backups"):
