@@ -31,7 +31,10 @@ BytePS's layout, where each worker node's link carries P each way per step.  DDP
 set to rank 0's address, is not read), at Ray's worker niceness as in scripts/bench.py.
 
 Under its table it prints what the cost model (``distbp.tools.nodemodel``) predicts for each
-run, term by term, the machine's cores shared out over the lab's nodes; ``--json`` keeps both.
+run, term by term, the machine's cores shared out over the lab's nodes, with this machine's
+backprop rate on one core, measured before the lab is built (``probe``: distbp's worker
+compute, ``distbp.tools.corerate``, and the DDP baseline's, ``ddp_baseline.core_gflops``), in
+place of the constants measured on another CPU; ``--json`` keeps both.
 
 Teardown (also after Ctrl-C, SIGTERM or a crash) stops the ``ray start --block`` processes it
 started by pid, then kills by pid whatever still runs inside the lab's namespaces (``ip netns
@@ -361,10 +364,31 @@ def gbit_of(rate: str) -> float | None:
     return float(match.group(1)) * {"k": 1e-6, "m": 1e-3, "g": 1.0, "": 1e-9}[match.group(2)]
 
 
-def model(args, rate: str, micro_batch: int | None) -> dict | None:
+def probe(args) -> dict[str, float]:
+    """This machine's backprop rate on one core, GFLOP/s, as each contender computes a worker's
+    rows of a step (B / N): distbp's worker (micro-batches of M, one BLAS thread) and, unless
+    ``--no-ddp``, the DDP baseline's torch on one thread.  Measured before the lab starts, on an
+    idle machine: the model's compute (``model``)."""
+    from distbp.config import Config
+    from distbp.tools.corerate import core_gflops
+
+    layers = tuple(int(x) for x in args.layers.split(","))
+    rows = -(-args.batch_size // args.nodes)
+    rates = {"distbp": core_gflops(layers, args.dtype, rows, args.micro_batch or Config.micro_batch)}
+    if not args.no_ddp:
+        sys.path.insert(0, str(REPO / "scripts" / "baselines"))
+        import ddp_baseline
+        rates["ddp"] = ddp_baseline.core_gflops(list(layers), args.dtype, rows)
+    return rates
+
+
+def model(args, rate: str, micro_batch: int | None, rates: dict[str, float]) -> dict | None:
     """What ``distbp.tools.nodemodel`` predicts for this lab run, term by term, in ms: distbp's
     step (``ps_step``: the servers on the worker nodes, or on ``--server-nodes`` of their own) and
-    DDP's (``ring_step``).  The lab's nodes share this machine's cores: each gets its share."""
+    DDP's (``ring_step``), each with its own backprop rate on this machine (``probe``).  The lab's
+    nodes share this machine's cores: each gets its share."""
+    from dataclasses import replace
+
     from distbp.lecture.network import Layout
     from distbp.tools.nodemodel import Constants, ps_step, ring_step
 
@@ -375,12 +399,15 @@ def model(args, rate: str, micro_batch: int | None) -> dict | None:
     P, N, itemsize = Layout(layers).size, args.nodes, 4 if args.dtype == "float32" else 8
     cores = max(1, (os.cpu_count() or 1) // (N + args.server_nodes))
     S = args.servers or args.server_nodes or N
-    c = Constants()
+    rate = f"gflops_core_{'fp32' if itemsize == 4 else 'fp64'}"
+    c = replace(Constants(), **{rate: rates["distbp"]})
     ps = ps_step(N, cores, S, P, args.batch_size, itemsize, gbit, c, colocated=not args.server_nodes, M=micro_batch,
                  layers=tuple(layers))
-    ring = ring_step(N, cores, P, args.batch_size, itemsize, gbit, c)
+    ring = ring_step(N, cores, P, args.batch_size, itemsize, gbit,
+                     replace(Constants(), **{rate: rates.get("ddp", rates["distbp"])}))
     ms = {key: value * 1e3 for key, value in ps.items() if key != "busy"}
-    return {"distbp": ms, "ddp": {key: value * 1e3 for key, value in ring.items()}, "cores_per_node": cores}
+    return {"distbp": ms, "ddp": {key: value * 1e3 for key, value in ring.items()}, "cores_per_node": cores,
+            "gflops_core": rates}
 
 
 # ---------------------------------------------------------------- main
@@ -481,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(lab: Lab, args) -> int:
+    rates = probe(args)
+    print("netlab: backprop on one core here: " + ", ".join(f"{who} {v:.0f} GFLOP/s" for who, v in rates.items()),
+          file=sys.stderr, flush=True)
     t0 = time.monotonic()
     lab.build()
     lab.start_ray()
@@ -492,7 +522,7 @@ def measure(lab: Lab, args) -> int:
         lab.shape(rate)
         sent = lab.bytes_sent()
         run = {"rate": rate, "distbp": run_distbp(lab, args)}
-        run["model"] = model(args, rate, run["distbp"]["micro_batch"])
+        run["model"] = model(args, rate, run["distbp"]["micro_batch"], rates)
         run["distbp"]["link_bytes"], sent = lab.bytes_sent() - sent, lab.bytes_sent()
         if not args.no_ddp:
             run["ddp"] = run_ddp(lab, args)

@@ -103,3 +103,18 @@ def test_without_privileges_one_line_and_status_2(monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("netlab: ") and err.count("\n") == 1, err
     assert netlab.lab_namespaces() == before
+
+
+def test_the_model_computes_at_the_rates_measured_on_this_machine() -> None:
+    """``netlab.model``'s compute terms come from ``probe``'s rates, each design's its own: half
+    the rate, twice the compute; the rest of the step does not move."""
+    args = netlab.parser().parse_args(["--layers", "784,1024,1024,10", "--batch-size", "1024"])
+    P = (785 * 1024 + 1025 * 1024 + 1025 * 10)
+    one = netlab.model(args, "1gbit", 512, {"distbp": 100.0, "ddp": 50.0})
+    half = netlab.model(args, "1gbit", 512, {"distbp": 50.0, "ddp": 50.0})
+    assert one["distbp"]["compute"] == pytest.approx(6 * P * 512 / 100e6)  # ms: one micro-batch of 512 a node
+    assert one["ddp"]["compute"] == pytest.approx(6 * P * 512 / 50e6)
+    assert half["distbp"]["compute"] == pytest.approx(2 * one["distbp"]["compute"])
+    assert half["distbp"]["push"] == one["distbp"]["push"] and half["ddp"] == one["ddp"]
+    from distbp.tools.corerate import core_gflops
+    assert 0 < core_gflops((16, 8, 4), "float64", 64, 16, repeats=1) < 1e4  # GFLOP/s of a real compute

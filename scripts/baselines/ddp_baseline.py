@@ -24,6 +24,44 @@ import tempfile
 import time
 
 
+def network(sizes: list[int], dtype):
+    """The baseline's network: linear layers, tanh between them, in ``dtype`` (a torch dtype)."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def core_gflops(sizes: list[int], dtype: str, rows: int, repeats: int = 3) -> float:
+    """torch's backprop rate on one thread, GFLOP/s, as a DDP rank computes (forward, loss,
+    backward over ``rows`` samples; no all-reduce): 6 flops per weight and sample over the median
+    of ``repeats`` steps, one more before them left out.  The cost model's compute for DDP on
+    this machine (scripts/netlab.py)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, kind = network(sizes, getattr(torch, dtype)), getattr(torch, dtype)
+        X, y = torch.randn(rows, sizes[0], dtype=kind), torch.randint(0, sizes[-1], (rows,))
+        loss_fn, seconds = nn.CrossEntropyLoss(), []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model.zero_grad()
+            loss_fn(model(X), y).backward()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    weights = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return 6 * weights * rows / float(np.median(seconds[1:])) / 1e9
+
+
 def rank_main(rank: int, args: argparse.Namespace, store: str, results) -> None:
     """One DDP process: train ``args.warmup + args.steps`` steps on its share of the batch."""
     import numpy as np
@@ -43,12 +81,7 @@ def rank_main(rank: int, args: argparse.Namespace, store: str, results) -> None:
     dtype = getattr(torch, args.dtype)
     sizes = [int(v) for v in args.layers.split(",")]
     torch.manual_seed(0)  # every rank starts from the same weights, as DDP expects
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    model = nn.parallel.DistributedDataParallel(nn.Sequential(*layers).to(dtype))
+    model = nn.parallel.DistributedDataParallel(network(sizes, dtype))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     # Every rank draws the whole global batch from one seed and keeps its slice: the ranks
     # together train on exactly one batch of B, whatever K is.
