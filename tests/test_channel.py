@@ -97,7 +97,7 @@ def test_a_worker_shares_memory_with_a_server_of_its_node_and_pushes_to_one_of_a
 
     from distbp.distributed.direct import Direct
 
-    transport = Direct(10, np.float64, 2, spans=[range(0, 6), range(6, 10)])  # two layers: a slice of each
+    transport = Direct(10, np.float64, 2, edges=[0, 6, 10])  # two layers: a slice of each
     servers = [transport.server_end(s) for s in range(2)]
     assert [server.part.runs for server in servers] == [(range(0, 3), range(6, 8)), (range(3, 6), range(8, 10))]
     for server in servers:

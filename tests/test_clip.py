@@ -24,35 +24,35 @@ from distbp.step.outcome import Why
 from distbp.step.server import NonFiniteGradient, ServerState
 from distbp.step.worker import Leaves
 
-SPANS = {371: [range(0, 100), range(100, 371)],  # layers' ranges of a vector
-         100_000: [range(0, 60_000), range(60_000, 99_000), range(99_000, 100_000)],
-         200_003: [range(0, 150_000), range(150_000, 200_003)]}
+# where each layer of a vector starts, then its end (Layout.offsets)
+EDGES = {371: [0, 100, 371], 100_000: [0, 60_000, 99_000, 100_000], 200_003: [0, 150_000, 200_003]}
 
 
 def test_striped_parts_are_whole_blocks_a_slice_of_every_layer_as_even_as_that_allows():
     for n, k in [(371, 3), (10, 3), (5000, 3), (100_000, 7), (3000, 1024), (1, 1), (200_003, 5)]:
-        for spans in (None, SPANS.get(n)):
-            parts, blocks = cuts.striped(n, k, spans), cuts.blocks(n)
+        for edges in (None, EDGES.get(n)):
+            parts, blocks = cuts.striped(n, k, edges), cuts.blocks(n)
             assert len(parts) == k
             runs = sorted((r for part in parts for r in part.runs), key=lambda r: r.start)  # the parts tile the vector
             assert runs[0].start == 0 and runs[-1].stop == n and all(a.stop == b.start for a, b in zip(runs, runs[1:]))
-            edges = {b.start for b in blocks} | {n}
-            assert all(r.start in edges and r.stop in edges for r in runs)  # no block is cut
-            for span in spans or [range(n)]:  # of each layer, as many blocks each, give or take one
+            cut_at = {b.start for b in blocks} | {n}
+            assert all(r.start in cut_at and r.stop in cut_at for r in runs)  # no block is cut
+            spans = [range(a, b) for a, b in zip(edges, edges[1:])] if edges else [range(n)]
+            for span in spans:  # of each layer, as many blocks each, give or take one
                 counts = [sum(b.start in span and any(b.start in r for r in part.runs) for b in blocks)
                           for part in parts]
                 assert max(counts) - min(counts) <= 1
             assert all(list(part.runs) == sorted(part.runs, key=lambda r: r.start) for part in parts)
             counts = [sum(any(b.start in r for r in part.runs) for b in blocks) for part in parts]
             assert max(counts) - min(counts) <= 1  # and of the whole vector
-            if spans is None:  # one span: contiguous parts, in order
+            if edges is None:  # one span: contiguous parts, in order
                 assert all(len(p.runs) == 1 for p in parts if len(p))
                 assert [p.runs[0].start for p in parts if len(p)] == sorted(p.runs[0].start for p in parts if len(p))
             for part in parts:  # its blocks, as its own columns, tile them
                 inner = cuts.within(n, part)
                 assert sum(len(b) for b in inner) == len(part)
                 assert all(a.stop == b.start for a, b in zip(inner, inner[1:]))
-    assert len(cuts.striped(200_003, 2, SPANS[200_003])[0].runs) == 2  # a run of each layer
+    assert len(cuts.striped(200_003, 2, EDGES[200_003])[0].runs) == 2  # a run of each layer
 
 
 def test_a_part_takes_and_puts_its_entries_and_maps_its_columns():
@@ -70,8 +70,8 @@ def test_a_part_takes_and_puts_its_entries_and_maps_its_columns():
 
 
 def servers_of(n, S, hyper, w0, mask):
-    """S ServerStates over ``cuts.striped(n, S, spans)``, as the actors make them."""
-    parts = cuts.striped(n, S, SPANS.get(n))
+    """S ServerStates over ``cuts.striped(n, S, edges)``, as the actors make them."""
+    parts = cuts.striped(n, S, EDGES.get(n))
     return parts, [ServerState(part.take(w0).copy(), hyper, part.take(mask), cuts.within(n, part)) for part in parts]
 
 

@@ -50,7 +50,7 @@ def test_each_server_receives_only_its_range(ray_session, tmp_path):
     nodes = sum(len(blocks(share, n)) for share in cuts.even(n, K) if share)
     edges = Layout(config.layer_sizes()).offsets
     size = edges[-1]
-    bounds = cuts.striped(size, S, [range(a, b) for a, b in zip(edges, edges[1:])])  # a slice of every layer each
+    bounds = cuts.striped(size, S, edges)  # a slice of every layer each
     assert all(len(part.runs) == len(edges) - 1 for part in bounds)
     want = [nodes * len(r) * 8 for r in bounds]  # float64
     assert sum(want) == nodes * size * 8  # together: what one server would receive

@@ -159,12 +159,12 @@ class Direct:
     sockets = True
 
     def __init__(self, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S,
-                 spans: list[range] | None = None):
+                 edges: list[int] | None = None):
         """``wait_s``: how long an actor waits on a peer before it gives up (``peer_wait`` of the
         run's --elastic-timeout: Session); a server's wait then ends its window, as a call-off does.
-        ``spans``: the layers' ranges of the flat vector (``cuts.striped``)."""
+        ``edges``: where each layer starts in the flat vector, then its end (``cuts.striped``)."""
         self.size, self.dtype, self.wait_s = size, np.dtype(dtype), wait_s
-        self.parts = cuts.striped(size, servers, spans)
+        self.parts = cuts.striped(size, servers, edges)
         self.key = channel.new_key()  # made for this run; reaches the actors in their Ray arguments
         self.share_node = self.within_node and shm.memfd_available()
         self.listen = self.sockets

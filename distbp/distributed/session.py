@@ -57,9 +57,9 @@ class Session:
             if users_ray:
                 self._check_fits()
             self.pg = place(self.servers, "servers", config.server_resource)
-            edges = Layout(self.layers).offsets  # the layers' ranges of the flat vector: a slice of each a server
-            self.transport = choose(transport or config.transport, edges[-1], self.dtype, self.servers,
-                                    peer_wait(config.elastic_timeout), [range(a, b) for a, b in zip(edges, edges[1:])])
+            layout = Layout(self.layers)  # each server gets a slice of every layer (cuts.striped)
+            self.transport = choose(transport or config.transport, layout.size, self.dtype, self.servers,
+                                    peer_wait(config.elastic_timeout), layout.offsets)
             self.X, self.Y = ray.put(problem.X), ray.put(problem.Y)
         except BaseException:
             self.close()

@@ -37,9 +37,9 @@ class ObjectStore:
     name = "object-store"
 
     def __init__(self, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S,
-                 spans: list[range] | None = None):
+                 edges: list[int] | None = None):
         self.size, self.dtype, self.wait_s = size, np.dtype(dtype), wait_s
-        self.parts = cuts.striped(size, servers, spans)  # server s owns parts[s] of the flat vector
+        self.parts = cuts.striped(size, servers, edges)  # server s owns parts[s] of the flat vector
 
     def worker_end(self):
         from .store import StoreWorker
@@ -54,11 +54,12 @@ Transport = ObjectStore | Direct
 
 
 def choose(name: str, size: int, dtype, servers: int, wait_s: float = WAIT_FLOOR_S,
-           spans: list[range] | None = None) -> Transport:
+           edges: list[int] | None = None) -> Transport:
     """The transport ``--transport name`` asks for (a validated Config's): ``object-store``, or
     the direct transport (``direct``, ``auto``), which reaches whichever nodes the workers land
     on, now or when they join; its actors wait on each other up to ``wait_s`` (``direct.peer_wait``).
-    ``spans``: the layers' ranges of the flat vector, which each server gets a slice of."""
+    ``edges``: where each layer's range of the flat vector starts, then its end (``Layout.offsets``):
+    each server gets a slice of every layer."""
     if name == "object-store":
-        return ObjectStore(size, dtype, servers, wait_s, spans)
-    return Direct(size, dtype, servers, wait_s, spans)
+        return ObjectStore(size, dtype, servers, wait_s, edges)
+    return Direct(size, dtype, servers, wait_s, edges)

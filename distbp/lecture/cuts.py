@@ -91,18 +91,20 @@ class Part:
             vector[..., r.start:r.stop] = mine[..., start:start + len(r)]
 
 
-def striped(n: int, k: int, spans: list[range] | None = None) -> list[Part]:
-    """The servers' parts of a vector of ``n`` entries: of each span (a layer's weights, the
-    whole vector if None), the ``blocks(n)`` that start in it, cut into ``k`` runs in server
-    order; server s's part is run s of every span.  So each server holds a slice of every layer,
-    and every link carries the top layer's entries of a push first and layer 1's of a pull
+def striped(n: int, k: int, edges: list[int] | None = None) -> list[Part]:
+    """The servers' parts of a vector of ``n`` entries: of each span between consecutive
+    ``edges`` (where each layer's weights start, then their end: ``Layout.offsets``; the whole
+    vector if None), the ``blocks(n)`` that start in it, cut into ``k`` runs in server order;
+    server s's part is run s of every span.  So each server holds a slice of every layer, and
+    every link carries the top layer's entries of a push first and layer 1's of a pull
     first, whichever server it reaches.  A span's runs are as many blocks each, give or take
     one, the one more going to the servers with the fewest blocks so far: the parts, too, are
     as many blocks each, give or take one."""
     parts = blocks(n)
     runs: list[list[range]] = [[] for _ in range(k)]
     count = [0] * k  # each server's blocks so far
-    for span in spans or [range(n)]:
+    edges = edges or [0, n]
+    for span in (range(a, b) for a, b in zip(edges, edges[1:])):
         inside = [b for b in parts if span.start <= b.start < span.stop]
         each, more = divmod(len(inside), k)
         fewest = set(sorted(range(k), key=count.__getitem__)[:more])

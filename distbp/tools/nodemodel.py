@@ -125,9 +125,9 @@ def _links(N: int, S: int, P: int, shared: bool, layers: tuple[int, ...] | None)
     """For each server's link in and the busiest worker's link out, the values a push moves over it
     and how many of them are layer 1's (0 without ``layers``).  ``shared``: server s on node s,
     so its own node's worker reaches it without the wire."""
-    edges = Layout(layers).offsets if layers else [0, P]  # each layer's range of the flat vector
-    ranges = cuts.striped(P, S, [range(a, b) for a, b in zip(edges, edges[1:])])  # a slice of each layer
-    low = [part.local(edges[1]) for part in ranges] if layers else [0] * S  # of them in layer 1
+    edges = Layout(layers).offsets if layers else None  # where each layer starts in the flat vector
+    ranges = cuts.striped(P, S, edges)  # a slice of each layer
+    low = [part.local(edges[1]) for part in ranges] if edges else [0] * S  # of them in layer 1
     senders = N - 1 if shared else N
     servers = [(senders * len(r), senders * lo) for r, lo in zip(ranges, low)]
     workers = [(sum(len(r) for s, r in enumerate(ranges) if not (shared and s == k)),

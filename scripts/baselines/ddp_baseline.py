@@ -48,7 +48,8 @@ def core_gflops(sizes: list[int], dtype: str, rows: int, repeats: int = 3) -> fl
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, kind = network(sizes, getattr(torch, dtype)), getattr(torch, dtype)
+        kind = getattr(torch, dtype)
+        model = network(sizes, kind)
         X, y = torch.randn(rows, sizes[0], dtype=kind), torch.randint(0, sizes[-1], (rows,))
         loss_fn, seconds = nn.CrossEntropyLoss(), []
         for _ in range(repeats + 1):
@@ -58,7 +59,7 @@ def core_gflops(sizes: list[int], dtype: str, rows: int, repeats: int = 3) -> fl
             seconds.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    weights = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    weights = sum(p.numel() for p in model.parameters())
     return 6 * weights * rows / float(np.median(seconds[1:])) / 1e9
 
 
